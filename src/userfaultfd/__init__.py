@@ -1,0 +1,32 @@
+"""userfaultfd: user-space page-fault handling on Linux.
+
+Low level: :class:`Userfaultfd`, one method per ioctl. High level: :class:`PageServer`, which
+serves regions from native sources in GIL-free threads or in the faulting thread (SIGBUS mode).
+Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and :class:`PythonSourceServer`."""
+
+from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
+from .events import Event, Fork, PageFault, Remap, Remove, Unmap
+from .flags import EventCode, Feature, Ioctl, PageFaultFlag, RegisterMode
+from .uffd import PAGE_SIZE, Userfaultfd, available_features
+
+__all__ = [
+    "PAGE_SIZE",
+    "Event",
+    "EventCode",
+    "Feature",
+    "FeatureUnavailableError",
+    "Fork",
+    "Ioctl",
+    "PageFault",
+    "PageFaultFlag",
+    "PartialError",
+    "ProtocolError",
+    "RegisterMode",
+    "Remap",
+    "Remove",
+    "SourceError",
+    "Unmap",
+    "Userfaultfd",
+    "available_features",
+]
+__version__ = "0.1.0"

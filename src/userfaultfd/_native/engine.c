@@ -1,0 +1,891 @@
+/* The fault-serving engine. No Python object is touched anywhere in this file.
+ *
+ * Regions are reached through an immutable table of extents (address range -> region, source
+ * offset), replaced whole by writers under e->lock and read lock-free by workers and by the SIGBUS
+ * handler. A retired table or region is freed only after a grace period (struct srcu). */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "abi.h"
+
+#define MAX_WORKERS 64
+#define BATCH 64
+#define ERR_RING 64
+#define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
+#define MAX_SIGBUS_ENGINES 64
+
+/* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
+
+struct srcu {
+    atomic_uint epoch;
+    atomic_long readers[2];
+};
+
+static unsigned srcu_enter(struct srcu *s)
+{
+    unsigned idx = atomic_load(&s->epoch) & 1u;
+    atomic_fetch_add(&s->readers[idx], 1);
+    return idx;
+}
+
+static void srcu_exit(struct srcu *s, unsigned idx) { atomic_fetch_sub(&s->readers[idx], 1); }
+
+static void srcu_wait_idx(struct srcu *s, unsigned idx)
+{
+    struct timespec ts = {0, 20000};
+    while (atomic_load(&s->readers[idx]) != 0)
+        nanosleep(&ts, NULL);
+}
+
+/* Every reader that could still see what was unpublished before this call has left. */
+static void srcu_synchronize(struct srcu *s)
+{
+    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
+    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
+}
+
+/* ---- regions and the extent table ---- */
+
+struct region {
+    int id;
+    struct region_params p;
+    unsigned shift;       /* log2(page_size) */
+    uint64_t npages;      /* granules */
+    uint64_t *filled;     /* one bit per granule, accessed atomically */
+    char *fill_block;     /* SRC_FILL: the pattern repeated over fill_len bytes */
+    size_t fill_len;
+    char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
+    atomic_uint_fast64_t ra_next, ra_window;
+    atomic_uint_fast64_t mapped;
+    struct region_stats st; /* updated with relaxed atomics */
+};
+
+struct extent {
+    uint64_t start, end, off; /* [start, end) maps source offsets [off, off + end - start) */
+    struct region *r;
+};
+
+struct table {
+    size_t n;
+    struct extent x[];
+};
+
+struct engine {
+    int uffd, mode, nworkers, remove_policy;
+    uint64_t base_page;
+    int stop_fd;
+    pthread_t threads[MAX_WORKERS];
+    int nthreads;
+    pthread_mutex_t lock; /* writers: the table and the region list */
+    struct table *_Atomic table;
+    struct srcu srcu;
+    struct region **regions;
+    int nregions, cap, next_id;
+    atomic_uint_fast64_t nerrors;
+    struct engine_error errors[ERR_RING];
+    atomic_int gone;
+    atomic_uint_fast64_t events[4];
+};
+
+#define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static unsigned hist_bucket(uint64_t ns)
+{
+    if (ns < 4)
+        return (unsigned)ns;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
+    return msb * 4u + (unsigned)((ns >> (msb - 2u)) & 3u);
+}
+
+static void record_error(struct engine *e, int err, int region_id, uint64_t addr, uint64_t off,
+                         const char *op)
+{
+    uint64_t n = atomic_fetch_add(&e->nerrors, 1);
+    struct engine_error *slot = &e->errors[n % ERR_RING];
+    slot->err = err;
+    slot->region_id = region_id;
+    slot->address = addr;
+    slot->offset = off;
+    slot->op = op;
+}
+
+static int bit_test(const struct region *r, uint64_t i)
+{
+    return (__atomic_load_n(&r->filled[i >> 6], __ATOMIC_RELAXED) >> (i & 63u)) & 1u;
+}
+
+static void bits_set(struct region *r, uint64_t i, uint64_t n, int on)
+{
+    for (; n; i++, n--) {
+        uint64_t bit = 1ull << (i & 63u);
+        if (on)
+            __atomic_fetch_or(&r->filled[i >> 6], bit, __ATOMIC_RELAXED);
+        else
+            __atomic_fetch_and(&r->filled[i >> 6], ~bit, __ATOMIC_RELAXED);
+    }
+}
+
+static const struct extent *lookup(const struct table *t, uint64_t addr)
+{
+    size_t lo = 0, hi = t ? t->n : 0;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (addr < t->x[mid].start)
+            hi = mid;
+        else if (addr >= t->x[mid].end)
+            lo = mid + 1;
+        else
+            return &t->x[mid];
+    }
+    return NULL;
+}
+
+/* ---- ioctls ---- */
+
+static int range_ioctl(int uffd, unsigned long req, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = {start, len};
+    return ioctl(uffd, req, &r) == 0 ? 0 : errno;
+}
+
+/* One fill ioctl. Returns 0 or errno; *done is the number of bytes installed either way. */
+static int fill_ioctl(int uffd, unsigned long req, uint64_t dst, uint64_t src, uint64_t len,
+                      uint64_t mode, uint64_t *done)
+{
+    int rc;
+    int64_t result;
+    if (req == UFFDIO_COPY) {
+        struct uffdio_copy c = {dst, src, len, mode, 0};
+        rc = ioctl(uffd, req, &c);
+        result = c.result;
+    } else {
+        struct uffdio_rangeop o = {{dst, len}, mode, 0};
+        rc = ioctl(uffd, req, &o);
+        result = o.result;
+    }
+    if (rc == 0) {
+        *done = len;
+        return 0;
+    }
+    *done = result > 0 ? (uint64_t)result : 0;
+    return errno;
+}
+
+/* ---- installing pages ---- */
+
+/* The next operation for the source bytes at offset `off`, at most `want` bytes long. */
+static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want, int minor,
+                             uint64_t *src, uint64_t *len)
+{
+    const struct region_params *p = &r->p;
+    *len = want;
+    *src = 0;
+    if (minor)
+        return UFFDIO_CONTINUE;
+    if (p->kind == SRC_FILL) {
+        *src = (uint64_t)(uintptr_t)(r->fill_block + off % p->base_len);
+        if (*len > r->fill_len - p->base_len)
+            *len = (r->fill_len - p->base_len) & ~(p->page_size - 1);
+        return UFFDIO_COPY;
+    }
+    if (p->kind == SRC_BYTES && off < p->zero_from) {
+        *src = (uint64_t)(uintptr_t)(p->base + off);
+        if (*len > p->zero_from - off)
+            *len = p->zero_from - off;
+        return UFFDIO_COPY;
+    }
+    if (p->can_zeropage)
+        return UFFDIO_ZEROPAGE;
+    *src = (uint64_t)(uintptr_t)r->zero_block;
+    if (*len > p->page_size)
+        *len = p->page_size;
+    return UFFDIO_COPY;
+}
+
+static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t off, int err,
+                   const char *op)
+{
+    uint64_t done;
+    int rc = fill_ioctl(e->uffd, UFFDIO_POISON, addr, 0, r ? r->p.page_size : e->base_page,
+                        UFFDIO_MODE_DONTWAKE, &done);
+    record_error(e, err, r ? r->id : -1, addr, off, op);
+    if (r) {
+        ADD(r->st.errors, 1);
+        if (rc == 0)
+            ADD(r->st.poisoned, 1);
+    }
+}
+
+/* Installs [addr, addr + len) of extent x (granule aligned, inside x) from its source; every
+ * granule ends installed, already present, or poisoned. Returns 0, EAGAIN when an event is pending
+ * (the rest was not attempted) or ESRCH when the owner of the uffd is gone. */
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
+                   int minor)
+{
+    struct region *r = x->r;
+    const uint64_t g = r->p.page_size, end = addr + len;
+    uint64_t pos = addr;
+    int ret = 0, need_wake = 0;
+    const int sigbus = e->mode == ENGINE_SIGBUS;
+
+    while (pos < end) {
+        uint64_t off = x->off + (pos - x->start), src, seg, done;
+        unsigned long req = plan_op(r, off, end - pos, minor, &src, &seg);
+        /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. */
+        int single = !need_wake && seg == end - pos && !sigbus;
+        int err = fill_ioctl(e->uffd, req, pos, src, seg, single ? 0 : UFFDIO_MODE_DONTWAKE, &done);
+        if (!single)
+            need_wake = 1;
+        if (done) {
+            bits_set(r, off >> r->shift, done >> r->shift, 1);
+            ADD(r->st.pages_installed, done / e->base_page);
+            ADD(r->st.bytes_installed, done);
+            if (req == UFFDIO_ZEROPAGE)
+                ADD(r->st.zero_pages, done / e->base_page);
+            pos += done;
+        }
+        if (err == 0 || (err == EAGAIN && done))
+            continue;
+        if (err == EAGAIN) {
+            ret = EAGAIN;
+            break;
+        }
+        if (err == EEXIST) { /* somebody else installed it: a race, or a duplicate fault */
+            ADD(r->st.eexist, 1);
+            bits_set(r, (off + done) >> r->shift, 1, 1);
+            pos += g;
+            need_wake = 1;
+            continue;
+        }
+        if (err == ENOENT) /* no longer registered or mapped: the wake lets the faulter retry */
+            break;
+        if (err == ESRCH) {
+            atomic_store(&e->gone, 1);
+            ret = ESRCH;
+            break;
+        }
+        if (minor && err == EFAULT) { /* no page in the page cache: a hole reads as zeros */
+            minor = 0;
+            continue;
+        }
+        /* The source could not produce this page: never install wrong data. */
+        poison(e, r, pos, off + done, err,
+               req == UFFDIO_COPY       ? "UFFDIO_COPY"
+               : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
+                                        : "UFFDIO_ZEROPAGE");
+        bits_set(r, (off + done) >> r->shift, 1, 1);
+        pos += g;
+        need_wake = 1;
+    }
+    if (need_wake && !sigbus)
+        range_ioctl(e->uffd, UFFDIO_WAKE, addr, len);
+    return ret;
+}
+
+/* How many granules to install for a fault on granule i, at most `limit` (the extent's end). */
+static uint64_t chunk_granules(struct region *r, uint64_t i, uint64_t limit)
+{
+    const struct region_params *p = &r->p;
+    uint64_t want = 1 + p->readahead;
+    if (p->adaptive_min) {
+        uint64_t w = atomic_load_explicit(&r->ra_window, memory_order_relaxed);
+        if (i == atomic_load_explicit(&r->ra_next, memory_order_relaxed))
+            w = w * 2 > p->adaptive_max ? p->adaptive_max : w * 2;
+        else
+            w = p->adaptive_min;
+        atomic_store_explicit(&r->ra_window, w, memory_order_relaxed);
+        want = w >> r->shift;
+        if (want < 1)
+            want = 1;
+    }
+    uint64_t n = 1;
+    while (n < want && i + n < limit && !bit_test(r, i + n))
+        n++;
+    if (p->adaptive_min)
+        atomic_store_explicit(&r->ra_next, i + n, memory_order_relaxed);
+    return n;
+}
+
+/* Serves one fault at addr (any address inside the faulting page). */
+static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint64_t flags,
+                   uint64_t t0)
+{
+    const struct extent *x = lookup(t, addr);
+    if (!x) { /* registered with our uffd but in no region: never answer with made-up data */
+        poison(e, NULL, addr & ~(e->base_page - 1), 0, ENXIO, "lookup");
+        if (e->mode == ENGINE_THREAD)
+            range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
+        return 0;
+    }
+    struct region *r = x->r;
+    const uint64_t g = r->p.page_size;
+    uint64_t off = x->off + (addr - x->start);
+    uint64_t goff = off & ~(g - 1);
+    uint64_t gaddr = addr - (off - goff);
+    int rc;
+
+    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+        struct uffdio_writeprotect wp = {{gaddr, g}, 0};
+        ADD(r->st.faults_wp, 1);
+        rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+    } else {
+        int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
+                    (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
+        ADD(*(minor ? &r->st.faults_minor : &r->st.faults_missing), 1);
+        uint64_t i = goff >> r->shift;
+        uint64_t limit = i + ((x->end - gaddr) >> r->shift);
+        uint64_t n = chunk_granules(r, i, limit);
+        rc = install(e, x, gaddr, n << r->shift, minor);
+    }
+    uint64_t dt = now_ns() - t0;
+    ADD(r->st.hist[hist_bucket(dt)], 1);
+    return rc;
+}
+
+/* ---- non-cooperative events (called with e->lock held) ---- */
+
+static void publish(struct engine *e, struct table *t)
+{
+    struct table *old = atomic_exchange(&e->table, t);
+    srcu_synchronize(&e->srcu);
+    free(old);
+}
+
+static int cmp_extent(const void *a, const void *b)
+{
+    const struct extent *x = a, *y = b;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* A new table in which the part of every extent inside [from, from + len) is dropped (to == 0)
+ * or moved to `to`. */
+static struct table *retable(const struct table *t, uint64_t from, uint64_t len, uint64_t to,
+                             int move)
+{
+    size_t n = t ? t->n : 0;
+    struct table *nt = malloc(sizeof(*nt) + (3 * n + 1) * sizeof(struct extent));
+    if (!nt)
+        return NULL;
+    nt->n = 0;
+    uint64_t lo = from, hi = from + len;
+    for (size_t k = 0; k < n; k++) {
+        struct extent x = t->x[k];
+        if (x.end <= lo || x.start >= hi) {
+            nt->x[nt->n++] = x;
+            continue;
+        }
+        uint64_t a = x.start > lo ? x.start : lo, b = x.end < hi ? x.end : hi;
+        if (x.start < a)
+            nt->x[nt->n++] = (struct extent){x.start, a, x.off, x.r};
+        if (b < x.end)
+            nt->x[nt->n++] = (struct extent){b, x.end, x.off + (b - x.start), x.r};
+        if (move)
+            nt->x[nt->n++] = (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
+        else
+            atomic_fetch_sub(&x.r->mapped, b - a);
+    }
+    qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
+    return nt;
+}
+
+static void handle_event(struct engine *e, const struct uffd_msg *m)
+{
+    pthread_mutex_lock(&e->lock);
+    struct table *t = atomic_load(&e->table), *nt = NULL;
+    switch (m->event) {
+    case UFFD_EVENT_REMOVE: {
+        uint64_t s = m->arg.remove.start, end = m->arg.remove.end;
+        ADD(e->events[0], 1);
+        if (e->remove_policy == REMOVE_UNREGISTER)
+            range_ioctl(e->uffd, UFFDIO_UNREGISTER, s, end - s);
+        for (size_t k = 0; t && k < t->n; k++) {
+            const struct extent *x = &t->x[k];
+            if (x->end <= s || x->start >= end)
+                continue;
+            uint64_t a = x->start > s ? x->start : s, b = x->end < end ? x->end : end;
+            struct region *r = x->r;
+            uint64_t i = (x->off + (a - x->start)) >> r->shift;
+            uint64_t j = (x->off + (b - x->start) + r->p.page_size - 1) >> r->shift;
+            /* Removed pages are served again from the source (or, unregistered, read zeros). */
+            bits_set(r, i, j - i, e->remove_policy == REMOVE_REFILL ? 0 : 1);
+            ADD(r->st.removes, 1);
+        }
+        break;
+    }
+    case UFFD_EVENT_UNMAP:
+        ADD(e->events[1], 1);
+        nt = retable(t, m->arg.remove.start, m->arg.remove.end - m->arg.remove.start, 0, 0);
+        break;
+    case UFFD_EVENT_REMAP:
+        ADD(e->events[2], 1);
+        nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
+        break;
+    default:
+        ADD(e->events[3], 1);
+        record_error(e, EPROTO, -1, m->event, 0, "unexpected event");
+    }
+    if (nt)
+        publish(e, nt);
+    else if (m->event == UFFD_EVENT_UNMAP || m->event == UFFD_EVENT_REMAP)
+        record_error(e, ENOMEM, -1, 0, 0, "event");
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* ---- worker threads ---- */
+
+static void *worker(void *arg)
+{
+    struct engine *e = arg;
+    struct uffd_msg msgs[BATCH];
+    struct pollfd pf[2] = {{e->uffd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+    for (;;) {
+        if (poll(pf, 2, -1) < 0 && errno != EINTR) {
+            record_error(e, errno, -1, 0, 0, "poll");
+            break;
+        }
+        if (pf[1].revents)
+            break;
+        if (pf[0].revents & (POLLERR | POLLNVAL)) {
+            record_error(e, EBADF, -1, 0, 0, "poll");
+            break;
+        }
+        ssize_t n = read(e->uffd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            record_error(e, errno, -1, 0, 0, "read");
+            break;
+        }
+        uint64_t t0 = now_ns();
+        int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+        unsigned idx = srcu_enter(&e->srcu);
+        const struct table *t = atomic_load(&e->table);
+        for (int k = 0; k < count; k++) {
+            const struct uffd_msg *m = &msgs[k];
+            if (m->event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            /* EAGAIN: an event is pending. Waking makes the faulter fault again; the event comes
+             * before that new fault in the queue, so it is handled first. */
+            if (resolve(e, t, m->arg.pagefault.address, m->arg.pagefault.flags, t0) == EAGAIN)
+                range_ioctl(e->uffd, UFFDIO_WAKE, m->arg.pagefault.address & ~(e->base_page - 1),
+                            e->base_page);
+        }
+        srcu_exit(&e->srcu, idx);
+        for (int k = 0; k < count; k++)
+            if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
+                handle_event(e, &msgs[k]);
+    }
+    return NULL;
+}
+
+/* ---- the SIGBUS resolver ---- */
+
+static struct engine *_Atomic sig_engines[MAX_SIGBUS_ENGINES];
+static struct srcu sig_srcu;
+static struct sigaction sig_previous;
+static int sig_installed;
+static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void chain_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    if (sig_previous.sa_flags & SA_SIGINFO) {
+        sig_previous.sa_sigaction(sig, si, uc);
+    } else if (sig_previous.sa_handler == SIG_DFL) {
+        signal(sig, SIG_DFL);
+        raise(sig); /* delivered when this handler returns: the default action */
+    } else if (sig_previous.sa_handler != SIG_IGN) {
+        sig_previous.sa_handler(sig);
+    }
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    int saved = errno;
+    if (si->si_code == BUS_ADRERR) { /* a userfault; poisoned pages come as BUS_MCEERR_AR */
+        uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr;
+        unsigned gidx = srcu_enter(&sig_srcu);
+        for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
+            struct engine *e = atomic_load(&sig_engines[k]);
+            if (!e)
+                continue;
+            unsigned idx = srcu_enter(&e->srcu);
+            const struct table *t = atomic_load(&e->table);
+            int ours = lookup(t, addr) != NULL;
+            if (ours)
+                while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
+                    sched_yield();
+            srcu_exit(&e->srcu, idx);
+            if (ours) {
+                srcu_exit(&sig_srcu, gidx);
+                errno = saved;
+                return; /* the access is retried and now finds its page */
+            }
+        }
+        srcu_exit(&sig_srcu, gidx);
+    }
+    chain_sigbus(sig, si, uc);
+    errno = saved;
+}
+
+static int sigbus_attach(struct engine *e)
+{
+    int rc = 0;
+    pthread_mutex_lock(&sig_lock);
+    if (!sig_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &sig_previous) != 0)
+            rc = errno;
+        else
+            sig_installed = 1;
+    }
+    int k = 0;
+    while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k]))
+        k++;
+    if (!rc && k == MAX_SIGBUS_ENGINES)
+        rc = EMFILE;
+    if (!rc)
+        atomic_store(&sig_engines[k], e);
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+static void sigbus_detach(struct engine *e)
+{
+    pthread_mutex_lock(&sig_lock);
+    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
+        struct engine *cur = e;
+        atomic_compare_exchange_strong(&sig_engines[k], &cur, NULL);
+    }
+    srcu_synchronize(&sig_srcu);
+    pthread_mutex_unlock(&sig_lock);
+}
+
+/* ---- public API ---- */
+
+struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page)
+{
+    if (workers < 1 || workers > MAX_WORKERS || (mode != ENGINE_THREAD && mode != ENGINE_SIGBUS)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    struct engine *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->uffd = uffd;
+    e->mode = mode;
+    e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
+    e->remove_policy = remove_policy;
+    e->base_page = base_page;
+    pthread_mutex_init(&e->lock, NULL);
+    e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->stop_fd < 0) {
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+int engine_start(struct engine *e)
+{
+    sigset_t all, old;
+    int rc = 0;
+    if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
+        return -rc;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
+    for (int k = 0; k < e->nworkers && !rc; k++) {
+        rc = pthread_create(&e->threads[k], NULL, worker, e);
+        if (!rc)
+            e->nthreads++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc)
+        engine_stop(e);
+    return -rc;
+}
+
+void engine_stop(struct engine *e)
+{
+    uint64_t one = 1;
+    if (write(e->stop_fd, &one, sizeof(one)) < 0) { /* cannot fail on a fresh eventfd */
+    }
+    for (int k = 0; k < e->nthreads; k++)
+        pthread_join(e->threads[k], NULL);
+    e->nthreads = 0;
+    if (e->mode == ENGINE_SIGBUS)
+        sigbus_detach(e);
+}
+
+static void region_free(struct region *r)
+{
+    if (r->fill_block)
+        munmap(r->fill_block, r->fill_len);
+    if (r->zero_block)
+        munmap(r->zero_block, r->p.page_size);
+    free(r->filled);
+    free(r);
+}
+
+void engine_free(struct engine *e)
+{
+    for (int k = 0; k < e->nregions; k++)
+        region_free(e->regions[k]);
+    free(e->regions);
+    free(atomic_load(&e->table));
+    close(e->stop_fd);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+}
+
+static struct region *region_new(const struct region_params *p)
+{
+    struct region *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->p = *p;
+    r->shift = (unsigned)__builtin_ctzll(p->page_size);
+    r->npages = p->length >> r->shift;
+    r->filled = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+    atomic_store(&r->mapped, p->length);
+    atomic_store(&r->ra_window, p->adaptive_min);
+    atomic_store(&r->ra_next, UINT64_MAX);
+    if (!r->filled)
+        goto fail;
+    if (p->kind == SRC_FILL) {
+        uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
+        r->fill_len = cap + p->base_len;
+        r->fill_block = mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (r->fill_block == MAP_FAILED) {
+            r->fill_block = NULL;
+            goto fail;
+        }
+        for (size_t k = 0; k < r->fill_len; k += p->base_len) {
+            size_t n = r->fill_len - k < p->base_len ? r->fill_len - k : p->base_len;
+            memcpy(r->fill_block + k, p->base, n);
+        }
+    }
+    if (!p->can_zeropage) {
+        r->zero_block = mmap(NULL, p->page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (r->zero_block == MAP_FAILED) {
+            r->zero_block = NULL;
+            goto fail;
+        }
+    }
+    return r;
+fail:
+    region_free(r);
+    return NULL;
+}
+
+int engine_add_region(struct engine *e, const struct region_params *p)
+{
+    const uint64_t g = p->page_size;
+    if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
+        p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
+        (p->kind == SRC_BYTES && p->zero_from % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
+        return -EINVAL;
+    struct region *r = region_new(p);
+    if (!r)
+        return -ENOMEM;
+    pthread_mutex_lock(&e->lock);
+    struct table *t = atomic_load(&e->table);
+    size_t n = t ? t->n : 0;
+    int rc = 0;
+    for (size_t k = 0; k < n; k++)
+        if (t->x[k].start < p->start + p->length && p->start < t->x[k].end)
+            rc = -EEXIST;
+    struct table *nt = rc ? NULL : malloc(sizeof(*nt) + (n + 1) * sizeof(struct extent));
+    if (!rc && e->nregions == e->cap) {
+        int cap = e->cap ? e->cap * 2 : 8;
+        struct region **grown = realloc(e->regions, (size_t)cap * sizeof(*grown));
+        if (grown) {
+            e->regions = grown;
+            e->cap = cap;
+        }
+    }
+    if (!rc && (!nt || e->nregions == e->cap))
+        rc = -ENOMEM;
+    if (rc) {
+        free(nt);
+        pthread_mutex_unlock(&e->lock);
+        region_free(r);
+        return rc;
+    }
+    r->id = e->next_id++;
+    e->regions[e->nregions++] = r;
+    if (n)
+        memcpy(nt->x, t->x, n * sizeof(struct extent));
+    nt->x[n] = (struct extent){p->start, p->start + p->length, 0, r};
+    nt->n = n + 1;
+    qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
+    publish(e, nt);
+    pthread_mutex_unlock(&e->lock);
+    return r->id;
+}
+
+static int find_region(struct engine *e, int id)
+{
+    for (int k = 0; k < e->nregions; k++)
+        if (e->regions[k]->id == id)
+            return k;
+    return -1;
+}
+
+int engine_remove_region(struct engine *e, int id)
+{
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    if (k < 0) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOENT;
+    }
+    struct region *r = e->regions[k];
+    struct table *t = atomic_load(&e->table);
+    struct table *nt = malloc(sizeof(*nt) + (t ? t->n : 0) * sizeof(struct extent));
+    if (!nt) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOMEM;
+    }
+    nt->n = 0;
+    for (size_t j = 0; t && j < t->n; j++)
+        if (t->x[j].r != r)
+            nt->x[nt->n++] = t->x[j];
+    publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
+    e->regions[k] = e->regions[--e->nregions];
+    pthread_mutex_unlock(&e->lock);
+    region_free(r);
+    return 0;
+}
+
+int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
+{
+    uint64_t pos = offset, end = offset + length;
+    while (pos < end) {
+        unsigned idx = srcu_enter(&e->srcu);
+        const struct table *t = atomic_load(&e->table);
+        const struct extent *x = NULL;
+        uint64_t next = end;
+        for (size_t k = 0; t && k < t->n; k++) {
+            const struct extent *c = &t->x[k];
+            uint64_t cend = c->off + (c->end - c->start);
+            if (c->r->id != id || cend <= pos)
+                continue;
+            if (c->off <= pos) {
+                x = c;
+                break;
+            }
+            if (c->off < next)
+                next = c->off;
+        }
+        if (!x) { /* nothing mapped here: skip to the next extent of the region */
+            srcu_exit(&e->srcu, idx);
+            pos = next;
+            continue;
+        }
+        struct region *r = x->r;
+        uint64_t g = r->p.page_size, xend = x->off + (x->end - x->start);
+        uint64_t stop = end < xend ? end : xend, i = (pos & ~(g - 1)) >> r->shift;
+        uint64_t last = (stop + g - 1) >> r->shift, n = 0;
+        while (i < last && bit_test(r, i))
+            i++;
+        while (i + n < last && n < (4u << 20 >> r->shift) && !bit_test(r, i + n))
+            n++;
+        int rc = 0;
+        if (n)
+            rc = install(e, x, x->start + ((i << r->shift) - x->off), n << r->shift,
+                         r->p.kind == SRC_CONTINUE);
+        srcu_exit(&e->srcu, idx);
+        if (rc == ESRCH)
+            return -ESRCH;
+        if (rc == EAGAIN) { /* an event is pending; a worker reads it */
+            sched_yield();
+            continue;
+        }
+        pos = (i + n) << r->shift;
+    }
+    return 0;
+}
+
+int engine_region_stats(struct engine *e, int id, struct region_stats *out)
+{
+    int rc = -ENOENT;
+    memset(out, 0, sizeof(*out));
+    pthread_mutex_lock(&e->lock);
+    for (int k = 0; k < e->nregions; k++) {
+        const struct region_stats *s = &e->regions[k]->st;
+        if (id != -1 && e->regions[k]->id != id)
+            continue;
+        const uint64_t *src = (const uint64_t *)s;
+        uint64_t *dst = (uint64_t *)out;
+        for (size_t f = 0; f < sizeof(*s) / sizeof(uint64_t); f++)
+            dst[f] += __atomic_load_n(&src[f], __ATOMIC_RELAXED);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return id == -1 ? 0 : rc;
+}
+
+int engine_region_where(struct engine *e, int id, uint64_t *start, uint64_t *mapped)
+{
+    int rc = -ENOENT;
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    if (k >= 0) {
+        struct region *r = e->regions[k];
+        struct table *t = atomic_load(&e->table);
+        *start = 0;
+        for (size_t j = 0; t && j < t->n; j++)
+            if (t->x[j].r == r && t->x[j].off == 0)
+                *start = t->x[j].start;
+        *mapped = atomic_load(&r->mapped);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max)
+{
+    uint64_t n = atomic_load(&e->nerrors), c = *cursor;
+    if (n - c > ERR_RING)
+        c = n - ERR_RING;
+    int k = 0;
+    for (; c < n && k < max; c++, k++)
+        out[k] = e->errors[c % ERR_RING];
+    *cursor = c;
+    return k;
+}
+
+int engine_client_gone(struct engine *e) { return atomic_load(&e->gone); }
+
+void engine_event_counts(struct engine *e, uint64_t out[4])
+{
+    for (int k = 0; k < 4; k++)
+        out[k] = atomic_load(&e->events[k]);
+}

@@ -1,0 +1,63 @@
+/* The fault-serving engine: native worker threads and a SIGBUS resolver that install pages from
+ * native sources without ever taking the GIL. Mechanism only; policy lives in Python. */
+#ifndef UFFD_ENGINE_H
+#define UFFD_ENGINE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+enum engine_mode { ENGINE_THREAD = 0, ENGINE_SIGBUS = 1 };
+enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3 };
+enum remove_policy { REMOVE_REFILL = 0, REMOVE_UNREGISTER = 1 };
+
+struct region_params {
+    uint64_t start, length;   /* address in the uffd owner's address space */
+    uint64_t page_size;       /* granule: a power-of-two multiple of the base page */
+    int kind;                 /* enum source_kind */
+    const char *base;         /* SRC_BYTES: data for offsets [0, base_len); SRC_FILL: the pattern */
+    uint64_t base_len;
+    uint64_t zero_from;       /* SRC_BYTES: offsets >= zero_from are zeros (ZEROPAGE where allowed) */
+    int can_zeropage;         /* 0 on hugetlb */
+    uint64_t readahead;       /* fixed: granules installed after the faulting one */
+    uint64_t adaptive_min;    /* bytes; 0 disables adaptive readahead */
+    uint64_t adaptive_max;
+};
+
+#define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */
+
+struct region_stats {
+    uint64_t faults_missing, faults_minor, faults_wp;
+    uint64_t pages_installed, bytes_installed, zero_pages;
+    uint64_t eexist, poisoned, errors, removes;
+    uint64_t hist[HIST_BUCKETS];
+};
+
+struct engine_error {
+    int err;           /* errno */
+    int region_id;     /* -1: no region covers the address */
+    uint64_t address;  /* page that was poisoned */
+    uint64_t offset;   /* source offset */
+    const char *op;    /* static string: the failing operation */
+};
+
+struct engine;
+
+/* Returns NULL with errno set. The engine does not own uffd. */
+struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page);
+int engine_start(struct engine *e);          /* starts workers (thread) or the event thread (sigbus) */
+void engine_stop(struct engine *e);          /* wakes and joins every engine thread */
+void engine_free(struct engine *e);          /* after engine_stop */
+int engine_add_region(struct engine *e, const struct region_params *p); /* id >= 0 or -errno */
+int engine_remove_region(struct engine *e, int id);                      /* 0 or -ENOENT */
+/* Installs every missing granule of [offset, offset+length) of a region. 0 or -errno. */
+int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length);
+/* Copies the stats; returns 0, or -ENOENT for an unknown id (id -1: totals of all regions). */
+int engine_region_stats(struct engine *e, int id, struct region_stats *out);
+/* Current address and mapped length of a region (0 once wholly unmapped). */
+int engine_region_where(struct engine *e, int id, uint64_t *start, uint64_t *mapped);
+/* Copies up to max errors recorded since *cursor; returns how many, advances *cursor. */
+int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max);
+int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH) */
+void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
+
+#endif

@@ -1,0 +1,124 @@
+"""The command line: ``userfaultfd demo|info|serve|bench``. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input gets one line on stderr and exit status 2, never a usage dump or a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _page_count(text: str) -> int:
+    from .demo import MAX_PAGES
+
+    value = _positive_int(text)
+    if value > MAX_PAGES:
+        raise argparse.ArgumentTypeError(f"{text!r} is above the limit of {MAX_PAGES} pages")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    demo.run(args.pages, args.delay)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import info
+
+    report = info.gather()
+    print(json.dumps(report, indent=2) if args.json else info.render(report))
+    return 0 if report["usable"] else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from . import serve
+
+    return serve.main(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="the userfaultfd(2) example program, reproduced")
+    p.add_argument("pages", type=_page_count, help="number of pages to map and read")
+    p.add_argument("--delay", type=_non_negative_float, default=0.1, metavar="SECONDS",
+                   help="pause between reads (default 0.1, as the seed)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="what userfaultfd offers on this machine")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("serve", help="a page-fault handler for Firecracker-style snapshot restore")
+    p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
+    p.add_argument("--memory", required=True, metavar="FILE", help="the guest memory file")
+    p.add_argument("--prefetch", choices=["none", "all"], default="none",
+                   help="install every region in the background (faults still come first)")
+    p.add_argument("--readahead", default="adaptive", metavar="N|adaptive|none",
+                   help="pages installed after each fault (default adaptive)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="accept peers of this uid too (default: our own uid only)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="threads per client")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("bench", help="performance as ratios against C references")
+    p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error worth a message
+        sys.stderr.close()
+        return 141
+    except (OSError, ValueError) as e:
+        print(f"userfaultfd {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Exceptions. Every one is an OSError subclass carrying errno, so callers can catch by errno
+class (FileExistsError for EEXIST, ...) or by ours."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def os_error(err: int, call: str) -> OSError:
+    """The OSError subclass Python picks for err, with a message naming the call."""
+    return OSError(err, f"{os.strerror(err)} ({call})")
+
+
+class PartialError(BlockingIOError):
+    """EAGAIN from a fill ioctl (COPY, ZEROPAGE, CONTINUE, POISON, MOVE).
+
+    ``done`` is the number of bytes completed before the kernel stopped. ``event_pending`` is True
+    when the kernel refused because a non-cooperative event (fork, remap, remove, unmap) has not
+    been read yet: read events, then retry. Otherwise retry from ``start + done`` to learn the real
+    cause (often EEXIST)."""
+
+    def __init__(self, call: str, done: int, event_pending: bool) -> None:
+        why = "an event is pending; read it, then retry" if event_pending else f"{done} bytes done"
+        super().__init__(errno.EAGAIN, f"{call} stopped early: {why}")
+        self.done = done
+        self.event_pending = event_pending
+
+
+class FeatureUnavailableError(OSError):
+    """Features were requested that this kernel does not offer."""
+
+    def __init__(self, missing: object) -> None:
+        super().__init__(errno.EOPNOTSUPP, f"this kernel does not offer {missing}")
+        self.missing = missing
+
+
+class ProtocolError(OSError):
+    """The kernel sent a message this library does not know (an unknown event code)."""
+
+    def __init__(self, message: str, events: list[object] | None = None) -> None:
+        super().__init__(errno.EPROTO, message)
+        self.events = events or []
+
+
+class SourceError(OSError):
+    """A page source could not produce pages. The pages were poisoned (the toucher got SIGBUS);
+    ``failures`` lists each one as (errno, address, offset, operation)."""
+
+    def __init__(self, message: str, failures: list[tuple[int, int, int, str]]) -> None:
+        err = failures[0][0] if failures else errno.EIO
+        super().__init__(err, message)
+        self.failures = failures
