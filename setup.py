@@ -4,7 +4,13 @@ import os
 
 from setuptools import Extension, setup
 
-cflags = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+cflags = [
+    "-std=gnu11",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+]
 ldflags: list[str] = []
 if os.environ.get("UFFD_DEBUG"):
     cflags += ["-O0", "-g"]

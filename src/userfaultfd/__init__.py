@@ -2,7 +2,8 @@
 
 Low level: :class:`Userfaultfd`, one method per ioctl. High level: :class:`PageServer`, which
 serves regions from native sources in GIL-free threads or in the faulting thread (SIGBUS mode).
-Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and :class:`PythonSourceServer`."""
+Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and
+:class:`PythonSourceServer`."""
 
 from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
 from .events import Event, Fork, PageFault, Remap, Remove, Unmap
@@ -30,3 +31,10 @@ __all__ = [
     "available_features",
 ]
 __version__ = "0.1.0"
+
+from . import sources  # noqa: E402
+from .server import PageServer, Region  # noqa: E402
+from .sources import Buffer, File, Fill, Memfd, Zero  # noqa: E402
+from .stats import Stats  # noqa: E402
+
+__all__ += ["Buffer", "File", "Fill", "Memfd", "PageServer", "Region", "Stats", "Zero", "sources"]

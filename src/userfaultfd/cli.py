@@ -61,15 +61,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from . import serve
+    from . import serve  # type: ignore[attr-defined]
 
-    return serve.main(args)
+    return int(serve.main(args))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench  # type: ignore[attr-defined]
 
-    return bench.main(args)
+    return int(bench.main(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the userfaultfd(2) example program, reproduced")
     p.add_argument("pages", type=_page_count, help="number of pages to map and read")
-    p.add_argument("--delay", type=_non_negative_float, default=0.1, metavar="SECONDS",
-                   help="pause between reads (default 0.1, as the seed)")
+    p.add_argument(
+        "--delay",
+        type=_non_negative_float,
+        default=0.1,
+        metavar="SECONDS",
+        help="pause between reads (default 0.1, as the seed)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="what userfaultfd offers on this machine")
@@ -89,12 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="a page-fault handler for Firecracker-style snapshot restore")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
     p.add_argument("--memory", required=True, metavar="FILE", help="the guest memory file")
-    p.add_argument("--prefetch", choices=["none", "all"], default="none",
-                   help="install every region in the background (faults still come first)")
-    p.add_argument("--readahead", default="adaptive", metavar="N|adaptive|none",
-                   help="pages installed after each fault (default adaptive)")
-    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                   help="accept peers of this uid too (default: our own uid only)")
+    p.add_argument(
+        "--prefetch",
+        choices=["none", "all"],
+        default="none",
+        help="install every region in the background (faults still come first)",
+    )
+    p.add_argument(
+        "--readahead",
+        default="adaptive",
+        metavar="N|adaptive|none",
+        help="pages installed after each fault (default adaptive)",
+    )
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="accept peers of this uid too (default: our own uid only)",
+    )
     p.add_argument("--workers", type=_positive_int, default=1, help="threads per client")
     p.set_defaults(func=_cmd_serve)
 

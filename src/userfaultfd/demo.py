@@ -37,7 +37,9 @@ def run(pages: int, delay: float = 0.1, out: TextIO | None = None) -> int:
                 offset = 0xF
                 while offset < length:
                     c = region[offset]  # faults here, holding the GIL
-                    print(f"Read address {addr + offset:#x} in main(): {chr(c)}", file=out, flush=True)
+                    print(
+                        f"Read address {addr + offset:#x} in main(): {chr(c)}", file=out, flush=True
+                    )
                     offset += 1024
                     if delay:
                         time.sleep(delay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from .errors import ProtocolError
 from .flags import EventCode, PageFaultFlag
@@ -73,7 +73,7 @@ class Unmap:
     end: int
 
 
-Event = Union[PageFault, Fork, Remap, Remove, Unmap]
+Event = PageFault | Fork | Remap | Remove | Unmap
 
 
 def decode(data: bytes, adopt: type[Userfaultfd]) -> list[Event]:

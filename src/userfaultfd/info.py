@@ -31,12 +31,20 @@ def _try_create(create: Any, flags: int) -> str:
 
 
 def _memory_types() -> dict[str, Any]:
-    huge_total = int((_read("/proc/sys/vm/nr_hugepages") or "0"))
+    huge_total = int(_read("/proc/sys/vm/nr_hugepages") or "0")
     types: dict[str, Any] = {}
     kinds = {
         "anonymous": (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, PAGE_SIZE, RegisterMode.MISSING),
-        "shmem": (mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, PAGE_SIZE, RegisterMode.MISSING | RegisterMode.MINOR),
-        "hugetlb": (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB, 2 << 20, RegisterMode.MISSING),
+        "shmem": (
+            mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+            PAGE_SIZE,
+            RegisterMode.MISSING | RegisterMode.MINOR,
+        ),
+        "hugetlb": (
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB,
+            2 << 20,
+            RegisterMode.MISSING,
+        ),
     }
     for name, (flags, size, mode) in kinds.items():
         entry: dict[str, Any] = {}
@@ -94,7 +102,8 @@ def gather() -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"kernel           {report['kernel']} (page size {report['page_size']})"]
-    lines.append(f"sysctl           vm.unprivileged_userfaultfd = {report['sysctl_unprivileged_userfaultfd']}")
+    sysctl = report["sysctl_unprivileged_userfaultfd"]
+    lines.append(f"sysctl           vm.unprivileged_userfaultfd = {sysctl}")
     for how, result in report["create"].items():
         lines.append(f"create           {how:24} {result}")
     if not report["usable"]:

@@ -85,7 +85,7 @@ def _fill_result(call: str, err: int, result: int) -> int:
 
 
 class Userfaultfd:
-    """A userfaultfd: ``Userfaultfd(features, nonblocking=True, cloexec=True, user_mode_only=None)``.
+    """A userfaultfd, created and initialised (UFFDIO_API) with exactly ``features``.
 
     ``user_mode_only=None`` takes full mode where permitted, else UFFD_USER_MODE_ONLY (then kernel
     accesses to missing pages fail with EFAULT instead of faulting). Creation tries the syscall,
@@ -101,9 +101,9 @@ class Userfaultfd:
     ) -> None:
         self._fd = -1
         wanted = Feature(features)
-        missing = wanted & ~available_features()
+        missing = int(wanted) & ~int(available_features())  # ints: ~ on a flag drops unknown bits
         if missing:
-            raise FeatureUnavailableError(missing)
+            raise FeatureUnavailableError(Feature(missing))
         flags = (os.O_NONBLOCK if nonblocking else 0) | (os.O_CLOEXEC if cloexec else 0)
         fd, self.created_by, self.user_mode_only = _open(flags, user_mode_only)
         try:
@@ -170,11 +170,13 @@ class Userfaultfd:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
-        return f"<Userfaultfd {state} features={self.features!r}>"
+        return f"<Userfaultfd {state} features={getattr(self, 'features', None)!r}>"
 
     # range ioctls
 
-    def register(self, start: int, length: int, mode: RegisterMode | int = RegisterMode.MISSING) -> Ioctl:
+    def register(
+        self, start: int, length: int, mode: RegisterMode | int = RegisterMode.MISSING
+    ) -> Ioctl:
         """UFFDIO_REGISTER. Returns the ioctls usable on the range. EINVAL: a bad range or mode, or
         memory that cannot be registered; EBUSY: registered with another uffd; EPERM: no write
         permission on a shared mapping."""
@@ -228,7 +230,9 @@ class Userfaultfd:
         )
         _core.writeprotect(self.fileno(), start, length, mode)
 
-    def continue_(self, start: int, length: int, *, dontwake: bool = False, wp: bool = False) -> int:
+    def continue_(
+        self, start: int, length: int, *, dontwake: bool = False, wp: bool = False
+    ) -> int:
         """UFFDIO_CONTINUE: map page-cache pages (minor faults). EFAULT: no page in the cache."""
         _check_range("continue_", start, length)
         mode = (MODE_DONTWAKE if dontwake else 0) | (CONTINUE_MODE_WP if wp else 0)

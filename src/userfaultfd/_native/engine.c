@@ -69,7 +69,7 @@ struct region {
     char *fill_block;     /* SRC_FILL: the pattern repeated over fill_len bytes */
     size_t fill_len;
     char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
-    atomic_uint_fast64_t ra_next, ra_window;
+    atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
     atomic_uint_fast64_t mapped;
     struct region_stats st; /* updated with relaxed atomics */
 };
@@ -209,12 +209,19 @@ static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want
             *len = (r->fill_len - p->base_len) & ~(p->page_size - 1);
         return UFFDIO_COPY;
     }
-    if (p->kind == SRC_BYTES && off < p->zero_from) {
+    if (p->kind == SRC_BYTES && off < p->base_len) {
         *src = (uint64_t)(uintptr_t)(p->base + off);
-        if (*len > p->zero_from - off)
-            *len = p->zero_from - off;
+        if (*len > p->base_len - off)
+            *len = p->base_len - off;
         return UFFDIO_COPY;
     }
+    if (p->kind == SRC_BYTES && p->tail && off < p->base_len + p->page_size) {
+        *src = (uint64_t)(uintptr_t)(p->tail + (off - p->base_len));
+        if (*len > p->page_size)
+            *len = p->page_size;
+        return UFFDIO_COPY;
+    }
+    /* Everything else reads as zeros. */
     if (p->can_zeropage)
         return UFFDIO_ZEROPAGE;
     *src = (uint64_t)(uintptr_t)r->zero_block;
@@ -303,28 +310,43 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     return ret;
 }
 
-/* How many granules to install for a fault on granule i, at most `limit` (the extent's end). */
-static uint64_t chunk_granules(struct region *r, uint64_t i, uint64_t limit)
+/* The run of granules to install for a fault on granule i, within [lo, hi) (the extent): the
+ * faulting granule plus readahead, clipped to granules not yet filled. Adaptive readahead grows
+ * the window while faults continue a stream forwards or backwards (memmove copies large blocks
+ * from the end), and falls back to the minimum on a jump. Returns the first granule. */
+static uint64_t chunk(struct region *r, uint64_t i, uint64_t lo, uint64_t hi, uint64_t *count)
 {
     const struct region_params *p = &r->p;
     uint64_t want = 1 + p->readahead;
+    int dir = 1;
     if (p->adaptive_min) {
         uint64_t w = atomic_load_explicit(&r->ra_window, memory_order_relaxed);
-        if (i == atomic_load_explicit(&r->ra_next, memory_order_relaxed))
+        uint64_t plo = atomic_load_explicit(&r->ra_lo, memory_order_relaxed);
+        uint64_t phi = atomic_load_explicit(&r->ra_hi, memory_order_relaxed);
+        uint64_t near = w >> r->shift;
+        if (phi != UINT64_MAX && i >= plo && i <= phi + near)
             w = w * 2 > p->adaptive_max ? p->adaptive_max : w * 2;
+        else if (phi != UINT64_MAX && i < plo && i + near >= plo)
+            w = w * 2 > p->adaptive_max ? p->adaptive_max : w * 2, dir = -1;
         else
             w = p->adaptive_min;
         atomic_store_explicit(&r->ra_window, w, memory_order_relaxed);
-        want = w >> r->shift;
-        if (want < 1)
-            want = 1;
+        want = w >> r->shift ? w >> r->shift : 1;
     }
-    uint64_t n = 1;
-    while (n < want && i + n < limit && !bit_test(r, i + n))
-        n++;
-    if (p->adaptive_min)
-        atomic_store_explicit(&r->ra_next, i + n, memory_order_relaxed);
-    return n;
+    uint64_t n = 1, first = i;
+    if (dir > 0) {
+        while (n < want && i + n < hi && !bit_test(r, i + n))
+            n++;
+    } else {
+        while (n < want && first > lo && !bit_test(r, first - 1))
+            first--, n++;
+    }
+    if (p->adaptive_min) {
+        atomic_store_explicit(&r->ra_lo, first, memory_order_relaxed);
+        atomic_store_explicit(&r->ra_hi, first + n, memory_order_relaxed);
+    }
+    *count = n;
+    return first;
 }
 
 /* Serves one fault at addr (any address inside the faulting page). */
@@ -353,10 +375,10 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
                     (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
         ADD(*(minor ? &r->st.faults_minor : &r->st.faults_missing), 1);
-        uint64_t i = goff >> r->shift;
-        uint64_t limit = i + ((x->end - gaddr) >> r->shift);
-        uint64_t n = chunk_granules(r, i, limit);
-        rc = install(e, x, gaddr, n << r->shift, minor);
+        uint64_t i = goff >> r->shift, n;
+        uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
+        uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -673,7 +695,7 @@ static struct region *region_new(const struct region_params *p)
     r->filled = calloc((r->npages + 63) / 64, sizeof(uint64_t));
     atomic_store(&r->mapped, p->length);
     atomic_store(&r->ra_window, p->adaptive_min);
-    atomic_store(&r->ra_next, UINT64_MAX);
+    atomic_store(&r->ra_hi, UINT64_MAX);
     if (!r->filled)
         goto fail;
     if (p->kind == SRC_FILL) {
@@ -708,7 +730,7 @@ int engine_add_region(struct engine *e, const struct region_params *p)
     const uint64_t g = p->page_size;
     if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
         p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
-        (p->kind == SRC_BYTES && p->zero_from % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
+        (p->kind == SRC_BYTES && p->base_len % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
         return -EINVAL;
     struct region *r = region_new(p);
     if (!r)

@@ -15,8 +15,8 @@ struct region_params {
     uint64_t page_size;       /* granule: a power-of-two multiple of the base page */
     int kind;                 /* enum source_kind */
     const char *base;         /* SRC_BYTES: data for offsets [0, base_len); SRC_FILL: the pattern */
-    uint64_t base_len;
-    uint64_t zero_from;       /* SRC_BYTES: offsets >= zero_from are zeros (ZEROPAGE where allowed) */
+    uint64_t base_len;        /* SRC_BYTES: a multiple of page_size */
+    const char *tail;         /* SRC_BYTES: NULL, or page_size bytes for the granule at base_len */
     int can_zeropage;         /* 0 on hugetlb */
     uint64_t readahead;       /* fixed: granules installed after the faulting one */
     uint64_t adaptive_min;    /* bytes; 0 disables adaptive readahead */

@@ -266,7 +266,8 @@ static PyObject *py_buffer_address(PyObject *self, PyObject *obj)
     return r;
 }
 
-/* touch(addr, length, stride, write) -> sum of the bytes read: one access every stride bytes. */
+/* touch(addr, length, stride, write) -> sum of the bytes read: one access every stride bytes;
+ * write increments each byte touched instead. */
 static PyObject *py_touch(PyObject *self, PyObject *args)
 {
     unsigned long long addr, len, stride;
@@ -280,8 +281,8 @@ static PyObject *py_touch(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS for (unsigned long long o = 0; o < len; o += stride)
     {
         volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(addr + o);
-        if (write)
-            *p = (unsigned char)(*p + 1);
+        if (write) /* a locked add faults as a write, and increments */
+            __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
         else
             sum += *p;
     }
@@ -625,20 +626,21 @@ static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* add_region(start, length, page_size, kind, base_addr, base_len, zero_from, can_zeropage,
- *            readahead, adaptive_min, adaptive_max) -> id. The caller keeps base alive. */
+/* add_region(start, length, page_size, kind, base_addr, base_len, tail_addr, can_zeropage,
+ *            readahead, adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
 static PyObject *engineobj_add_region(EngineObject *o, PyObject *args)
 {
     struct region_params p;
-    unsigned long long base;
+    unsigned long long base, tail;
     int kind, can_zero;
     if (engine_check(o) < 0 ||
         !PyArg_ParseTuple(args, "KKKiKKKiKKK", &p.start, &p.length, &p.page_size, &kind, &base,
-                          &p.base_len, &p.zero_from, &can_zero, &p.readahead, &p.adaptive_min,
+                          &p.base_len, &tail, &can_zero, &p.readahead, &p.adaptive_min,
                           &p.adaptive_max))
         return NULL;
     p.kind = kind;
     p.base = (const char *)(uintptr_t)base;
+    p.tail = (const char *)(uintptr_t)tail;
     p.can_zeropage = can_zero;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = engine_add_region(o->e, &p);

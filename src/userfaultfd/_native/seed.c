@@ -66,13 +66,21 @@ static void *seed_loop(void *arg)
         dprintf(h->out_fd, "address = %" PRIx64 "\n", msg.arg.pagefault.address);
         memset(h->page, 'A' + h->fault_count % 20, (size_t)h->page_size);
         h->fault_count++;
+        /* The seed wakes the reader with the COPY and then prints, a race its sample output
+         * never shows lost; DONTWAKE + WAKE after printing gives that output every time. */
         struct uffdio_copy c = {msg.arg.pagefault.address & ~(uint64_t)(h->page_size - 1),
-                                (uint64_t)(uintptr_t)h->page, (uint64_t)h->page_size, 0, 0};
+                                (uint64_t)(uintptr_t)h->page, (uint64_t)h->page_size,
+                                UFFDIO_MODE_DONTWAKE, 0};
         if (ioctl(h->uffd, UFFDIO_COPY, &c) == -1) {
             h->error = errno;
             break;
         }
         dprintf(h->out_fd, "        (uffdio_copy.copy returned %" PRId64 ")\n", c.result);
+        struct uffdio_range wake = {c.dst, c.len};
+        if (ioctl(h->uffd, UFFDIO_WAKE, &wake) == -1) {
+            h->error = errno;
+            break;
+        }
     }
     return NULL;
 }

@@ -1,0 +1,333 @@
+"""The page server: regions whose pages arrive on first touch, served by native code.
+
+Two modes. ``thread``: native worker threads read fault messages and install pages. ``sigbus``
+(UFFD_FEATURE_SIGBUS): the faulting thread installs its own page from a native SIGBUS handler, with
+no message and no context switch. Either way no Python runs on the fault path, so any Python thread,
+the main thread included, may touch region memory while holding the GIL."""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import mmap
+import os
+import threading
+import warnings
+import weakref
+from typing import Any, Literal
+
+from . import _core
+from .errors import SourceError
+from .flags import Feature, RegisterMode
+from .sources import SRC_CONTINUE, Prepared, Source, Zero
+from .stats import Stats
+from .uffd import PAGE_SIZE, Userfaultfd, available_features
+
+MAP_HUGETLB = 0x40000
+MAP_NORESERVE = 0x4000
+HUGE_PAGE_SIZE = 2 << 20
+ADAPTIVE_MIN, ADAPTIVE_MAX = 64 << 10, 4 << 20  # CRIU's lazy-pages daemon grows 64 KiB -> 4 MiB
+
+Mode = Literal["thread", "sigbus"]
+Memory = Literal["anonymous", "shmem", "hugetlb"]
+
+_servers: weakref.WeakSet[PageServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for server in list(_servers):
+        server.close()
+
+
+class Region(_core.Mapping):
+    """Memory whose pages come from a source on first touch. Supports the buffer protocol
+    (``numpy.frombuffer(region)``, ``memoryview(region)``), ``region[i]`` and ``region[a:b]``.
+
+    In sigbus mode a system call handed a not-yet-served part of the region fails with EFAULT
+    (the kernel does not fault for it): call :meth:`populate` on such ranges first."""
+
+    server: PageServer
+    id: int
+    source: Source
+    page_size: int
+    memory: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._prepared: Prepared | None = None
+
+    def populate(self, offset: int = 0, length: int | None = None) -> None:
+        """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
+        length = len(self) - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > len(self):
+            raise ValueError(
+                f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
+            )
+        self.server._check()
+        self.server._engine.populate(self.id, offset, length)
+        self.server._check()
+
+    def stats(self) -> Stats:
+        """What this region has served so far."""
+        return Stats.from_engine(self.server._engine.stats(self.id))
+
+    def close(self) -> None:
+        """Unmap the region and stop serving it. BufferError while exported buffers exist."""
+        if self.closed:
+            return
+        if self.exports:
+            super().close()  # raises BufferError naming the count
+        self._unmap_and_forget()
+        self.server._check()
+
+    def _unmap_and_forget(self) -> None:
+        server = self.server
+        start, mapped = server._engine.where(self.id)
+        # Follow the memory if the application moved it (mremap) or unmapped it itself.
+        if not mapped:
+            self.rebase(0)
+        elif start and start != self.address:
+            self.rebase(start)
+        super().close()  # munmap: the engine reads the UNMAP event and stops serving the range
+        server._engine.remove_region(self.id)
+        server._regions.pop(self.id, None)
+        if self._prepared:
+            self._prepared.release()
+            self._prepared = None
+
+    def _detach(self) -> None:
+        """Install every page, then unregister: exported views keep reading correct data."""
+        server = self.server
+        server._engine.populate(self.id, 0, len(self))
+        start, mapped = server._engine.where(self.id)
+        if mapped and start:
+            server._uffd.unregister(start, len(self))
+        server._engine.remove_region(self.id)
+        server._regions.pop(self.id, None)
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"at {self.address:#x}"
+        return f"<Region {self.id} {len(self)} bytes {self.memory} {state} from {self.source!r}>"
+
+
+class PageServer:
+    """Owns a uffd and serves the faults of the regions it maps.
+
+    ``mode``: "thread" (``workers`` native threads) or "sigbus" (the faulting thread resolves its
+    own fault). ``on_remove``: after MADV_DONTNEED/MADV_REMOVE, "refill" serves the pages again
+    from the source; "zero" unregisters the range so it reads fresh zero pages."""
+
+    def __init__(
+        self,
+        mode: Mode = "thread",
+        workers: int = 2,
+        *,
+        on_remove: Literal["refill", "zero"] = "refill",
+    ) -> None:
+        if mode not in ("thread", "sigbus"):
+            raise ValueError(f"mode {mode!r} is not 'thread' or 'sigbus'")
+        if not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ValueError(f"workers {workers!r} is not in 1..64")
+        if on_remove not in ("refill", "zero"):
+            raise ValueError(f"on_remove {on_remove!r} is not 'refill' or 'zero'")
+        self.mode = mode
+        wanted = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP | Feature.POISON
+        wanted |= available_features() & (Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS)
+        if mode == "sigbus":
+            wanted |= Feature.SIGBUS
+        self._uffd = Userfaultfd(wanted)
+        self._lock = threading.Lock()
+        self._regions: dict[int, Region] = {}
+        self._error_cursor = 0
+        self._pending_errors: list[tuple[int, int, int, int, str]] = []
+        self._engine = _core.Engine(
+            self._uffd.fileno(),
+            1 if mode == "sigbus" else 0,
+            workers,
+            0 if on_remove == "refill" else 1,
+            PAGE_SIZE,
+        )
+        try:
+            self._engine.start()
+        except BaseException:
+            self._engine.close()
+            self._uffd.close()
+            raise
+        _servers.add(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._uffd.closed
+
+    @property
+    def uffd(self) -> Userfaultfd:
+        return self._uffd
+
+    def map(
+        self,
+        length: int,
+        source: Source | None = None,
+        *,
+        memory: Memory = "anonymous",
+        page_size: int | None = None,
+        readahead: int | Literal["adaptive"] = 0,
+    ) -> Region:
+        """Map ``length`` bytes served from ``source`` (default zeros).
+
+        ``memory``: "anonymous" (private), "shmem" (shared anonymous) or "hugetlb" (2 MiB pages,
+        needs reserved huge pages). A :class:`~userfaultfd.sources.Memfd` source maps that file
+        itself and serves minor faults. ``page_size``: the unit installed per fault, a power-of-two
+        multiple of the base page. ``readahead``: extra units installed after each fault, or
+        "adaptive" (64 KiB growing to 4 MiB on sequential streams)."""
+        self._check()
+        source = Zero() if source is None else source
+        if not isinstance(source, Source):
+            raise TypeError(f"source {source!r} is not a userfaultfd.sources.Source")
+        if memory not in ("anonymous", "shmem", "hugetlb"):
+            raise ValueError(f"memory {memory!r} is not 'anonymous', 'shmem' or 'hugetlb'")
+        base = HUGE_PAGE_SIZE if memory == "hugetlb" else PAGE_SIZE
+        page_size = base if page_size is None else page_size
+        if not isinstance(page_size, int) or page_size < base or page_size & (page_size - 1):
+            raise ValueError(f"page_size {page_size!r} is not a power-of-two multiple of {base}")
+        if not isinstance(length, int) or length <= 0 or length % page_size:
+            raise ValueError(
+                f"length {length!r} is not a positive multiple of page_size {page_size}"
+            )
+        if readahead == "adaptive":
+            ra, amin, amax = 0, max(ADAPTIVE_MIN, page_size), max(ADAPTIVE_MAX, page_size)
+        elif isinstance(readahead, int) and readahead >= 0:
+            ra, amin, amax = readahead, 0, 0
+        else:
+            raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
+
+        prepared = source.prepare(length, page_size)
+        mode = RegisterMode.MISSING
+        if prepared.kind == SRC_CONTINUE:
+            if memory == "hugetlb":
+                raise ValueError("a Memfd source maps its own file: use memory='shmem'")
+            flags, fd, memory = mmap.MAP_SHARED, prepared.memfd, "shmem"
+            mode |= RegisterMode.MINOR
+        elif memory == "shmem":
+            flags, fd = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1
+        elif memory == "hugetlb":
+            flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB, -1
+        else:
+            flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1
+        try:
+            region = Region(length, flags, fd)
+        except OSError as e:
+            prepared.release()
+            if memory == "hugetlb" and e.errno == errno.ENOMEM:
+                raise OSError(
+                    e.errno,
+                    f"cannot map {length} bytes of hugetlb memory: reserve huge "
+                    "pages first (vm.nr_hugepages)",
+                ) from None
+            raise
+        region.server, region.source, region.page_size, region.memory = (
+            self,
+            source,
+            page_size,
+            memory,
+        )
+        region._prepared = prepared
+        try:
+            self._uffd.register(region.address, length, mode)
+            with self._lock:
+                region.id = self._engine.add_region(
+                    region.address,
+                    length,
+                    page_size,
+                    prepared.kind,
+                    prepared.base,
+                    prepared.base_len,
+                    prepared.tail,
+                    memory != "hugetlb",
+                    ra,
+                    amin,
+                    amax,
+                )
+                self._regions[region.id] = region
+        except BaseException:
+            _core.Mapping.close(region)
+            prepared.release()
+            raise
+        return region
+
+    def stats(self) -> Stats:
+        """Totals over the regions currently mapped."""
+        return Stats.from_engine(self._engine.stats(-1))
+
+    def events(self) -> dict[str, int]:
+        """Non-cooperative events handled so far."""
+        _, remove, unmap, remap, unknown = self._engine.info()
+        return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown}
+
+    def errors(self) -> list[tuple[int, int, int, int, str]]:
+        """Every source failure since the last call: (errno, region id, address, offset, op)."""
+        self._collect()
+        errs, self._pending_errors = self._pending_errors, []
+        return errs
+
+    def _collect(self) -> None:
+        if not self.closed:
+            self._error_cursor, errs = self._engine.errors(self._error_cursor)
+            self._pending_errors.extend(errs)
+
+    def _check(self) -> None:
+        """Raise SourceError for failures recorded since the last check."""
+        errs = self.errors()
+        if errs:
+            first = errs[0]
+            region = self._regions.get(first[1])
+            where = (
+                f"region {first[1]} ({region.source!r})" if region else "an address in no region"
+            )
+            raise SourceError(
+                f"{len(errs)} page(s) could not be produced and were poisoned; first: {where} "
+                f"at offset {first[3]:#x}, address {first[2]:#x}: "
+                f"{os.strerror(first[0])} ({first[4]})",
+                [(e[0], e[2], e[3], e[4]) for e in errs],
+            )
+
+    def close(self) -> None:
+        """Unmap every region, stop the engine's threads, close the uffd. Regions whose memory is
+        still exported are detached instead: all their pages are installed, then unregistered.
+        Raises SourceError for failures not yet reported."""
+        if self.closed:
+            return
+        for region in list(self._regions.values()):
+            if region.exports:
+                warnings.warn(
+                    f"{region!r} is still exported: detaching it", ResourceWarning, stacklevel=2
+                )
+                region._detach()
+            else:
+                region._unmap_and_forget()
+        self._collect()
+        self._engine.close()
+        self._uffd.close()
+        _servers.discard(self)
+        if self._pending_errors:
+            errs, self._pending_errors = self._pending_errors, []
+            raise SourceError(
+                f"{len(errs)} page(s) could not be produced and were poisoned",
+                [(e[0], e[2], e[3], e[4]) for e in errs],
+            )
+
+    def __enter__(self) -> PageServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._regions)} regions"
+        return f"<PageServer {self.mode} {state}>"

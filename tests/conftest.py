@@ -1,0 +1,114 @@
+"""Shared helpers. Faults are always triggered from native code without the GIL (``touch`` in a
+thread), from another process, or served by native code; every wait has a timeout."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import userfaultfd as u
+from userfaultfd import _core
+
+PAGE = u.PAGE_SIZE
+TIMEOUT = 10.0
+
+
+def usable() -> str | None:
+    try:
+        u.available_features()
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    why = usable()
+    if why:
+        skip = pytest.mark.skip(reason=f"userfaultfd unusable here: {why}")
+        for item in items:
+            if "needs_uffd" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "needs_uffd: needs a working userfaultfd")
+
+
+class Toucher(threading.Thread):
+    """Touches memory from native code (GIL released) in a thread; join() asserts it finished."""
+
+    def __init__(self, addr: int, length: int, stride: int = PAGE, write: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.args_ = (addr, length, stride, write)
+        self.result: int | None = None
+        self.start()
+
+    def run(self) -> None:
+        self.result = _core.touch(*self.args_)
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        self.join(timeout)
+        assert not self.is_alive(), "the faulting thread is still blocked"
+        assert self.result is not None
+        return self.result
+
+
+class Caller(threading.Thread):
+    """Runs a GIL-releasing call (ctypes, a native touch) in a thread and keeps its outcome."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args_ = fn, args
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args_)
+        except BaseException as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
+
+    def finish(self, timeout: float = TIMEOUT) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.fn} is still blocked"
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def anon(pages: int, shared: bool = False) -> _core.Mapping:
+    flags = (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS
+    return _core.Mapping(pages * PAGE, flags)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def read_one(uffd: u.Userfaultfd, timeout: float = TIMEOUT) -> u.Event:
+    events = uffd.read_events(max_events=1, timeout=timeout)
+    assert events, "no event arrived in time"
+    return events[0]
+
+
+@pytest.fixture
+def uffd() -> Iterator[u.Userfaultfd]:
+    with u.Userfaultfd(u.Feature.EXACT_ADDRESS | u.Feature.THREAD_ID) as f:
+        yield f
+
+
+@pytest.fixture
+def memfd() -> Iterator[int]:
+    fd = os.memfd_create("uffd-test", os.MFD_CLOEXEC)
+    yield fd
+    os.close(fd)

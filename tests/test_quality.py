@@ -1,0 +1,50 @@
+"""The Python layer type-checks under mypy --strict and is clean under ruff; the C layer keeps
+Python objects out of GIL-released sections."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str) -> None:
+    if (
+        shutil.which(name) is None
+        and subprocess.run(
+            [sys.executable, "-m", name, "--version"], capture_output=True
+        ).returncode
+    ):
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+
+
+def test_mypy_strict() -> None:
+    tool("mypy")
+    proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff() -> None:
+    tool("ruff")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_python_api_between_allow_threads() -> None:
+    """Nothing between Py_BEGIN_ALLOW_THREADS and Py_END_ALLOW_THREADS touches a Python object."""
+    source = (ROOT / "src/userfaultfd/_native/module.c").read_text()
+    sections = re.findall(r"Py_BEGIN_ALLOW_THREADS(.*?)Py_END_ALLOW_THREADS", source, re.S)
+    assert sections
+    for body in sections:
+        assert not re.search(r"\bPy[A-Z_]\w*\(|\b_Py\w*\(", body), body
