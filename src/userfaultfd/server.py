@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Literal
@@ -56,6 +57,7 @@ class Region(_core.Mapping):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._prepared: Prepared | None = None
+        self._served = True  # False once detached: plain memory
 
     def populate(self, offset: int = 0, length: int | None = None) -> None:
         """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
@@ -76,22 +78,29 @@ class Region(_core.Mapping):
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
         if self.closed:
             return
-        if self.exports:
-            super().close()  # raises BufferError naming the count
+        if self.exports or not self._served:
+            super().close()  # raises BufferError naming the count, or unmaps plain memory
+            return
         self._unmap_and_forget()
         self.server._check()
 
     def _unmap_and_forget(self) -> None:
         server = self.server
-        start, mapped = server._engine.where(self.id)
-        # Follow the memory if the application moved it (mremap) or unmapped it itself.
-        if not mapped:
-            self.rebase(0)
-        elif start and start != self.address:
-            self.rebase(start)
-        super().close()  # munmap: the engine reads the UNMAP event and stops serving the range
-        server._engine.remove_region(self.id)
-        server._regions.pop(self.id, None)
+        # Under the server's lock: no region can be mapped at this address until the engine has
+        # dropped it, or the UNMAP event for this range would drop the newcomer too.
+        with server._lock:
+            start, mapped = server._engine.where(self.id)
+            # Follow the memory if the application moved it (mremap) or unmapped it itself.
+            if not mapped:
+                self.rebase(0)
+            elif start and start != self.address:
+                self.rebase(start)
+            super().close()  # munmap: the engine reads the UNMAP event and stops serving it
+            deadline = time.monotonic() + 5.0
+            while mapped and server._engine.where(self.id)[1] and time.monotonic() < deadline:
+                time.sleep(0.0005)  # parts moved elsewhere by mremap stay mapped: bounded wait
+            server._engine.remove_region(self.id)
+            server._regions.pop(self.id, None)
         if self._prepared:
             self._prepared.release()
             self._prepared = None
@@ -105,6 +114,10 @@ class Region(_core.Mapping):
             server._uffd.unregister(start, len(self))
         server._engine.remove_region(self.id)
         server._regions.pop(self.id, None)
+        self._served = False
+        if self._prepared:
+            self._prepared.release()
+            self._prepared = None
 
     def __enter__(self) -> Region:
         return self
@@ -143,7 +156,7 @@ class PageServer:
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
         self._uffd = Userfaultfd(wanted)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
         self._error_cursor = 0
         self._pending_errors: list[tuple[int, int, int, int, str]] = []
@@ -220,45 +233,32 @@ class PageServer:
             flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB, -1
         else:
             flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1
-        try:
-            region = Region(length, flags, fd)
-        except OSError as e:
-            prepared.release()
-            if memory == "hugetlb" and e.errno == errno.ENOMEM:
-                raise OSError(
-                    e.errno,
-                    f"cannot map {length} bytes of hugetlb memory: reserve huge "
-                    "pages first (vm.nr_hugepages)",
-                ) from None
-            raise
-        region.server, region.source, region.page_size, region.memory = (
-            self,
-            source,
-            page_size,
-            memory,
-        )
-        region._prepared = prepared
-        try:
-            self._uffd.register(region.address, length, mode)
-            with self._lock:
+        with self._lock:
+            try:
+                region = Region(length, flags, fd, align=page_size)
+            except OSError as e:
+                prepared.release()
+                if memory == "hugetlb" and e.errno == errno.ENOMEM:
+                    raise OSError(
+                        e.errno,
+                        f"cannot map {length} bytes of hugetlb memory: reserve huge pages first "
+                        "(vm.nr_hugepages)",
+                    ) from None
+                raise
+            region.server, region.source = self, source
+            region.page_size, region.memory = page_size, memory
+            region._prepared = prepared
+            try:
+                self._uffd.register(region.address, length, mode)
                 region.id = self._engine.add_region(
-                    region.address,
-                    length,
-                    page_size,
-                    prepared.kind,
-                    prepared.base,
-                    prepared.base_len,
-                    prepared.tail,
-                    memory != "hugetlb",
-                    ra,
-                    amin,
-                    amax,
-                )
+                    region.address, length, page_size, prepared.kind, prepared.base,
+                    prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
+                )  # fmt: skip
                 self._regions[region.id] = region
-        except BaseException:
-            _core.Mapping.close(region)
-            prepared.release()
-            raise
+            except BaseException:
+                _core.Mapping.close(region)
+                prepared.release()
+                raise
         return region
 
     def stats(self) -> Stats:

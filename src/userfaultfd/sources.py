@@ -82,12 +82,15 @@ class Buffer(Source):
     end read as zeros."""
 
     def __init__(self, obj: Any) -> None:
-        self.view = memoryview(obj).cast("B")
-        if not self.view.contiguous:
-            raise ValueError("buffer source must be C-contiguous")
+        with memoryview(obj) as view:
+            if not view.contiguous:
+                raise ValueError("buffer source must be C-contiguous")
+            self.nbytes = view.nbytes
+        self.obj = obj
 
     def prepare(self, length: int, page_size: int) -> Prepared:
-        view = memoryview(self.view)  # an export of our own: the buffer cannot be resized or freed
+        # An export of our own while served: the buffer can be neither resized nor freed.
+        view = memoryview(self.obj).cast("B")
         base, size = _core.buffer_address(view)
         size = min(size, length)
         body = size - size % page_size
@@ -100,7 +103,7 @@ class Buffer(Source):
         return prepared
 
     def __repr__(self) -> str:
-        return f"Buffer({len(self.view)} bytes)"
+        return f"Buffer({self.nbytes} bytes)"
 
 
 class File(Source):

@@ -27,6 +27,7 @@
 #define ERR_RING 64
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
 #define MAX_SIGBUS_ENGINES 64
+#define MAX_POISONED 64 /* per region; past that every filled granule counts as poisoned */
 
 /* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
 
@@ -71,6 +72,11 @@ struct region {
     char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
     atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
     atomic_uint_fast64_t mapped;
+    /* Poisoned granules. Without CONFIG_MEMORY_FAILURE a poisoned page raises SIGBUS with the same
+     * si_code as a userfault, so the SIGBUS handler must know them to pass them on. */
+    atomic_uint_fast64_t poisoned[MAX_POISONED];
+    atomic_uint npoisoned;
+    atomic_int poison_overflow;
     struct region_stats st; /* updated with relaxed atomics */
 };
 
@@ -230,10 +236,26 @@ static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want
     return UFFDIO_COPY;
 }
 
+static int is_poisoned(struct region *r, uint64_t i)
+{
+    unsigned n = atomic_load(&r->npoisoned);
+    for (unsigned k = 0; k < n && k < MAX_POISONED; k++)
+        if (atomic_load_explicit(&r->poisoned[k], memory_order_relaxed) == i)
+            return 1;
+    return atomic_load(&r->poison_overflow) && bit_test(r, i);
+}
+
 static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t off, int err,
                    const char *op)
 {
     uint64_t done;
+    if (r) {
+        unsigned k = atomic_fetch_add(&r->npoisoned, 1);
+        if (k < MAX_POISONED)
+            atomic_store(&r->poisoned[k], off >> r->shift);
+        else
+            atomic_store(&r->poison_overflow, 1);
+    }
     int rc = fill_ioctl(e->uffd, UFFDIO_POISON, addr, 0, r ? r->p.page_size : e->base_page,
                         UFFDIO_MODE_DONTWAKE, &done);
     record_error(e, err, r ? r->id : -1, addr, off, op);
@@ -451,6 +473,11 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
             uint64_t j = (x->off + (b - x->start) + r->p.page_size - 1) >> r->shift;
             /* Removed pages are served again from the source (or, unregistered, read zeros). */
             bits_set(r, i, j - i, e->remove_policy == REMOVE_REFILL ? 0 : 1);
+            for (unsigned k = 0; k < MAX_POISONED; k++) { /* the zap dropped the poison too */
+                uint64_t pi = atomic_load(&r->poisoned[k]);
+                if (pi >= i && pi < j)
+                    atomic_store(&r->poisoned[k], UINT64_MAX);
+            }
             ADD(r->st.removes, 1);
         }
         break;
@@ -553,7 +580,9 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
                 continue;
             unsigned idx = srcu_enter(&e->srcu);
             const struct table *t = atomic_load(&e->table);
-            int ours = lookup(t, addr) != NULL;
+            const struct extent *x = lookup(t, addr);
+            /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
+            int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
             if (ours)
                 while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
                     sched_yield();
@@ -563,6 +592,8 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
                 errno = saved;
                 return; /* the access is retried and now finds its page */
             }
+            if (x)
+                break;
         }
         srcu_exit(&sig_srcu, gidx);
     }
@@ -696,6 +727,8 @@ static struct region *region_new(const struct region_params *p)
     atomic_store(&r->mapped, p->length);
     atomic_store(&r->ra_window, p->adaptive_min);
     atomic_store(&r->ra_hi, UINT64_MAX);
+    for (unsigned k = 0; k < MAX_POISONED; k++)
+        atomic_store(&r->poisoned[k], UINT64_MAX);
     if (!r->filled)
         goto fail;
     if (p->kind == SRC_FILL) {

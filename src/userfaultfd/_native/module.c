@@ -289,20 +289,26 @@ static PyObject *py_touch(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS return PyLong_FromLong(sum);
 }
 
-/* touch_pages(addr, page_size, order) -> nanoseconds: reads one byte of each page listed in
- * order (native-endian uint32 page indices), in that order. */
+/* touch_pages(addr, page_size, order, write=False) -> nanoseconds: reads (or increments with a
+ * locked add) the first byte of each page listed in order (native-endian uint32 page indices). */
 static PyObject *py_touch_pages(PyObject *self, PyObject *args)
 {
     unsigned long long addr, page;
+    int write = 0;
     Py_buffer order;
-    if (!PyArg_ParseTuple(args, "KKy*", &addr, &page, &order))
+    if (!PyArg_ParseTuple(args, "KKy*|p", &addr, &page, &order, &write))
         return NULL;
     const uint32_t *idx = order.buf;
     size_t n = (size_t)order.len / sizeof(uint32_t);
     struct timespec a, b;
     Py_BEGIN_ALLOW_THREADS clock_gettime(CLOCK_MONOTONIC, &a);
-    for (size_t k = 0; k < n; k++)
-        (void)*(volatile unsigned char *)(uintptr_t)(addr + idx[k] * page);
+    for (size_t k = 0; k < n; k++) {
+        volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(addr + idx[k] * page);
+        if (write)
+            __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
+        else
+            (void)*p;
+    }
     clock_gettime(CLOCK_MONOTONIC, &b);
     Py_END_ALLOW_THREADS PyBuffer_Release(&order);
     return PyLong_FromLongLong((long long)(b.tv_sec - a.tv_sec) * 1000000000LL +
@@ -326,19 +332,48 @@ static int mapping_check(MappingObject *m)
     return 0;
 }
 
+/* mmap(length, prot, flags, fd, offset) at an address aligned to `align` (a power of two): the
+ * unit a region installs per fault must start on a multiple of itself. */
+static void *map_aligned(size_t length, int prot, int flags, int fd, off_t offset, size_t align)
+{
+    if (align <= (size_t)sysconf(_SC_PAGE_SIZE))
+        return mmap(NULL, length, prot, flags, fd, offset);
+    char *area = mmap(NULL, length + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+    if (area == MAP_FAILED)
+        return MAP_FAILED;
+    char *start = (char *)(((uintptr_t)area + align - 1) & ~(uintptr_t)(align - 1));
+    void *p = mmap(start, length, prot, flags | MAP_FIXED, fd, offset);
+    if (p == MAP_FAILED) {
+        int err = errno;
+        munmap(area, length + align);
+        errno = err;
+        return MAP_FAILED;
+    }
+    if (start > area)
+        munmap(area, (size_t)(start - area));
+    if (start + length < area + length + align)
+        munmap(start + length, (size_t)(area + length + align - (start + length)));
+    return p;
+}
+
 static int mapping_init(MappingObject *m, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"length", "flags", "fd", "offset", "prot", NULL};
-    unsigned long long length, offset = 0;
+    static char *kwlist[] = {"length", "flags", "fd", "offset", "prot", "align", NULL};
+    unsigned long long length, offset = 0, align = 0;
     int flags, fd = -1, prot = PROT_READ | PROT_WRITE;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Ki|iKi", kwlist, &length, &flags, &fd, &offset,
-                                     &prot))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Ki|iKiK", kwlist, &length, &flags, &fd, &offset,
+                                     &prot, &align))
         return -1;
     if (m->addr) {
         PyErr_SetString(PyExc_ValueError, "the mapping is already open");
         return -1;
     }
-    void *p = mmap(NULL, length, prot, flags, fd, (off_t)offset);
+    if (align & (align - 1)) {
+        PyErr_Format(PyExc_ValueError, "align %llu is not a power of two", align);
+        return -1;
+    }
+    void *p = map_aligned(length, prot, flags, fd, (off_t)offset, align);
     if (p == MAP_FAILED) {
         os_error(errno, "mmap");
         return -1;
@@ -546,7 +581,7 @@ static PyTypeObject MappingType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "userfaultfd._core.Mapping",
     .tp_basicsize = sizeof(MappingObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Mapping(length, flags, fd=-1, offset=0, prot=PROT_READ|PROT_WRITE): mmap'd memory.",
+    .tp_doc = "Mapping(length, flags, fd=-1, offset=0, prot=PROT_READ|PROT_WRITE, align=0): mmap'd memory.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)mapping_init,
     .tp_dealloc = (destructor)mapping_dealloc,

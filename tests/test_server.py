@@ -1,0 +1,530 @@
+"""The page server: sources, granularity, readahead, both modes, events, errors, lifecycle."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy
+import pytest
+
+import userfaultfd as u
+from userfaultfd import _core
+
+from .conftest import PAGE, Caller, Toucher, wait_for
+from .test_lowlevel import MADV_DONTNEED, MREMAP_FIXED, MREMAP_MAYMOVE, libc
+
+pytestmark = pytest.mark.needs_uffd
+MODES = ["thread", "sigbus"]
+
+
+@pytest.fixture(params=MODES)
+def server(request: pytest.FixtureRequest) -> Iterator[u.PageServer]:
+    with u.PageServer(request.param) as s:
+        yield s
+
+
+def settled(region: u.Region, pages: int) -> u.Stats:
+    """Stats once `pages` base pages are counted (workers account just after waking a faulter)."""
+    wait_for(lambda: region.stats().pages_installed >= pages)
+    return region.stats()
+
+
+# ---- sources ----
+
+
+def test_zero_source_from_python_indexing(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE)
+    assert region[0] == 0 and region[8 * PAGE - 1] == 0
+    assert bytes(region) == bytes(8 * PAGE)  # the main thread faults holding the GIL
+    stats = settled(region, 8)
+    assert stats.faults_missing == 8 and stats.zero_pages == 8 and stats.bytes_installed == 8 * PAGE
+    region.close()
+
+
+def test_fill_byte_and_pattern(server: u.PageServer) -> None:
+    region = server.map(64 * PAGE, u.Fill(0x5A))
+    assert numpy.frombuffer(region, dtype=numpy.uint8).min() == 0x5A
+    pattern = b"0123456789abc"  # a length that does not divide the page size
+    region2 = server.map(64 * PAGE, u.Fill(pattern), readahead=7)
+    expected = (pattern * (64 * PAGE // len(pattern) + 1))[: 64 * PAGE]
+    assert region2[:] == expected
+    with pytest.raises(ValueError, match="256"):
+        u.Fill(256)
+    with pytest.raises(ValueError, match="empty"):
+        u.Fill(b"")
+
+
+def test_buffer_source_kept_alive_and_zero_past_its_end(server: u.PageServer) -> None:
+    data = bytearray(os.urandom(5 * PAGE + 123))
+    region = server.map(8 * PAGE, u.Buffer(data), readahead=2)
+    with pytest.raises(BufferError):  # the source is exported while served
+        data.extend(b"x")
+    assert region[: len(data)] == bytes(data)
+    assert region[len(data) :] == bytes(8 * PAGE - len(data))
+    region.close()
+    data.extend(b"x")  # released on close
+
+
+def test_file_source_with_offset_and_zeros_past_eof(server: u.PageServer, tmp_path: Path) -> None:
+    path = tmp_path / "mem.bin"
+    content = os.urandom(10 * PAGE + 17)
+    path.write_bytes(content)
+    offset = 3 * PAGE + 5  # not page aligned
+    region = server.map(16 * PAGE, u.File(path, offset=offset), readahead="adaptive")
+    tail = content[offset:]
+    assert region[: len(tail)] == tail
+    assert region[len(tail) :] == bytes(16 * PAGE - len(tail))
+    with open(path, "rb") as f:
+        by_fd = server.map(4 * PAGE, u.File(f.fileno()))
+        assert by_fd[:] == content[: 4 * PAGE]
+
+
+def test_memfd_source_serves_minor_faults_without_copying(server: u.PageServer) -> None:
+    fd = os.memfd_create("src", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 16 * PAGE)
+        data = os.urandom(8 * PAGE)
+        os.pwrite(fd, data, 0)  # pages 8..15 are holes
+        region = server.map(16 * PAGE, u.Memfd(fd))
+        assert region.memory == "shmem"
+        assert region[:] == data + bytes(8 * PAGE)
+        region[0] = 7  # a write goes to the memfd itself
+        assert os.pread(fd, 1, 0) == b"\x07"
+        stats = settled(region, 16)
+        assert stats.faults_minor >= 1 and stats.faults == stats.faults_minor + stats.faults_missing
+    finally:
+        region.close()
+        os.close(fd)
+
+
+def test_shmem_memory(server: u.PageServer) -> None:
+    region = server.map(16 * PAGE, u.Fill(b"sh"), memory="shmem")
+    assert region[:4] == b"shsh" and region[16 * PAGE - 2 :] == b"sh"
+
+
+# ---- granularity and readahead ----
+
+
+def test_page_size_is_the_unit_installed(server: u.PageServer) -> None:
+    region = server.map(64 * PAGE, u.Fill(1), page_size=4 * PAGE)
+    _core.touch(region.address + 5 * PAGE, 1, PAGE, False)  # inside the 2nd unit
+    stats = settled(region, 4)
+    assert stats.faults == 1 and stats.pages_installed == 4
+    with pytest.raises(ValueError, match="page_size 12288"):
+        server.map(64 * PAGE, page_size=3 * PAGE)
+    with pytest.raises(ValueError, match="length 20480"):
+        server.map(5 * PAGE, page_size=4 * PAGE)
+
+
+def test_fixed_readahead_is_clipped_to_unfilled_runs(server: u.PageServer) -> None:
+    region = server.map(64 * PAGE, u.Fill(2), readahead=10)
+    _core.touch(region.address + 5 * PAGE, 1, PAGE, False)  # installs pages 5..15
+    settled(region, 11)
+    _core.touch(region.address, 1, PAGE, False)  # installs 0..4, stops at the filled page 5
+    stats = settled(region, 16)
+    assert stats.faults == 2 and stats.pages_installed == 16 and stats.eexist == 0
+
+
+def test_adaptive_readahead_grows_on_sequential_streams(server: u.PageServer) -> None:
+    pages = 2048  # 8 MiB
+    region = server.map(pages * PAGE, u.Fill(3), readahead="adaptive")
+    _core.touch(region.address, pages * PAGE, PAGE, False)
+    stats = settled(region, pages)
+    # 64 KiB, 128 KiB, ... 4 MiB: about a dozen faults instead of 2048
+    assert stats.faults <= 16
+    backwards = server.map(pages * PAGE, u.Fill(4), readahead="adaptive")
+    order = array.array("I", reversed(range(pages)))
+    _core.touch_pages(backwards.address, PAGE, order.tobytes())
+    assert settled(backwards, pages).faults <= 16  # memmove copies large blocks from the end
+    scattered = server.map(pages * PAGE, u.Fill(5), readahead="adaptive")
+    order = array.array("I", random.Random(1).sample(range(0, pages, 64), 32))
+    _core.touch_pages(scattered.address, PAGE, order.tobytes())
+    stats = settled(scattered, 32 * 16)
+    assert stats.faults == 32 and stats.pages_installed == 32 * 16  # 64 KiB each, no growth
+
+
+def test_populate(server: u.PageServer) -> None:
+    region = server.map(32 * PAGE, u.Fill(9))
+    region.populate(4 * PAGE, 8 * PAGE)
+    stats = region.stats()
+    assert stats.faults == 0 and stats.pages_installed == 8
+    region.populate()
+    assert region.stats().pages_installed == 32 and region.stats().faults == 0
+    with pytest.raises(ValueError, match="outside"):
+        region.populate(31 * PAGE, 2 * PAGE)
+
+
+def test_kernel_access_in_sigbus_mode_needs_populate() -> None:
+    with u.PageServer("sigbus") as server:
+        region = server.map(4 * PAGE, u.Fill(b"k"))
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:
+            os.write(w, memoryview(region)[:PAGE])  # the kernel reads: no fault, EFAULT
+        assert info.value.errno == errno.EFAULT
+        region.populate(0, PAGE)
+        assert os.write(w, memoryview(region)[:PAGE]) == PAGE
+        assert os.read(r, PAGE) == b"k" * PAGE
+        os.close(r), os.close(w)
+    with u.PageServer("thread") as server:  # thread mode serves kernel accesses too
+        region = server.map(4 * PAGE, u.Fill(b"t"))
+        r, w = os.pipe()
+        assert os.write(w, memoryview(region)[:PAGE]) == PAGE
+        assert os.read(r, PAGE) == b"t" * PAGE
+        os.close(r), os.close(w)
+
+
+# ---- concurrency ----
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("readahead", [0, 3, "adaptive"])
+def test_bounce(mode: str, readahead: int | str) -> None:
+    """uffd-stress in spirit: threads increment per-page counters in random and sequential order
+    while faults race with background populates and a Python reader; every page is checked."""
+    pages, threads, rounds = 512, 4, 4
+    rng = random.Random(7)
+    initial = bytes(i % 251 for i in range(pages))
+    source = bytearray(pages * PAGE)
+    source[::PAGE] = initial
+    with u.PageServer(mode, workers=2) as server:  # type: ignore[arg-type]
+        for _ in range(rounds):
+            region = server.map(pages * PAGE, u.Buffer(source), readahead=readahead)  # type: ignore[arg-type]
+            orders = [array.array("I", rng.sample(range(pages), pages)) for _ in range(threads)]
+            orders.append(array.array("I", range(pages)))
+            workers = [
+                Caller(_core.touch_pages, region.address, PAGE, o.tobytes(), True) for o in orders
+            ]
+            filler = Caller(region.populate, (pages // 2) * PAGE, (pages // 4) * PAGE)
+            reader = [region[i * PAGE + 1] for i in rng.sample(range(pages), 64)]  # holds the GIL
+            for w in workers:
+                w.finish(30)
+            filler.finish(30)
+            assert set(reader) == {0}
+            got = numpy.frombuffer(region, dtype=numpy.uint8)[::PAGE].copy()
+            expected = (
+                numpy.frombuffer(initial, dtype=numpy.uint8).astype(int) + threads + 1
+            ) % 256
+            assert (got == expected).all(), numpy.nonzero(got != expected)
+            del got
+            stats = settled(region, pages)
+            assert stats.pages_installed == pages and stats.errors == 0
+            region.close()
+
+
+def test_duplicate_faults_from_signals_are_harmless() -> None:
+    """A signal makes a blocked faulter fault again: the duplicate message ends in EEXIST."""
+    with u.PageServer("thread", workers=1) as server:
+        region = server.map(256 * PAGE, u.Fill(1))
+        stop = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        toucher = Toucher(region.address, 256 * PAGE)
+
+        def pester() -> None:
+            while not stop.is_set() and toucher.native_id:
+                try:
+                    signal.pthread_kill(toucher.ident, signal.SIGUSR1)  # type: ignore[arg-type]
+                except ProcessLookupError:
+                    return
+
+        pest = threading.Thread(target=pester, daemon=True)
+        pest.start()
+        assert toucher.finish() == 256
+        stop.set()
+        pest.join(5)
+        assert region.stats().errors == 0
+
+
+# ---- non-cooperative events ----
+
+
+def test_remove_serves_pages_again_from_the_source(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE, u.Fill(b"r"))
+    region[0:8] = b"modified"
+    region[4 * PAGE] = 0
+    assert Caller(libc.madvise, region.address, 8 * PAGE, MADV_DONTNEED).finish() == 0
+    assert region[0:8] == b"rrrrrrrr" and region[4 * PAGE] == ord("r")
+    assert server.events()["remove"] == 1
+    wait_for(lambda: region.stats().removes == 1)
+
+
+def test_remove_with_zero_policy_reads_fresh_zero_pages() -> None:
+    with u.PageServer("thread", on_remove="zero") as server:
+        region = server.map(4 * PAGE, u.Fill(b"z"))
+        assert region[0] == ord("z")
+        assert Caller(libc.madvise, region.address, 4 * PAGE, MADV_DONTNEED).finish() == 0
+        assert region[:] == bytes(4 * PAGE)
+
+
+def test_unmap_stops_serving_and_close_unmaps_exactly_once(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE, u.Fill(b"u"))
+    addr = region.address
+    assert Caller(libc.munmap, addr, 8 * PAGE).finish() == 0  # behind the region's back
+    wait_for(lambda: server._engine.where(region.id)[1] == 0)
+    assert server.events()["unmap"] == 1
+    # something else now lives there; closing the region must not unmap it
+    other = _core.Mapping.__new__(_core.Mapping)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    got = libc.mmap(addr, PAGE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000, -1, 0)
+    assert got == addr  # MAP_FIXED_NOREPLACE succeeded: the range really was free
+    region.close()
+    ctypes.memset(addr, 1, PAGE)  # still mapped: would crash if close had unmapped it
+    libc.munmap(addr, PAGE)
+    del other
+
+
+def test_remap_follows_the_region(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE, u.Fill(b"m"))
+    assert region[0] == ord("m")  # page 0 installed before the move, the rest not
+    target = _core.Mapping(8 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    old, new = region.address, target.address
+    target.rebase(0)
+    assert (
+        Caller(libc.mremap, old, 8 * PAGE, 8 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new).finish()
+        == new
+    )
+    assert _core.touch(new, 8 * PAGE, PAGE, False) == 8 * ord("m")  # served at the new address
+    assert server.events()["remap"] == 1
+    region.close()  # unmaps at the new address
+    assert f"{new:x}-" not in Path("/proc/self/maps").read_text()
+
+
+# ---- errors: never wrong data ----
+
+
+def test_file_that_shrank_poisons_pages_and_reports(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.bin"
+    path.write_bytes(os.urandom(16 * PAGE))
+    with u.PageServer("thread") as server:
+        region = server.map(16 * PAGE, u.File(path))
+        assert region[0] == path.read_bytes()[0]
+        os.truncate(path, 2 * PAGE)
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:  # a kernel access gets EFAULT from the poison
+            os.write(w, memoryview(region)[8 * PAGE : 9 * PAGE])
+        assert info.value.errno == errno.EFAULT
+        with pytest.raises(u.SourceError) as err:
+            region.stats()
+            server.map(PAGE)
+        assert "poisoned" in str(err.value) and "offset 0x8000" in str(err.value)
+        assert err.value.failures[0][0] == errno.EFAULT
+        assert region.stats().poisoned >= 1
+        with pytest.raises(u.SourceError):
+            region.populate(10 * PAGE, PAGE)
+        os.close(r), os.close(w)
+        region.close()
+
+
+SHRINK_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    import userfaultfd as u
+    path = sys.argv[1]
+    with u.PageServer(sys.argv[2]) as server:
+        region = server.map(16 * u.PAGE_SIZE, u.File(path))
+        os.truncate(path, 0)
+        print("touching", flush=True)
+        region[8 * u.PAGE_SIZE]
+        print("read wrong data", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_toucher_of_a_lost_page_gets_sigbus(mode: str, tmp_path: Path) -> None:
+    path = tmp_path / "lost.bin"
+    path.write_bytes(b"x" * 16 * PAGE)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHRINK_CHILD, str(path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout == "touching\n"
+    assert proc.returncode == -signal.SIGBUS
+
+
+CHAIN_CHILD = textwrap.dedent(
+    """
+    import faulthandler, mmap, os, sys
+    faulthandler.enable()
+    import userfaultfd as u
+    with u.PageServer("sigbus") as server:
+        region = server.map(4 * u.PAGE_SIZE, u.Fill(b"c"))
+        assert region[0] == ord("c")
+        f = open(sys.argv[1], "r+b")
+        m = mmap.mmap(f.fileno(), 2 * u.PAGE_SIZE)
+        os.truncate(sys.argv[1], 0)
+        print("ours served; touching a truncated file", flush=True)
+        m[u.PAGE_SIZE]
+    """
+)
+
+
+def test_sigbus_handler_chains_to_the_previous_one(tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"x" * 2 * PAGE)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHAIN_CHILD, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout == "ours served; touching a truncated file\n"
+    assert "Fatal Python error: Bus error" in proc.stderr  # faulthandler ran
+    assert proc.returncode == -signal.SIGBUS
+
+
+# ---- validation, stats, lifecycle ----
+
+
+def test_bad_arguments_name_the_value(server: u.PageServer) -> None:
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        u.PageServer("fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="workers 0"):
+        u.PageServer(workers=0)
+    with pytest.raises(ValueError, match="length 100"):
+        server.map(100)
+    with pytest.raises(ValueError, match="memory 'disk'"):
+        server.map(PAGE, memory="disk")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="readahead -1"):
+        server.map(PAGE, readahead=-1)
+    with pytest.raises(TypeError, match="not a userfaultfd.sources.Source"):
+        server.map(PAGE, b"x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="file offset -1"):
+        u.File("x", offset=-1)
+    with pytest.raises(FileNotFoundError):
+        server.map(PAGE, u.File("/nonexistent/file"))
+
+
+def test_stats_latency_and_totals(server: u.PageServer) -> None:
+    a = server.map(16 * PAGE, u.Fill(1))
+    b = server.map(16 * PAGE)
+    _core.touch(a.address, 16 * PAGE, PAGE, False)
+    _core.touch(b.address, 16 * PAGE, PAGE, False)
+    sa, sb = settled(a, 16), settled(b, 16)
+    assert sa.faults == 16 and sa.zero_pages == 0 and sb.zero_pages == 16
+    assert 0 < sa.latency_p50_ns <= sa.latency_p99_ns < 10**9
+    total = server.stats()
+    assert total.faults == 32 and total.bytes_installed == 32 * PAGE
+    assert "p50" in str(total) and sum(total.histogram) == 32
+
+
+def test_close_joins_engine_threads_and_region_close_refuses_exported() -> None:
+    before = set(os.listdir("/proc/self/task"))
+    server = u.PageServer("thread", workers=3)
+    assert len(set(os.listdir("/proc/self/task")) - before) == 3
+    region = server.map(4 * PAGE, u.Fill(1))
+    view = memoryview(region)
+    with pytest.raises(BufferError, match="exported"):
+        region.close()
+    assert view[0] == 1  # still served
+    view.release()
+    region.close()
+    region.close()  # idempotent
+    server.close()
+    assert set(os.listdir("/proc/self/task")) == before
+    assert server.closed
+
+
+def test_close_with_exported_regions_detaches_them() -> None:
+    server = u.PageServer("thread")
+    region = server.map(8 * PAGE, u.Fill(b"d"))
+    view = memoryview(region)
+    with pytest.warns(ResourceWarning, match="detaching"):
+        server.close()
+    assert bytes(view) == b"d" * 8 * PAGE  # every page installed, then unregistered
+    view.release()
+    region.close()
+
+
+EXIT_CHILD = textwrap.dedent(
+    """
+    import sys, userfaultfd as u
+    server = u.PageServer(sys.argv[1])
+    region = server.map(64 * u.PAGE_SIZE, u.Fill(b"e"))
+    view = memoryview(region)
+    print(chr(view[5]), flush=True)
+    # exit without closing anything
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_hangs_at_interpreter_exit(mode: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", EXIT_CHILD, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "e\n"
+
+
+def test_regions_added_and_removed_while_serving() -> None:
+    with u.PageServer("thread") as server:
+        keep = server.map(256 * PAGE, u.Fill(b"k"))
+        toucher = Caller(_core.touch, keep.address, 256 * PAGE, PAGE, False)
+        for k in range(20):
+            r = server.map(4 * PAGE, u.Fill(bytes([k + 1])))
+            assert r[PAGE] == k + 1
+            r.close()
+        assert toucher.finish() == 256 * ord("k")
+
+
+def _reserve_huge_pages(n: int) -> Iterator[None]:
+    path = Path("/proc/sys/vm/nr_hugepages")
+    old = path.read_text()
+    try:
+        path.write_text(str(n))
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages: {e}")
+    try:
+        if int(path.read_text()) < n:
+            pytest.skip("the kernel could not reserve the huge pages")
+        yield
+    finally:
+        path.write_text(old)
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[None]:
+    yield from _reserve_huge_pages(8)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reserving huge pages needs root")
+@pytest.mark.parametrize("mode", MODES)
+def test_hugetlb_regions(mode: str, huge_pages: None, tmp_path: Path) -> None:
+    huge = 2 << 20
+    path = tmp_path / "h.bin"
+    content = os.urandom(huge + 3 * PAGE)
+    path.write_bytes(content)
+    with u.PageServer(mode) as server:  # type: ignore[arg-type]
+        zero = server.map(2 * huge, memory="hugetlb")
+        assert zero.page_size == huge and zero[huge + 5] == 0 and zero[0] == 0
+        fill = server.map(huge, u.Fill(b"H"), memory="hugetlb")
+        assert fill[:4] == b"HHHH"
+        backed = server.map(2 * huge, u.File(path), memory="hugetlb")
+        assert backed[: len(content)] == content and backed[len(content) :] == bytes(
+            2 * huge - len(content)
+        )
+        assert settled(backed, 1024).faults == 2
+        with pytest.raises(ValueError, match="page_size 4096"):
+            server.map(huge, memory="hugetlb", page_size=PAGE)
