@@ -54,7 +54,14 @@ class Mapping(_Buffer):
 
 class Engine:
     def __init__(
-        self, uffd: int, mode: int, workers: int, remove_policy: int, base_page: int, /
+        self,
+        uffd: int,
+        mode: int,
+        workers: int,
+        remove_policy: int,
+        base_page: int,
+        spin_ns: int,
+        /,
     ) -> None: ...
     def start(self) -> None: ...
     def close(self) -> None: ...

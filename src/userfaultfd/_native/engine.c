@@ -92,7 +92,7 @@ struct table {
 
 struct engine {
     int uffd, mode, nworkers, remove_policy;
-    uint64_t base_page;
+    uint64_t base_page, spin_ns;
     int stop_fd;
     pthread_t threads[MAX_WORKERS];
     int nthreads;
@@ -508,24 +508,40 @@ static void *worker(void *arg)
     struct engine *e = arg;
     struct uffd_msg msgs[BATCH];
     struct pollfd pf[2] = {{e->uffd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+    uint64_t spin_until = 0;
     for (;;) {
-        if (poll(pf, 2, -1) < 0 && errno != EINTR) {
-            record_error(e, errno, -1, 0, 0, "poll");
-            break;
+        /* Right after serving, poll for the next fault without sleeping for a few microseconds:
+         * waking a vCPU that went idle costs more than the fault itself in a VM. */
+        ssize_t n = -1;
+        if (spin_until && now_ns() < spin_until) {
+            n = read(e->uffd, msgs, sizeof(msgs));
+            if (n < 0 && errno == EAGAIN) {
+                pf[1].revents = 0;
+                if (poll(&pf[1], 1, 0) > 0)
+                    break;
+                continue;
+            }
+        } else {
+            if (poll(pf, 2, -1) < 0 && errno != EINTR) {
+                record_error(e, errno, -1, 0, 0, "poll");
+                break;
+            }
+            if (pf[1].revents)
+                break;
+            if (pf[0].revents & (POLLERR | POLLNVAL)) {
+                record_error(e, EBADF, -1, 0, 0, "poll");
+                break;
+            }
+            n = read(e->uffd, msgs, sizeof(msgs));
         }
-        if (pf[1].revents)
-            break;
-        if (pf[0].revents & (POLLERR | POLLNVAL)) {
-            record_error(e, EBADF, -1, 0, 0, "poll");
-            break;
-        }
-        ssize_t n = read(e->uffd, msgs, sizeof(msgs));
         if (n < 0) {
+            spin_until = 0;
             if (errno == EAGAIN || errno == EINTR)
                 continue;
             record_error(e, errno, -1, 0, 0, "read");
             break;
         }
+        spin_until = e->spin_ns ? now_ns() + e->spin_ns : 0;
         uint64_t t0 = now_ns();
         int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
         unsigned idx = srcu_enter(&e->srcu);
@@ -640,7 +656,8 @@ static void sigbus_detach(struct engine *e)
 
 /* ---- public API ---- */
 
-struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page)
+struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
+                          uint64_t spin_ns)
 {
     if (workers < 1 || workers > MAX_WORKERS || (mode != ENGINE_THREAD && mode != ENGINE_SIGBUS)) {
         errno = EINVAL;
@@ -654,6 +671,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
     e->remove_policy = remove_policy;
     e->base_page = base_page;
+    e->spin_ns = spin_ns;
     pthread_mutex_init(&e->lock, NULL);
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->stop_fd < 0) {

@@ -42,8 +42,10 @@ struct engine_error {
 
 struct engine;
 
-/* Returns NULL with errno set. The engine does not own uffd. */
-struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page);
+/* Returns NULL with errno set. The engine does not own uffd. A worker that served a batch keeps
+ * polling without sleeping for spin_ns (0: never spins). */
+struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
+                          uint64_t spin_ns);
 int engine_start(struct engine *e);          /* starts workers (thread) or the event thread (sigbus) */
 void engine_stop(struct engine *e);          /* wakes and joins every engine thread */
 void engine_free(struct engine *e);          /* after engine_stop */

@@ -610,14 +610,14 @@ static int engine_check(EngineObject *o)
 static int engineobj_init(EngineObject *o, PyObject *args, PyObject *kw)
 {
     int uffd, mode, workers, policy;
-    unsigned long long base_page;
-    if (!PyArg_ParseTuple(args, "iiiiK", &uffd, &mode, &workers, &policy, &base_page))
+    unsigned long long base_page, spin_ns;
+    if (!PyArg_ParseTuple(args, "iiiiKK", &uffd, &mode, &workers, &policy, &base_page, &spin_ns))
         return -1;
     if (o->e) {
         PyErr_SetString(PyExc_ValueError, "the engine is already initialised");
         return -1;
     }
-    o->e = engine_new(uffd, mode, workers, policy, base_page);
+    o->e = engine_new(uffd, mode, workers, policy, base_page, spin_ns);
     if (!o->e) {
         os_error(errno, "engine_new");
         return -1;
@@ -780,7 +780,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "userfaultfd._core.Engine",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(uffd, mode, workers, remove_policy, base_page): native fault serving.",
+    .tp_doc = "Engine(uffd, mode, workers, remove_policy, base_page, spin_ns): native fault serving.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)engineobj_init,
     .tp_dealloc = (destructor)engineobj_dealloc,
