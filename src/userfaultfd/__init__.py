@@ -38,3 +38,15 @@ from .sources import Buffer, File, Fill, Memfd, Zero  # noqa: E402
 from .stats import Stats  # noqa: E402
 
 __all__ += ["Buffer", "File", "Fill", "Memfd", "PageServer", "Region", "Stats", "Zero", "sources"]
+from .handoff import GuestRegion, HandoffError, receive_uffd, send_uffd  # noqa: E402
+from .remote import PageSource, PythonSourceServer, RemoteRegion  # noqa: E402
+
+__all__ += [
+    "GuestRegion",
+    "HandoffError",
+    "PageSource",
+    "PythonSourceServer",
+    "RemoteRegion",
+    "receive_uffd",
+    "send_uffd",
+]

@@ -61,13 +61,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from . import serve  # type: ignore[attr-defined]
+    from . import serve
 
     return int(serve.main(args))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench  # type: ignore[attr-defined]
+    from . import bench
 
     return int(bench.main(args))
 

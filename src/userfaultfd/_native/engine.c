@@ -103,7 +103,7 @@ struct engine {
     int nregions, cap, next_id;
     atomic_uint_fast64_t nerrors;
     struct engine_error errors[ERR_RING];
-    atomic_int gone;
+    atomic_int gone, stopping;
     atomic_uint_fast64_t events[4];
 };
 
@@ -703,6 +703,7 @@ int engine_start(struct engine *e)
 void engine_stop(struct engine *e)
 {
     uint64_t one = 1;
+    atomic_store(&e->stopping, 1);
     if (write(e->stop_fd, &one, sizeof(one)) < 0) { /* cannot fail on a fresh eventfd */
     }
     for (int k = 0; k < e->nthreads; k++)
@@ -860,6 +861,8 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
 {
     uint64_t pos = offset, end = offset + length;
     while (pos < end) {
+        if (atomic_load(&e->stopping))
+            return -ECANCELED;
         unsigned idx = srcu_enter(&e->srcu);
         const struct table *t = atomic_load(&e->table);
         const struct extent *x = NULL;

@@ -47,7 +47,8 @@ struct engine;
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns);
 int engine_start(struct engine *e);          /* starts workers (thread) or the event thread (sigbus) */
-void engine_stop(struct engine *e);          /* wakes and joins every engine thread */
+void engine_stop(struct engine *e);          /* wakes and joins every engine thread; a populate
+                                                running elsewhere returns -ECANCELED */
 void engine_free(struct engine *e);          /* after engine_stop */
 int engine_add_region(struct engine *e, const struct region_params *p); /* id >= 0 or -errno */
 int engine_remove_region(struct engine *e, int id);                      /* 0 or -ENOENT */

@@ -655,6 +655,17 @@ static PyObject *engineobj_start(EngineObject *o, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *engineobj_stop(EngineObject *o, PyObject *unused)
+{
+    if (engine_check(o) < 0)
+        return NULL;
+    if (o->started) {
+        Py_BEGIN_ALLOW_THREADS engine_stop(o->e);
+        Py_END_ALLOW_THREADS o->started = 0;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
 {
     engine_shutdown(o);
@@ -766,6 +777,7 @@ static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
 
 static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engineobj_start, METH_NOARGS, NULL},
+    {"stop", (PyCFunction)engineobj_stop, METH_NOARGS, "stop the threads; populate calls return"},
     {"close", (PyCFunction)engineobj_close, METH_NOARGS, NULL},
     {"add_region", (PyCFunction)engineobj_add_region, METH_VARARGS, NULL},
     {"remove_region", (PyCFunction)engineobj_remove_region, METH_VARARGS, NULL},

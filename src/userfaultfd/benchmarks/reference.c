@@ -9,7 +9,9 @@
  *
  * Each prints the nanoseconds the measured part took. ORDER_FILE holds native uint32 page
  * indices: the faulting threads touch one byte of each page in that order, exactly as
- * userfaultfd._core.touch_pages does for our side. */
+ * userfaultfd._core.touch_pages does for our side. The fault programs first run the same pattern
+ * over a second region (warm threads and memory, as our side's long-lived workers are), then
+ * measure. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -52,6 +54,7 @@ struct uffdio_copy {
 static long page;
 static int uffd;
 static char *region, *fill;
+static size_t region_bytes;
 static uint32_t *order;
 static size_t norder;
 
@@ -85,13 +88,14 @@ static void setup(const char *order_file, size_t pages, uint64_t features)
     struct uffdio_api api = {0xAA, features, 0};
     if (ioctl(uffd, UFFDIO_API, &api))
         die("UFFDIO_API");
-    region = mmap(NULL, pages * (size_t)page, PROT_READ | PROT_WRITE,
+    region_bytes = pages * (size_t)page;
+    region = mmap(NULL, 2 * region_bytes, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     fill = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED || fill == MAP_FAILED)
         die("mmap");
     memset(fill, 0x5A, (size_t)page);
-    struct uffdio_register reg = {(uint64_t)(uintptr_t)region, pages * (uint64_t)page, 1, 0};
+    struct uffdio_register reg = {(uint64_t)(uintptr_t)region, 2 * region_bytes, 1, 0};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg))
         die("UFFDIO_REGISTER");
 }
@@ -118,14 +122,31 @@ static void *handler(void *arg)
 
 struct slice {
     size_t from, to;
+    char *base;
 };
 
 static void *toucher(void *arg)
 {
     struct slice *s = arg;
     for (size_t k = s->from; k < s->to; k++)
-        (void)*(volatile char *)(region + (size_t)order[k] * (size_t)page);
+        (void)*(volatile char *)(s->base + (size_t)order[k] * (size_t)page);
     return NULL;
+}
+
+/* Touches ORDER over base with `threads` threads; returns the nanoseconds it took. */
+static uint64_t touch_all(char *base, int threads)
+{
+    pthread_t t[64];
+    struct slice s[64];
+    uint64_t t0 = now();
+    for (int k = 0; k < threads; k++) {
+        s[k] = (struct slice){norder * k / threads, norder * (k + 1) / threads, base};
+        if (pthread_create(&t[k], NULL, toucher, &s[k]))
+            die("pthread_create");
+    }
+    for (int k = 0; k < threads; k++)
+        pthread_join(t[k], NULL);
+    return now() - t0;
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -141,19 +162,12 @@ int main(int argc, char **argv)
     page = sysconf(_SC_PAGE_SIZE);
     if (argc == 5 && !strcmp(argv[1], "handler")) {
         int threads = atoi(argv[4]);
-        pthread_t h, t[64];
-        struct slice s[64];
+        pthread_t h;
         setup(argv[2], strtoull(argv[3], NULL, 0), 0);
         if (threads < 1 || threads > 64 || pthread_create(&h, NULL, handler, NULL))
             die("threads");
-        uint64_t t0 = now();
-        for (int k = 0; k < threads; k++) {
-            s[k] = (struct slice){norder * k / threads, norder * (k + 1) / threads};
-            pthread_create(&t[k], NULL, toucher, &s[k]);
-        }
-        for (int k = 0; k < threads; k++)
-            pthread_join(t[k], NULL);
-        printf("%llu\n", (unsigned long long)(now() - t0));
+        touch_all(region + region_bytes, threads);
+        printf("%llu\n", (unsigned long long)touch_all(region, threads));
         return 0;
     }
     if (argc == 4 && !strcmp(argv[1], "sigbus")) {
@@ -163,10 +177,8 @@ int main(int argc, char **argv)
         sa.sa_sigaction = on_sigbus;
         sa.sa_flags = SA_SIGINFO;
         sigaction(SIGBUS, &sa, NULL);
-        struct slice s = {0, norder};
-        uint64_t t0 = now();
-        toucher(&s);
-        printf("%llu\n", (unsigned long long)(now() - t0));
+        touch_all(region + region_bytes, 1);
+        printf("%llu\n", (unsigned long long)touch_all(region, 1));
         return 0;
     }
     if (argc == 3 && !strcmp(argv[1], "pread")) {

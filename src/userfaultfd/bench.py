@@ -1,0 +1,342 @@
+"""``userfaultfd bench``: every performance figure as a ratio against a C reference, measured
+side by side in one run (benchmarks/reference.c, compiled here with the system compiler).
+
+Method: one warm-up run of each side first (fresh guest memory is several times slower on first
+touch), then ours and the reference alternate, repeated; medians and the spread are reported. Both
+sides touch the same pages in the same order."""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .server import PageServer
+from .sources import File, Fill
+from .uffd import PAGE_SIZE
+
+
+class BenchError(Exception):
+    """The benchmark cannot run here (no compiler, a reference failed)."""
+
+
+@dataclass
+class Size:
+    pages: int  # fault scenarios
+    file_bytes: int  # restore-seq
+    runs: int
+
+
+QUICK = Size(pages=2048, file_bytes=128 << 20, runs=3)
+FULL = Size(pages=8192, file_bytes=1 << 30, runs=7)
+
+
+def find_compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise BenchError("no C compiler found: install gcc (apt-get install gcc) or set CC")
+
+
+class Reference:
+    """The compiled reference program."""
+
+    def __init__(self, workdir: Path) -> None:
+        source = resources.files("userfaultfd") / "benchmarks" / "reference.c"
+        self.path = workdir / "reference"
+        cc = find_compiler()
+        proc = subprocess.run(
+            [cc, "-O2", "-o", str(self.path), str(source), "-lpthread"],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode:
+            raise BenchError(f"{cc} could not build the reference: {proc.stderr.strip()}")
+
+    def ns(self, *args: object) -> int:
+        proc = subprocess.run(
+            [str(self.path), *map(str, args)], capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode:
+            raise BenchError(f"reference {args[0]} failed: {proc.stderr.strip()}")
+        return int(proc.stdout)
+
+
+class Workload:
+    """The files both sides read: a page order and a memory file."""
+
+    def __init__(self, workdir: Path, size: Size) -> None:
+        self.dir, self.size = workdir, size
+        order = array.array("I", random.Random(42).sample(range(size.pages), size.pages))
+        self.order = order.tobytes()
+        self.order_file = workdir / "order"
+        self.order_file.write_bytes(self.order)
+        self._memory_file: Path | None = None
+        self.cleanup: list[Callable[[], None]] = []  # servers to close at the end
+
+    @property
+    def memory_file(self) -> Path:
+        if self._memory_file is None:
+            path = self.dir / "memory.bin"
+            block = random.Random(1).randbytes(1 << 20)
+            with open(path, "wb") as f:
+                for _ in range(self.size.file_bytes >> 20):
+                    f.write(block)
+                os.fsync(f.fileno())  # no writeback running while we measure
+            with open(path, "rb") as f:  # into the page cache
+                while f.read(16 << 20):
+                    pass
+            self._memory_file = path
+        return self._memory_file
+
+
+def _touch_region(server: PageServer, order: bytes, pages: int, threads: int = 1) -> int:
+    """Nanoseconds for `threads` native threads to touch a fresh region's pages in `order`."""
+    region = server.map(pages * PAGE_SIZE, Fill(0x5A))
+    try:
+        if threads == 1:
+            return _core.touch_pages(region.address, PAGE_SIZE, order)
+        n = len(order) // 4
+        cuts = [
+            order[4 * (n * k // threads) : 4 * (n * (k + 1) // threads)] for k in range(threads)
+        ]
+        workers = [
+            threading.Thread(target=_core.touch_pages, args=(region.address, PAGE_SIZE, cut))
+            for cut in cuts
+        ]
+        start = time.perf_counter_ns()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter_ns() - start
+    finally:
+        region.close()
+
+
+def _rate(amount: float, ns: int) -> float:
+    return amount / (ns / 1e9)
+
+
+Measure = Callable[[], float]
+# An extra figure beside a scenario: measured by fn, and reported as ours / it ("reference") or
+# as it / the reference ("variant" of ours).
+Extra = tuple[str, Measure]
+
+
+def _fault(mode: str, workers: int, threads: int) -> Callable[[Workload, Reference], Any]:
+    def setup(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+        pages = w.size.pages
+        server = PageServer(mode, workers=workers)  # type: ignore[arg-type]
+        w.cleanup.append(server.close)
+
+        def ours() -> float:
+            return _rate(pages, _touch_region(server, w.order, pages, threads))
+
+        def reference() -> float:
+            return _rate(pages, ref.ns("handler", w.order_file, pages, threads))
+
+        extra: dict[str, Extra] = {}
+        if mode == "sigbus":
+            extra["c_sigbus_resolver"] = (
+                "reference",
+                lambda: _rate(pages, ref.ns("sigbus", w.order_file, pages)),
+            )
+        elif threads == 1:
+            quiet = PageServer(mode, workers=workers, spin_us=0)  # type: ignore[arg-type]
+            w.cleanup.append(quiet.close)
+            extra["ours_without_spinning"] = (
+                "variant",
+                lambda: _rate(pages, _touch_region(quiet, w.order, pages)),
+            )
+        return ours, reference, "faults/s", extra
+
+    return setup
+
+
+def _restore_seq(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    path = w.memory_file
+    size = w.size.file_bytes
+    server = PageServer("thread", workers=1)
+    w.cleanup.append(server.close)
+
+    def ours() -> float:
+        region = server.map(size, File(path), readahead="adaptive")
+        try:
+            start = time.perf_counter_ns()
+            _core.touch(region.address, size, PAGE_SIZE, False)
+            return _rate(size / 1e6, time.perf_counter_ns() - start)
+        finally:
+            region.close()
+
+    def reference() -> float:
+        return _rate(size / 1e6, ref.ns("pread", path))
+
+    return ours, reference, "MB/s", {}
+
+
+def _python_source(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    from .remote import PythonSourceServer
+
+    pages = w.size.pages
+    page = bytes([0x5A]) * PAGE_SIZE
+
+    def ours() -> float:
+        with PythonSourceServer(lambda offset, length: page * (length // PAGE_SIZE)) as server:
+            region = server.map(pages * PAGE_SIZE)
+            ns = _core.touch_pages(region.address, PAGE_SIZE, w.order)
+            region.close()
+        return _rate(pages, ns)
+
+    def reference() -> float:
+        return _rate(pages, ref.ns("handler", w.order_file, pages, 1))
+
+    return ours, reference, "faults/s", {}
+
+
+SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
+    "fault-thread": (
+        "4 KiB faults in random order, page server in thread mode (1 worker) vs a C handler "
+        "thread (poll/read + UFFDIO_COPY per fault)",
+        _fault("thread", 1, 1),
+    ),
+    "fault-sigbus": (
+        "the same faults resolved in the faulting thread (sigbus mode) vs the same C handler "
+        "thread; c_sigbus_resolver is a C SIGBUS handler doing the same",
+        _fault("sigbus", 1, 1),
+    ),
+    "restore-seq": (
+        "sequential touch of a region backed by a file in the page cache, adaptive readahead, "
+        "vs one pread of the file into fresh anonymous memory",
+        _restore_seq,
+    ),
+    "python-source": (
+        "4 KiB random faults served by a Python function in a handler process vs the C handler "
+        "thread",
+        _python_source,
+    ),
+    "multithread": (
+        "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
+        "faulting threads",
+        _fault("thread", 2, 2),
+    ),
+}
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    median = statistics.median(values)
+    return median, (max(values) - min(values)) / median if median else 0.0
+
+
+def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
+    ours, reference, unit, extra = SCENARIOS[name][1](w, ref)
+    ours(), reference()  # warm up: fresh guest memory is slow on first touch
+    got: dict[str, list[float]] = {"ours": [], "reference": [], **{k: [] for k in extra}}
+    for k in range(w.size.runs):
+        sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
+        if k % 2:
+            sides.reverse()  # interleave, alternating who goes first
+        for side, fn in [*sides, *((k, fn) for k, (_, fn) in extra.items())]:
+            got[side].append(fn())
+    o, o_spread = _summary(got["ours"])
+    r, r_spread = _summary(got["reference"])
+    result: dict[str, Any] = {
+        "ours": o,
+        "reference": r,
+        "unit": unit,
+        "ratio": o / r,
+        "runs": w.size.runs,
+        "spread": {"ours": o_spread, "reference": r_spread},
+    }
+    for key, (kind, _) in extra.items():
+        value, _ = _summary(got[key])
+        result[key] = {"value": value, "ratio": o / value if kind == "reference" else value / r}
+    return result
+
+
+def machine(ref: Reference, size: Size) -> dict[str, Any]:
+    populate = size.file_bytes
+    ref.ns("populate", populate)  # warm
+    rates = [_rate(populate / 1e6, ref.ns("populate", populate)) for _ in range(3)]
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "compiler": find_compiler(),
+        "kernel_populate_MBps": statistics.median(rates),
+    }
+
+
+def run(names: list[str], size: Size) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="uffd-bench-") as tmp:
+        ref = Reference(Path(tmp))
+        w = Workload(Path(tmp), size)
+        try:
+            scenarios = {name: run_scenario(name, w, ref) for name in names}
+            return {"scenarios": scenarios, "machine": machine(ref, size)}
+        finally:
+            for close in w.cleanup:
+                close()
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{'scenario':14} {'ours':>16} {'reference':>16} {'ratio':>7}  spread ours/ref  runs"]
+    for name, s in report["scenarios"].items():
+        unit = s["unit"]
+        spread = f"{s['spread']['ours'] * 100:4.0f}% / {s['spread']['reference'] * 100:3.0f}%"
+        lines.append(
+            f"{name:14} {s['ours']:>10,.0f} {unit:5} {s['reference']:>10,.0f} {unit:5} "
+            f"{s['ratio']:6.2f}x  {spread:15}  {s['runs']}"
+        )
+        if "c_sigbus_resolver" in s:
+            c = s["c_sigbus_resolver"]
+            lines.append(
+                f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+            )
+        if "ours_without_spinning" in s:
+            c = s["ours_without_spinning"]
+            lines.append(
+                f"{'':14} ours with spin_us=0: {c['value']:,.0f} {unit}, "
+                f"{c['ratio']:.2f}x the reference"
+            )
+    m = report["machine"]
+    lines.append(
+        f"machine: Linux {m['kernel']}, {m['cpus']} CPUs, Python {m['python']}, kernel populate "
+        f"rate {m['kernel_populate_MBps']:,.0f} MB/s"
+    )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    names = args.scenario or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(
+            f"userfaultfd bench: error: unknown scenario {unknown[0]!r}; choose from "
+            f"{', '.join(SCENARIOS)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = run(names, QUICK if args.quick else FULL)
+    except BenchError as e:
+        print(f"userfaultfd bench: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0

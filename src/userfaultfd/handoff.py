@@ -1,0 +1,150 @@
+"""Handing a uffd to another process: Firecracker's page-fault-handler protocol.
+
+One message on a UNIX socket: the payload is a JSON array of objects
+``{"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}`` (both page sizes in
+bytes; ``offset`` is where the region starts in the memory file), carrying exactly one fd, the
+uffd (SCM_RIGHTS). The sender keeps the socket open while it wants its memory served."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .uffd import PAGE_SIZE
+
+MAX_MESSAGE = 64 * 1024
+FIELDS = ("base_host_virt_addr", "size", "offset", "page_size", "page_size_kib")
+
+
+class HandoffError(ValueError):
+    """A hand-off message that cannot be accepted; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    """One guest memory region: ``size`` bytes at ``base_host_virt_addr`` in the sender's
+    address space, backed by the memory file from ``offset``, faulted in ``page_size`` units."""
+
+    base_host_virt_addr: int
+    size: int
+    offset: int
+    page_size: int
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "base_host_virt_addr": self.base_host_virt_addr,
+            "size": self.size,
+            "offset": self.offset,
+            "page_size": self.page_size,
+            "page_size_kib": self.page_size,  # Firecracker sends bytes here too
+        }
+
+    @property
+    def end(self) -> int:
+        return self.base_host_virt_addr + self.size
+
+
+def send_uffd(sock: socket.socket, uffd_fd: int, regions: Iterable[GuestRegion]) -> None:
+    """Send the uffd and its regions in one message, as Firecracker does."""
+    payload = json.dumps([r.to_json() for r in regions]).encode()
+    if len(payload) > MAX_MESSAGE:
+        raise HandoffError(f"the region list is {len(payload)} bytes, over {MAX_MESSAGE}")
+    socket.send_fds(sock, [payload], [uffd_fd])
+
+
+def parse_regions(payload: bytes, memory_size: int | None = None) -> list[GuestRegion]:
+    """Validate a hand-off payload. ``memory_size``: the memory file's size, which every region
+    must lie within."""
+    try:
+        items = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HandoffError(f"the payload is not JSON: {e}") from None
+    if not isinstance(items, list) or not items:
+        raise HandoffError(f"the payload is not a non-empty JSON array: {payload[:80]!r}")
+    regions = [_region(k, item, memory_size) for k, item in enumerate(items)]
+    ordered = sorted(regions, key=lambda r: r.base_host_virt_addr)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if b.base_host_virt_addr < a.end:
+            raise HandoffError(
+                f"regions at {a.base_host_virt_addr:#x} and {b.base_host_virt_addr:#x} overlap"
+            )
+    return regions
+
+
+def _region(k: int, item: Any, memory_size: int | None) -> GuestRegion:
+    if not isinstance(item, dict):
+        raise HandoffError(f"region {k} is not an object: {item!r}")
+    missing = [f for f in FIELDS[:4] if f not in item]
+    if missing:
+        raise HandoffError(f"region {k} lacks {', '.join(missing)}")
+    for field in FIELDS:
+        value = item.get(field, 0)
+        if type(value) is not int or value < 0:
+            raise HandoffError(f"region {k}: {field} {value!r} is not a non-negative integer")
+    base, size, offset, page = (item[f] for f in FIELDS[:4])
+    if page < PAGE_SIZE or page % PAGE_SIZE or page & (page - 1):
+        raise HandoffError(
+            f"region {k}: page_size {page} is not a power-of-two multiple of {PAGE_SIZE}"
+        )
+    if not size or size % page or base % page or offset % PAGE_SIZE:
+        raise HandoffError(
+            f"region {k}: base {base:#x}, size {size:#x} and offset {offset:#x} are not aligned "
+            f"to its page size {page:#x} (and the offset to {PAGE_SIZE:#x}), or size is 0"
+        )
+    if base + size > 1 << 47:
+        raise HandoffError(f"region {k}: {base:#x}+{size:#x} is outside the user address space")
+    if memory_size is not None and offset + size > memory_size:
+        raise HandoffError(
+            f"region {k}: offset {offset:#x} + size {size:#x} lies outside the memory file "
+            f"({memory_size:#x} bytes)"
+        )
+    return GuestRegion(base, size, offset, page)
+
+
+def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds it carries. EOF raises ConnectionError; a truncated message
+    (too long, too many fds) raises HandoffError after closing what arrived."""
+    fds = array.array("i")
+    msg, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if not msg and not fds:
+        raise ConnectionError("the peer closed the connection")
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(msg) > MAX_MESSAGE:
+        for fd in fds:
+            os.close(fd)
+        raise HandoffError(f"the message is over {MAX_MESSAGE} bytes or carries over 16 fds")
+    return msg, list(fds)
+
+
+def accept_handoff(
+    msg: bytes, fds: list[int], memory_size: int | None = None
+) -> tuple[int, list[GuestRegion]]:
+    """Check a received hand-off: exactly one fd, a uffd, and valid regions. On error every fd
+    is closed and HandoffError names the problem."""
+    try:
+        if len(fds) != 1:
+            raise HandoffError(f"the message carries {len(fds)} fds, not exactly one (the uffd)")
+        target = os.readlink(f"/proc/self/fd/{fds[0]}")
+        if target != "anon_inode:[userfaultfd]":
+            raise HandoffError(f"the fd sent is not a userfaultfd (it is {target})")
+        return fds[0], parse_regions(msg, memory_size)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def receive_uffd(
+    sock: socket.socket, memory_size: int | None = None
+) -> tuple[int, list[GuestRegion]]:
+    """Receive one hand-off message: (uffd fd, regions). HandoffError names what is wrong (every
+    fd received is then closed); EOF raises ConnectionError."""
+    msg, fds = recv_with_fds(sock)
+    return accept_handoff(msg, fds, memory_size)

@@ -1,0 +1,332 @@
+"""Pages produced by Python code, served from a handler process.
+
+A Python source cannot run in a process whose threads fault while holding the GIL, so
+:class:`PythonSourceServer` forks a handler process (with its own GIL), hands it the uffd over a
+UNIX socket in Firecracker's format (handoff.py), and the handler calls the source for every fault.
+An exception in the source poisons the pages it was asked for (the toucher gets SIGBUS) and comes
+back to the application, traceback included, as a SourceError at its next call."""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import json
+import mmap
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from . import _core
+from .errors import PartialError, SourceError
+from .events import PageFault
+from .flags import RegisterMode
+from .handoff import GuestRegion, accept_handoff, recv_with_fds, send_uffd
+from .uffd import PAGE_SIZE, Userfaultfd
+
+REPLY_TIMEOUT = 10.0
+SPIN_NS = 50_000
+
+
+@runtime_checkable
+class PageSource(Protocol):
+    """The class form of a Python source: opened and closed in the handler process."""
+
+    def open(self) -> None: ...
+
+    def read(self, offset: int, length: int) -> Any:
+        """Return at least ``length`` bytes (any buffer) starting at ``offset``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Function:
+    def __init__(self, fn: Callable[[int, int], Any]) -> None:
+        self.read = fn
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---- the handler process ----
+
+
+class _Handler:
+    def __init__(self, sock: socket.socket, source: PageSource) -> None:
+        self.sock, self.source = sock, source
+        self.uffd: Userfaultfd | None = None
+        self.bases: list[int] = []
+        self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
+        self.faults = self.pages = self.errors = 0
+
+    def run(self) -> None:
+        self.source.open()
+        try:
+            while True:
+                fds = [self.sock] + ([self.uffd] if self.uffd else [])
+                ready, _, _ = select.select(fds, [], [])
+                if self.uffd and self.uffd in ready:
+                    self.serve_burst()
+                if self.sock in ready and not self.control():
+                    return
+        finally:
+            self.source.close()
+
+    def serve_burst(self) -> None:
+        """Serve faults until none came for SPIN_NS: waking an idle vCPU costs more than a
+        fault in a VM, so the handler polls briefly before it sleeps again."""
+        assert self.uffd is not None
+        deadline = time.monotonic_ns() + SPIN_NS
+        while time.monotonic_ns() < deadline:
+            events = self.uffd.read_events(64, timeout=0)
+            for event in events:
+                if isinstance(event, PageFault):
+                    self.serve(event.address)
+            if events:
+                deadline = time.monotonic_ns() + SPIN_NS
+
+    def control(self) -> bool:
+        """One message from the application; False when it has gone."""
+        try:
+            msg, fds = recv_with_fds(self.sock)
+        except ConnectionError:
+            return False
+        if fds:  # a region hand-off, with the uffd
+            fd, regions = accept_handoff(msg, fds)
+            if self.uffd is None:
+                self.uffd = Userfaultfd.from_fd(fd)
+            else:
+                os.close(fd)
+            for r in regions:
+                self.regions[r.base_host_virt_addr] = (r, r.page_size)
+                bisect.insort(self.bases, r.base_host_virt_addr)
+            self.reply({"ok": True})
+            return True
+        op = json.loads(msg)
+        if op["op"] == "unmap":
+            if self.regions.pop(op["base"], None):
+                self.bases.remove(op["base"])
+        elif op["op"] == "readahead":
+            r, _ = self.regions[op["base"]]
+            self.regions[op["base"]] = (r, op["bytes"])
+        elif op["op"] == "stats":
+            self.reply({"faults": self.faults, "pages": self.pages, "errors": self.errors})
+            return True
+        self.reply({"ok": True})
+        return True
+
+    def reply(self, obj: dict[str, Any]) -> None:
+        self.sock.send(json.dumps(obj).encode())
+
+    def serve(self, address: int) -> None:
+        assert self.uffd is not None
+        self.faults += 1
+        k = bisect.bisect_right(self.bases, address) - 1
+        region = self.regions[self.bases[k]] if k >= 0 else None
+        if region is None or address >= region[0].end:
+            self.fail(address & ~(PAGE_SIZE - 1), PAGE_SIZE, "no region covers this address")
+            return
+        r, chunk = region
+        start = address & ~(r.page_size - 1)
+        length = min(max(chunk, r.page_size), r.end - start)
+        offset = r.offset + (start - r.base_host_virt_addr)
+        try:
+            data = memoryview(self.source.read(offset, length)).cast("B")
+            if data.nbytes < length:
+                raise ValueError(
+                    f"the source returned {data.nbytes} bytes for {length} at {offset:#x}"
+                )
+        except Exception as e:  # noqa: BLE001 - every source error is reported, never swallowed
+            self.fail(start, r.page_size, f"source failed at offset {offset:#x}: {e!r}",
+                      traceback.format_exc())  # fmt: skip
+            return
+        self.install(start, data, length, r.page_size)
+
+    def install(self, start: int, data: memoryview, length: int, page: int) -> None:
+        """COPY, accepting pages someone else already installed; the faulter is woken."""
+        assert self.uffd is not None
+        try:
+            self.pages += self.uffd.copy(start, data, length) // PAGE_SIZE  # wakes the faulter
+            return
+        except PartialError as e:
+            done = e.done
+        except FileExistsError:  # a duplicate fault, or a readahead race
+            done = page
+        except FileNotFoundError:  # unregistered meanwhile
+            self.uffd.wake(start, length)
+            return
+        for pos in range(done, length, page):  # the rest page by page, skipping present ones
+            try:
+                self.uffd.copy(start + pos, data[pos : pos + page], page, dontwake=True)
+                self.pages += page // PAGE_SIZE
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                break
+        self.uffd.wake(start, length)
+
+    def fail(self, start: int, length: int, message: str, tb: str = "") -> None:
+        """Never serve wrong data: poison the page (the toucher gets SIGBUS) and report."""
+        assert self.uffd is not None
+        self.errors += 1
+        try:
+            self.uffd.poison(start, length)
+        except OSError:
+            self.uffd.wake(start, length)
+        self.reply({"error": message, "address": start, "traceback": tb})
+
+
+def _handler_main(sock: socket.socket, source: PageSource) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
+    _Handler(sock, source).run()
+
+
+# ---- the application side ----
+
+
+class RemoteRegion(_core.Mapping):
+    """Memory served by the handler process; a buffer like :class:`~userfaultfd.Region`."""
+
+    server: PythonSourceServer
+    offset: int
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.exports:
+            super().close()  # raises BufferError naming the count
+        server, address = self.server, self.address
+        server._request({"op": "unmap", "base": address})
+        server._uffd.unregister(address, len(self))
+        super().close()
+        server._regions.discard(self)
+
+    def __enter__(self) -> RemoteRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PythonSourceServer:
+    """Serves regions from ``source``, a function ``(offset, length) -> bytes-like`` or an object
+    with ``open()``, ``read(offset, length)`` and ``close()``, called in a forked handler
+    process. The application may touch region memory from any thread, holding the GIL."""
+
+    def __init__(self, source: Callable[[int, int], Any] | PageSource) -> None:
+        self._source: PageSource = (
+            source if isinstance(source, PageSource) else _Function(source)
+        )
+        self._uffd = Userfaultfd()
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._errors: list[dict[str, Any]] = []
+        self._regions: set[RemoteRegion] = set()
+        context = multiprocessing.get_context("fork")
+        self._process = context.Process(
+            target=_handler_main, args=(theirs, self._source), daemon=True, name="uffd-handler"
+        )
+        self._process.start()
+        theirs.close()
+
+    def map(self, length: int, *, offset: int = 0, readahead: int = 0) -> RemoteRegion:
+        """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
+        ``readahead``: extra pages asked of the source with each fault."""
+        self._check()
+        if not isinstance(length, int) or length <= 0 or length % PAGE_SIZE:
+            raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
+        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+            raise ValueError(f"offset {offset!r} is not a non-negative multiple of {PAGE_SIZE}")
+        if not isinstance(readahead, int) or readahead < 0:
+            raise ValueError(f"readahead {readahead!r} is not a page count >= 0")
+        region = RemoteRegion(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.server, region.offset = self, offset
+        try:
+            self._uffd.register(region.address, length, RegisterMode.MISSING)
+            send_uffd(self._sock, self._uffd.fileno(),
+                      [GuestRegion(region.address, length, offset, PAGE_SIZE)])  # fmt: skip
+            self._reply()
+            if readahead:
+                self._request({"op": "readahead", "base": region.address,
+                               "bytes": (readahead + 1) * PAGE_SIZE})  # fmt: skip
+        except BaseException:
+            _core.Mapping.close(region)
+            raise
+        self._regions.add(region)
+        return region
+
+    def stats(self) -> dict[str, int]:
+        """Faults served, pages installed and source errors, counted by the handler."""
+        reply = self._request({"op": "stats"})
+        self._check()
+        return reply
+
+    def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self._sock.send(json.dumps(msg).encode())
+        return self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        """The next reply; error reports that come first are kept for _check."""
+        while True:
+            ready, _, _ = select.select([self._sock], [], [], REPLY_TIMEOUT)
+            if not ready:
+                raise TimeoutError(errno.ETIMEDOUT, "the handler process did not answer")
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError(errno.EPIPE, "the handler process has gone")
+            msg: dict[str, Any] = json.loads(data)
+            if "error" in msg:
+                self._errors.append(msg)
+            else:
+                return msg
+
+    def _drain(self) -> None:
+        while select.select([self._sock], [], [], 0)[0]:
+            data = self._sock.recv(1 << 20)
+            if not data:
+                break
+            self._errors.append(json.loads(data))
+
+    def _check(self) -> None:
+        """Raise SourceError for source failures reported since the last check."""
+        self._drain()
+        if self._errors:
+            errs, self._errors = self._errors, []
+            first = errs[0]
+            raise SourceError(
+                f"{len(errs)} fault(s) could not be served and were poisoned; first: "
+                f"{first['error']}\n{first['traceback']}",
+                [(errno.EIO, e["address"], 0, e["error"]) for e in errs],
+            )
+
+    def close(self) -> None:
+        """Unmap the regions, stop the handler process, close the uffd."""
+        if self._uffd.closed:
+            return
+        try:
+            self._drain()
+            for region in list(self._regions):
+                region.close()
+        finally:
+            self._sock.close()
+            self._process.join(REPLY_TIMEOUT)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+            self._uffd.close()
+        if self._errors:
+            self._check()
+
+    def __enter__(self) -> PythonSourceServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

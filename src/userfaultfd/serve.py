@@ -1,0 +1,297 @@
+"""``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
+
+Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
+client gets native worker threads (the page server's engine) that serve its MISSING faults from the
+memory file at ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the
+range, so the client later reads fresh zero pages, as Firecracker's example handler does."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _core
+from .handoff import GuestRegion, HandoffError, receive_uffd
+from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
+from .sources import SRC_BYTES
+from .stats import Stats
+from .uffd import PAGE_SIZE
+
+log = logging.getLogger("userfaultfd.serve")
+HANDSHAKE_TIMEOUT = 10.0
+REMOVE_UNREGISTER = 1
+
+
+def parse_readahead(text: str) -> tuple[int, int, int]:
+    """(fixed pages, adaptive min, adaptive max) from "adaptive", "none" or a page count."""
+    if text == "adaptive":
+        return 0, ADAPTIVE_MIN, ADAPTIVE_MAX
+    if text == "none":
+        return 0, 0, 0
+    try:
+        pages = int(text)
+    except ValueError:
+        pages = -1
+    if pages < 0:
+        raise ValueError(f"readahead {text!r} is not a page count, 'adaptive' or 'none'")
+    return pages, 0, 0
+
+
+@dataclass
+class Client:
+    number: int
+    conn: socket.socket
+    pid: int
+    uid: int
+    connected: float = field(default_factory=time.monotonic)
+    uffd: int = -1
+    regions: list[GuestRegion] = field(default_factory=list)
+    engine: _core.Engine | None = None
+    ids: list[int] = field(default_factory=list)
+    prefetcher: threading.Thread | None = None
+
+    def name(self) -> str:
+        return f"client {self.number} (pid {self.pid}, uid {self.uid})"
+
+
+class Handler:
+    """The server: accepts clients, hands each uffd to an engine, drops clients that go away."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        memory_path: str,
+        *,
+        prefetch: bool = False,
+        readahead: str = "adaptive",
+        allow_uids: tuple[int, ...] = (),
+        workers: int = 1,
+    ) -> None:
+        self.readahead = parse_readahead(readahead)
+        self.prefetch = prefetch
+        self.allowed = {os.getuid(), *allow_uids}
+        self.workers = workers
+        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.memory_size = os.fstat(fd).st_size
+            if not self.memory_size:
+                raise ValueError(f"memory file {memory_path!r} is empty")
+            self.memory = _core.Mapping.__new__(_core.Mapping)
+            self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
+        finally:
+            os.close(fd)
+        self.path = socket_path
+        self.listener = _listen(socket_path)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
+        self.clients: dict[int, Client] = {}
+        self.counter = 0
+        self.stopping = False
+
+    # main loop
+
+    def serve_forever(self) -> None:
+        while not self.stopping:
+            for key, _ in self.selector.select(timeout=0.2):
+                if key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    self._readable(key.data)
+            self._reap()
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        for client in [*self.pending.values(), *self.clients.values()]:
+            self._drop(client, "server stopping")
+        self.selector.close()
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.memory.close()
+
+    # connections
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        pid, uid, _ = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
+        self.counter += 1
+        client = Client(self.counter, conn, pid, uid)
+        if uid not in self.allowed:
+            log.warning("refused %s: uid %d is not allowed (--allow-uid)", client.name(), uid)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.pending[conn.fileno()] = client
+        self.selector.register(conn, selectors.EVENT_READ, client)
+
+    def _readable(self, client: Client) -> None:
+        if client.engine is None:
+            self._handshake(client)
+            return
+        try:
+            data = client.conn.recv(4096)
+        except OSError as e:
+            data, why = b"", str(e)
+        else:
+            why = "closed the connection"
+        if not data:
+            self._drop(client, why)
+        else:
+            log.warning(
+                "%s sent %d unexpected bytes after its hand-off: ignored", client.name(), len(data)
+            )
+
+    def _handshake(self, client: Client) -> None:
+        del self.pending[client.conn.fileno()]
+        try:
+            client.uffd, client.regions = receive_uffd(client.conn, self.memory_size)
+            self._start(client)
+        except (HandoffError, ConnectionError, OSError) as e:
+            self._drop(client, f"refused: {e}", refused=True)
+            return
+        self.clients[client.conn.fileno()] = client
+        size = sum(r.size for r in client.regions)
+        log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
+
+    def _start(self, client: Client) -> None:
+        engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
+        client.engine = engine
+        fixed, amin, amax = self.readahead
+        for r in client.regions:
+            client.ids.append(
+                engine.add_region(
+                    r.base_host_virt_addr,
+                    r.size,
+                    r.page_size,
+                    SRC_BYTES,
+                    self.memory.address + r.offset,
+                    r.size,
+                    0,
+                    r.page_size == PAGE_SIZE,
+                    fixed,
+                    max(amin, r.page_size) if amin else 0,
+                    max(amax, r.page_size) if amax else 0,
+                )  # fmt: skip
+            )
+        engine.start()
+        if self.prefetch:
+            client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
+            client.prefetcher.start()
+
+    def _prefetch(self, client: Client) -> None:
+        """Install every region in the background; the workers serve faults meanwhile."""
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # faults come first
+        assert client.engine is not None
+        for rid, region in zip(client.ids, client.regions, strict=True):
+            try:
+                client.engine.populate(rid, 0, region.size)
+            except OSError as e:
+                if e.errno not in (errno.ECANCELED, errno.ESRCH):
+                    log.warning("%s: prefetch failed: %s", client.name(), e)
+                return
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for client in list(self.pending.values()):
+            if now - client.connected > HANDSHAKE_TIMEOUT:
+                self._drop(client, "refused: no hand-off message in time", refused=True)
+        for client in list(self.clients.values()):
+            if client.engine is not None and client.engine.info()[0]:
+                self._drop(client, "its process exited")
+
+    def _drop(self, client: Client, why: str, refused: bool = False) -> None:
+        fileno = client.conn.fileno()
+        self.pending.pop(fileno, None)
+        self.clients.pop(fileno, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client.conn)
+        client.conn.close()
+        if refused:
+            log.warning("%s %s", client.name(), why)
+        if client.engine is not None:
+            client.engine.stop()
+            if client.prefetcher:
+                client.prefetcher.join()
+            total = Stats.from_engine(client.engine.stats(-1))
+            client.engine.close()
+            if not refused:
+                log.info(
+                    "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
+                    "removes %d",
+                    client.name(), why, total.faults, total.pages_installed,
+                    total.bytes_installed, total.eexist, total.errors, total.removes,
+                )  # fmt: skip
+        if client.uffd >= 0:
+            os.close(client.uffd)
+            client.uffd = -1
+
+
+def _listen(path: str) -> socket.socket:
+    """A listening socket at path, mode 0600. A stale socket file is replaced; anything else at
+    path is an error."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise FileExistsError(errno.EADDRINUSE, f"another server is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
+    if not Path(args.memory).is_file():
+        raise ValueError(f"memory file {args.memory!r} is not a file")
+    handler = Handler(
+        args.socket,
+        args.memory,
+        prefetch=args.prefetch == "all",
+        readahead=args.readahead,
+        allow_uids=tuple(args.allow_uid),
+        workers=args.workers,
+    )
+    previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info(
+        "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
+    )
+    try:
+        handler.serve_forever()
+    finally:
+        handler.close()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        log.info("stopped")
+    return 0
