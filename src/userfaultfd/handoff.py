@@ -10,7 +10,9 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -106,9 +108,19 @@ def _region(k: int, item: Any, memory_size: int | None) -> GuestRegion:
     return GuestRegion(base, size, offset, page)
 
 
+def _complete(payload: bytes) -> bool:
+    try:
+        json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return not (isinstance(e, json.JSONDecodeError) and e.pos >= len(e.doc.rstrip()))
+    return True
+
+
 def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the fds it carries. EOF raises ConnectionError; a truncated message
-    (too long, too many fds) raises HandoffError after closing what arrived."""
+    """One message and the fds it carries. On a stream socket a long JSON payload may arrive in
+    pieces: reading goes on (for up to a second) until it is complete. EOF raises
+    ConnectionError; a message that is too long or carries too many fds raises HandoffError
+    after closing what arrived."""
     fds = array.array("i")
     msg, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * fds.itemsize))
     for level, kind, data in ancdata:
@@ -116,6 +128,15 @@ def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     if not msg and not fds:
         raise ConnectionError("the peer closed the connection")
+    deadline = time.monotonic() + 1.0
+    while sock.type == socket.SOCK_STREAM and len(msg) <= MAX_MESSAGE and not _complete(msg):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            break
+        more = sock.recv(MAX_MESSAGE + 1 - len(msg))
+        if not more:
+            break
+        msg += more
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(msg) > MAX_MESSAGE:
         for fd in fds:
             os.close(fd)

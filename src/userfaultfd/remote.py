@@ -19,6 +19,7 @@ import signal
 import socket
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -185,8 +186,15 @@ class _Handler:
         self.reply({"error": message, "address": start, "traceback": tb})
 
 
+# The application ends of every live server's socket. A handler process closes its copies, or
+# the application closing one would not reach that server's handler as EOF.
+_app_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
 def _handler_main(sock: socket.socket, source: PageSource) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
+    for inherited in list(_app_sockets):
+        inherited.close()
     _Handler(sock, source).run()
 
 
@@ -223,11 +231,10 @@ class PythonSourceServer:
     process. The application may touch region memory from any thread, holding the GIL."""
 
     def __init__(self, source: Callable[[int, int], Any] | PageSource) -> None:
-        self._source: PageSource = (
-            source if isinstance(source, PageSource) else _Function(source)
-        )
+        self._source: PageSource = source if isinstance(source, PageSource) else _Function(source)
         self._uffd = Userfaultfd()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        _app_sockets.add(self._sock)
         self._errors: list[dict[str, Any]] = []
         self._regions: set[RemoteRegion] = set()
         context = multiprocessing.get_context("fork")

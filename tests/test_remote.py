@@ -1,0 +1,163 @@
+"""Python sources served from a handler process: the application touches memory holding the GIL."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy
+import pytest
+
+import userfaultfd as u
+
+from .conftest import PAGE, Caller
+
+pytestmark = pytest.mark.needs_uffd
+
+
+def page_number(offset: int, length: int) -> bytes:
+    """Each page filled with its page number modulo 251."""
+    return b"".join(bytes([(offset // PAGE + k) % 251]) * PAGE for k in range(length // PAGE))
+
+
+def test_function_source_from_the_main_thread() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(64 * PAGE)
+        assert region[0] == 0 and region[5 * PAGE + 7] == 5  # faults while holding the GIL
+        got = numpy.frombuffer(region, dtype=numpy.uint8)[::PAGE].copy()
+        assert got.tolist() == [k % 251 for k in range(64)]
+        with_offset = server.map(4 * PAGE, offset=300 * PAGE)
+        assert with_offset[:] == page_number(300 * PAGE, 4 * PAGE)
+        stats = server.stats()
+        assert stats["faults"] >= 68 and stats["pages"] == 68 and stats["errors"] == 0
+
+
+def test_readahead_asks_the_source_for_more_pages() -> None:
+    calls: list[tuple[int, int]] = []
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(32 * PAGE, readahead=7)
+        assert region[:] == page_number(0, 32 * PAGE)
+        stats = server.stats()
+        assert stats["faults"] == 4 and stats["pages"] == 32
+    del calls
+
+
+class Counter:
+    """The class form: open and close run in the handler process."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def open(self) -> None:
+        self.log.write_text("open\n")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return page_number(offset, length)
+
+    def close(self) -> None:
+        with self.log.open("a") as f:
+            f.write("close\n")
+
+
+def test_class_source_is_opened_and_closed_in_the_handler(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    server = u.PythonSourceServer(Counter(log))
+    region = server.map(8 * PAGE)
+    assert region[3 * PAGE] == 3
+    server.close()
+    assert log.read_text() == "open\nclose\n"
+    assert region.closed
+
+
+def test_many_threads_fault_at_once() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(512 * PAGE)
+        from userfaultfd import _core
+
+        callers = [Caller(_core.touch, region.address + k * PAGE, 512 * PAGE - k * PAGE, 4 * PAGE,
+                          False) for k in range(4)]  # fmt: skip
+        for c in callers:
+            c.finish(30)
+        assert numpy.frombuffer(region, dtype=numpy.uint8)[::PAGE].tolist() == [
+            k % 251 for k in range(512)
+        ]
+
+
+def boom(offset: int, length: int) -> bytes:
+    if offset >= 2 * PAGE:
+        raise RuntimeError(f"cannot produce {offset:#x}")
+    return bytes(length)
+
+
+def test_source_exception_poisons_and_reports_the_traceback() -> None:
+    with u.PythonSourceServer(boom) as server:
+        region = server.map(4 * PAGE)
+        assert region[0] == 0
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:  # a kernel access to the poisoned page: EFAULT
+            os.write(w, memoryview(region)[2 * PAGE : 3 * PAGE])
+        assert info.value.errno == errno.EFAULT
+        os.close(r), os.close(w)
+        with pytest.raises(u.SourceError) as err:
+            server.stats()
+        text = str(err.value)
+        assert "RuntimeError('cannot produce 0x2000')" in text
+        assert "Traceback (most recent call last)" in text and "in boom" in text
+        assert err.value.failures[0][1] == region.address + 2 * PAGE
+
+
+def test_short_data_is_an_error_not_wrong_data() -> None:
+    with u.PythonSourceServer(lambda offset, length: b"x") as server:
+        region = server.map(PAGE)
+        r, w = os.pipe()
+        with pytest.raises(OSError):
+            os.write(w, memoryview(region))
+        os.close(r), os.close(w)
+        with pytest.raises(u.SourceError, match="returned 1 bytes for 4096"):
+            server.map(PAGE)
+
+
+TOUCH_CHILD = textwrap.dedent(
+    """
+    import userfaultfd as u
+    def fail(offset, length):
+        raise KeyError(offset)
+    with u.PythonSourceServer(fail) as server:
+        region = server.map(u.PAGE_SIZE)
+        print("touching", flush=True)
+        region[0]
+        print("read wrong data", flush=True)
+    """
+)
+
+
+def test_toucher_of_a_failed_page_gets_sigbus() -> None:
+    proc = subprocess.run([sys.executable, "-c", TOUCH_CHILD], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.stdout == "touching\n"
+    assert proc.returncode == -signal.SIGBUS
+
+
+def test_region_lifecycle_and_validation() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(4 * PAGE)
+        view = memoryview(region)
+        with pytest.raises(BufferError):
+            region.close()
+        view.release()
+        region.close()
+        region.close()
+        with pytest.raises(ValueError, match="length 100"):
+            server.map(100)
+        with pytest.raises(ValueError, match="offset 7"):
+            server.map(PAGE, offset=7)
+        with pytest.raises(ValueError, match="readahead -1"):
+            server.map(PAGE, readahead=-1)
+        again = server.map(4 * PAGE)  # may reuse the address: the handler forgot the old one
+        assert again[PAGE] == 1
+    assert server._process.exitcode == 0

@@ -1,0 +1,298 @@
+"""`userfaultfd serve` against clients that behave as Firecracker does, and every bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import userfaultfd as u
+from userfaultfd.handoff import GuestRegion, HandoffError, parse_regions, receive_uffd, send_uffd
+from userfaultfd.serve import _listen
+
+pytestmark = pytest.mark.needs_uffd
+CLIENT = str(Path(__file__).with_name("fc_client.py"))
+PAGE = u.PAGE_SIZE
+MIB = 1 << 20
+
+
+class Server:
+    """`userfaultfd serve` in a subprocess; its log lines arrive in a queue."""
+
+    def __init__(self, tmp: Path, memory: Path, *extra: str) -> None:
+        self.socket = tmp / "uffd.sock"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(self.socket),
+             "--memory", str(memory), *extra],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.expect("listening on")
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no log line with {text!r}; log so far: {self.log}"
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.log.append(line)
+            if text in line:
+                return line
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def memory(tmp_path: Path) -> Path:
+    path = tmp_path / "guest.mem"
+    path.write_bytes(os.urandom(8 * MIB))
+    return path
+
+
+@pytest.fixture
+def server(tmp_path: Path, memory: Path) -> Iterator[Server]:
+    s = Server(tmp_path, memory)
+    yield s
+    if s.proc.poll() is None:
+        assert s.stop() == 0
+    assert not s.socket.exists()
+
+
+def client(server: Server, memory: Path, layout: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, CLIENT, str(server.socket), str(memory), layout, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_one_client_two_regions(server: Server, memory: Path) -> None:
+    proc = client(server, memory, f"{4 * MIB}@0,{2 * MIB}@{5 * MIB}")
+    assert finish(proc).split() == ["sent", "verified", "OK"]
+    connect = server.expect("connect client 1")
+    assert "2 region(s), 6 MiB" in connect and f"pid {proc.pid}" in connect
+    line = server.expect("disconnect client 1")
+    assert "closed the connection" in line and "errors 0" in line and "removes 1" in line
+    assert int(line.split("bytes ")[1].split(",")[0]) >= 6 * MIB - 2 * MIB  # half was removed
+
+
+def test_socket_is_private(server: Server) -> None:
+    assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o600
+
+
+def test_several_clients_at_once(server: Server, memory: Path) -> None:
+    procs = [client(server, memory, f"{2 * MIB}@{k * MIB}") for k in range(4)]
+    for p in procs:
+        assert finish(p).split()[-1] == "OK"
+    for _ in procs:
+        server.expect("disconnect client")
+
+
+def test_a_killed_client_is_dropped_and_the_others_served(server: Server, memory: Path) -> None:
+    victim = client(server, memory, f"{2 * MIB}@0", "--hold", "60")
+    assert victim.stdout is not None
+    assert victim.stdout.readline().strip() == "sent"
+    assert victim.stdout.readline().strip() == "holding"
+    victim.kill()
+    victim.wait(10)
+    line = server.expect("disconnect client 1")
+    assert "closed the connection" in line or "exited" in line
+    assert finish(client(server, memory, f"{MIB}@0")).split()[-1] == "OK"
+
+
+def test_prefetch_all_installs_pages_without_faults(tmp_path: Path, memory: Path) -> None:
+    s = Server(tmp_path, memory, "--prefetch", "all")
+    try:
+        out = finish(client(s, memory, f"{4 * MIB}@{MIB}", "--resident-then-touch"))
+        assert out.split() == ["sent", "resident", "verified", "OK"]
+        line = s.expect("disconnect client 1")
+        assert "faults" in line
+    finally:
+        assert s.stop() == 0
+
+
+def raw_client(server: Server, payload: bytes, fds: list[int]) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.socket))
+    socket.send_fds(sock, [payload], fds)
+    return sock
+
+
+def regions_json(*items: dict[str, object]) -> bytes:
+    return json.dumps(list(items)).encode()
+
+
+def region(base: int, size: int = 2 * PAGE, offset: int = 0, page: int = PAGE) -> dict[str, object]:
+    return {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": page,
+            "page_size_kib": page}  # fmt: skip
+
+
+BASE = 0x7F0000000000
+BAD = [
+    ("malformed", b"[{not json", "not JSON"),
+    ("oversized", b"[" + b" " * 70000 + b"]", "over 65536 bytes"),
+    ("empty list", b"[]", "non-empty JSON array"),
+    ("not objects", b"[1, 2]", "region 0 is not an object"),
+    ("missing field", json.dumps([{"base_host_virt_addr": BASE}]).encode(), "lacks size"),
+    ("negative", regions_json(region(BASE, size=-PAGE)), "size -4096 is not a non-negative"),
+    ("string", regions_json({**region(BASE), "offset": "0"}), "offset '0' is not"),
+    ("overlap", regions_json(region(BASE, 4 * PAGE), region(BASE + PAGE)), "overlap"),
+    ("outside file", regions_json(region(BASE, offset=8 * MIB)), "outside the memory file"),
+    ("unaligned base", regions_json(region(BASE + 100)), "not aligned"),
+    ("page not 4K multiple", regions_json(region(BASE, page=3000)), "page_size 3000"),
+    (
+        "page not power of two",
+        regions_json(region(BASE, 3 * PAGE, page=3 * PAGE)),
+        "page_size 12288",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "payload", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_bad_payloads_are_refused_and_the_server_keeps_serving(
+    server: Server, memory: Path, name: str, payload: bytes, reason: str
+) -> None:
+    with u.Userfaultfd() as uffd:
+        sock = raw_client(server, payload, [uffd.fileno()])
+        line = server.expect("refused")
+        assert reason in line, line
+        sock.settimeout(10)
+        # the server closed this connection (a reset: our unread bytes were still queued)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+        sock.close()
+    assert finish(client(server, memory, f"{MIB}@0")).split()[-1] == "OK"
+
+
+def test_bad_fds_are_refused(server: Server, memory: Path) -> None:
+    payload = regions_json(region(BASE))
+    sock = raw_client(server, payload, [])
+    assert "carries 0 fds" in server.expect("refused")
+    sock.close()
+    r, w = os.pipe()
+    sock = raw_client(server, payload, [r])
+    assert "not a userfaultfd (it is pipe:" in server.expect("refused")
+    sock.close()
+    with u.Userfaultfd() as a, u.Userfaultfd() as b:
+        sock = raw_client(server, payload, [a.fileno(), b.fileno()])
+        assert "carries 2 fds" in server.expect("refused")
+        sock.close()
+    os.close(r), os.close(w)
+    assert finish(client(server, memory, f"{MIB}@0")).split()[-1] == "OK"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_peers_of_another_uid_are_refused(memory: Path) -> None:
+    where = Path(tempfile.mkdtemp(prefix="uffd-serve-"))  # reachable by another user
+    where.chmod(0o755)
+    s = Server(where, memory)
+    try:
+        os.chmod(s.socket, 0o666)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(s.socket))
+                sock.recv(1)
+            finally:
+                os._exit(0)
+        assert "uid 65534 is not allowed" in s.expect("refused")
+        os.waitpid(pid, 0)
+    finally:
+        assert s.stop() == 0
+        where.rmdir()
+
+
+def test_sigterm_stops_cleanly(tmp_path: Path, memory: Path) -> None:
+    s = Server(tmp_path, memory)
+    assert s.socket.exists()
+    assert s.stop() == 0
+    assert not s.socket.exists()
+
+
+def test_cli_errors(tmp_path: Path, memory: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "userfaultfd", "serve", *args],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "missing"))
+    assert proc.returncode == 1 and "is not a file" in proc.stderr
+    proc = serve("--socket", str(tmp_path / "s"), "--memory", str(memory), "--readahead", "lots")
+    assert proc.returncode == 1 and "readahead 'lots'" in proc.stderr
+    (tmp_path / "plain").write_text("x")
+    proc = serve("--socket", str(tmp_path / "plain"), "--memory", str(memory))
+    assert proc.returncode == 1 and "is not a socket" in proc.stderr
+
+
+def test_listen_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    first = _listen(path)
+    with pytest.raises(FileExistsError, match="another server"):
+        _listen(path)
+    first.close()  # the file stays behind: stale
+    second = _listen(path)
+    second.close()
+
+
+# ---- the hand-off functions ----
+
+
+def test_send_and_receive_round_trip() -> None:
+    a, b = socket.socketpair()
+    regions = [
+        GuestRegion(BASE, 4 * PAGE, 0, PAGE),
+        GuestRegion(BASE + 2 * MIB, 2 * MIB, MIB, 2 * MIB),
+    ]
+    with u.Userfaultfd() as uffd:
+        send_uffd(a, uffd.fileno(), regions)
+        fd, got = receive_uffd(b, memory_size=4 * MIB)
+        assert got == regions
+        assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+        os.close(fd)
+        send_uffd(a, uffd.fileno(), regions)
+        with pytest.raises(HandoffError, match="outside the memory file"):
+            receive_uffd(b, memory_size=2 * MIB)
+    a.close()
+    with pytest.raises(ConnectionError):
+        receive_uffd(b)
+    b.close()
+
+
+def test_parse_regions_names_the_bad_value() -> None:
+    assert parse_regions(regions_json(region(BASE))) == [GuestRegion(BASE, 2 * PAGE, 0, PAGE)]
+    with pytest.raises(HandoffError, match="region 1: page_size 0"):
+        parse_regions(regions_json(region(BASE), region(BASE + MIB, page=0)))
+    with pytest.raises(HandoffError, match="outside the user address space"):
+        parse_regions(regions_json(region(1 << 47)))
