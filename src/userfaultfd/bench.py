@@ -3,33 +3,41 @@ side by side in one run (benchmarks/reference.c, compiled here with the system c
 
 Method: one warm-up run of each side first (fresh guest memory is several times slower on first
 touch), then ours and the reference alternate, repeated; medians and the spread are reported. Both
-sides touch the same pages in the same order."""
+sides touch the same pages in the same order, and both run the faulting thread on one CPU and the
+handler on another: left to the scheduler, whether the two share a vCPU decides the rate (a
+cross-CPU wake-up of an idle vCPU costs several times a fault), and it would decide differently
+for the two sides."""
 
 from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
+import mmap
 import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import _core
+from .flags import Feature
+from .handoff import GuestRegion, send_uffd
 from .server import PageServer
 from .sources import File, Fill
-from .uffd import PAGE_SIZE
+from .uffd import PAGE_SIZE, Userfaultfd
 
 
 class BenchError(Exception):
@@ -106,12 +114,36 @@ class Workload:
         return self._memory_file
 
 
+def _cpus() -> tuple[int, int]:
+    """(faulting CPU, handler CPU), or (-1, -1) where fewer than two CPUs are ours."""
+    mine = sorted(os.sched_getaffinity(0))
+    return (mine[0], mine[1]) if len(mine) >= 2 else (-1, -1)
+
+
+TOUCH_CPU, HANDLER_CPU = _cpus()
+
+
+@contextlib.contextmanager
+def _on_cpu(cpu: int) -> Iterator[None]:
+    """Run the calling thread on `cpu`; threads and processes it starts meanwhile inherit it."""
+    if cpu < 0:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _touch_region(server: PageServer, order: bytes, pages: int, threads: int = 1) -> int:
     """Nanoseconds for `threads` native threads to touch a fresh region's pages in `order`."""
     region = server.map(pages * PAGE_SIZE, Fill(0x5A))
     try:
         if threads == 1:
-            return _core.touch_pages(region.address, PAGE_SIZE, order)
+            with _on_cpu(TOUCH_CPU):
+                return _core.touch_pages(region.address, PAGE_SIZE, order)
         n = len(order) // 4
         cuts = [
             order[4 * (n * k // threads) : 4 * (n * (k + 1) // threads)] for k in range(threads)
@@ -143,24 +175,25 @@ Extra = tuple[str, Measure]
 def _fault(mode: str, workers: int, threads: int) -> Callable[[Workload, Reference], Any]:
     def setup(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
         pages = w.size.pages
-        server = PageServer(mode, workers=workers)  # type: ignore[arg-type]
-        w.cleanup.append(server.close)
+        touch, handle = (TOUCH_CPU, HANDLER_CPU) if threads == 1 else (-1, -1)
+        with _on_cpu(handle):  # the workers inherit the CPU
+            server = PageServer(mode, workers=workers)  # type: ignore[arg-type]
+            quiet = PageServer(mode, workers=workers, spin_us=0)  # type: ignore[arg-type]
+        w.cleanup += [server.close, quiet.close]
 
         def ours() -> float:
             return _rate(pages, _touch_region(server, w.order, pages, threads))
 
         def reference() -> float:
-            return _rate(pages, ref.ns("handler", w.order_file, pages, threads))
+            return _rate(pages, ref.ns("handler", w.order_file, pages, threads, touch, handle))
 
         extra: dict[str, Extra] = {}
         if mode == "sigbus":
             extra["c_sigbus_resolver"] = (
                 "reference",
-                lambda: _rate(pages, ref.ns("sigbus", w.order_file, pages)),
+                lambda: _rate(pages, ref.ns("sigbus", w.order_file, pages, touch)),
             )
         elif threads == 1:
-            quiet = PageServer(mode, workers=workers, spin_us=0)  # type: ignore[arg-type]
-            w.cleanup.append(quiet.close)
             extra["ours_without_spinning"] = (
                 "variant",
                 lambda: _rate(pages, _touch_region(quiet, w.order, pages)),
@@ -198,14 +231,58 @@ def _python_source(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, 
     page = bytes([0x5A]) * PAGE_SIZE
 
     def ours() -> float:
-        with PythonSourceServer(lambda offset, length: page * (length // PAGE_SIZE)) as server:
+        with _on_cpu(HANDLER_CPU):  # the handler process inherits the CPU
+            server = PythonSourceServer(lambda offset, length: page * (length // PAGE_SIZE))
+        with server, _on_cpu(TOUCH_CPU):
             region = server.map(pages * PAGE_SIZE)
             ns = _core.touch_pages(region.address, PAGE_SIZE, w.order)
             region.close()
         return _rate(pages, ns)
 
     def reference() -> float:
-        return _rate(pages, ref.ns("handler", w.order_file, pages, 1))
+        return _rate(pages, ref.ns("handler", w.order_file, pages, 1, TOUCH_CPU, HANDLER_CPU))
+
+    return ours, reference, "faults/s", {}
+
+
+def _serve(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    """`userfaultfd serve` in its own process serving our faults from the memory file."""
+    pages, path = w.size.pages, w.memory_file
+    sock_path = w.dir / "serve.sock"
+    with _on_cpu(HANDLER_CPU):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(sock_path),
+             "--memory", str(path), "--readahead", "none"],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(30)
+
+    w.cleanup.append(stop)
+    deadline = time.monotonic() + 30
+    while not sock_path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("userfaultfd serve did not start")
+        time.sleep(0.01)
+
+    def ours() -> float:
+        with (
+            Userfaultfd(Feature.EVENT_REMOVE) as uffd,
+            socket.socket(socket.AF_UNIX) as sock,
+            _on_cpu(TOUCH_CPU),
+        ):
+            region = _core.Mapping(pages * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            uffd.register(region.address, pages * PAGE_SIZE)
+            sock.connect(str(sock_path))
+            send_uffd(sock, uffd.fileno(), [GuestRegion(region.address, len(region), 0, PAGE_SIZE)])
+            ns = _core.touch_pages(region.address, PAGE_SIZE, w.order)
+            region.close()
+        return _rate(pages, ns)
+
+    def reference() -> float:
+        return _rate(pages, ref.ns("handler", w.order_file, pages, 1, TOUCH_CPU, HANDLER_CPU))
 
     return ours, reference, "faults/s", {}
 
@@ -230,6 +307,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "4 KiB random faults served by a Python function in a handler process vs the C handler "
         "thread",
         _python_source,
+    ),
+    "serve": (
+        "4 KiB random faults served by `userfaultfd serve` (another process, the engine's native "
+        "path) from the memory file vs the C handler thread",
+        _serve,
     ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
@@ -279,6 +361,8 @@ def machine(ref: Reference, size: Size) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "compiler": find_compiler(),
+        "faulting_cpu": TOUCH_CPU,
+        "handler_cpu": HANDLER_CPU,
         "kernel_populate_MBps": statistics.median(rates),
     }
 

@@ -1,17 +1,19 @@
 /* Reference programs for `userfaultfd bench`: the minimal C handlers and the kernel's own rates
  * that our figures are divided by. Built at run time with the system compiler.
  *
- *   reference handler ORDER_FILE PAGES THREADS   poll/read + UFFDIO_COPY per fault, one handler
- *                                                thread; THREADS faulting threads split ORDER
- *   reference sigbus  ORDER_FILE PAGES           UFFD_FEATURE_SIGBUS: COPY in the SIGBUS handler
+ *   reference handler ORDER_FILE PAGES THREADS TOUCH_CPU HANDLER_CPU
+ *                              poll/read + UFFDIO_COPY per fault, one handler thread; THREADS
+ *                              faulting threads split ORDER
+ *   reference sigbus  ORDER_FILE PAGES TOUCH_CPU UFFD_FEATURE_SIGBUS: COPY in the SIGBUS handler
  *   reference pread   FILE                       one pread of FILE into fresh anonymous memory
  *   reference populate BYTES                     mmap(MAP_POPULATE): the kernel's populate rate
  *
  * Each prints the nanoseconds the measured part took. ORDER_FILE holds native uint32 page
  * indices: the faulting threads touch one byte of each page in that order, exactly as
  * userfaultfd._core.touch_pages does for our side. The fault programs first run the same pattern
- * over a second region (warm threads and memory, as our side's long-lived workers are), then
- * measure. */
+ * once and drop the pages again (MADV_DONTNEED), so the measured run gets warm threads and
+ * recycled memory, as our side's long-lived process does; fresh guest memory is several times
+ * slower on first touch in a VM. A CPU argument pins that thread (-1: the scheduler decides). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -89,19 +91,31 @@ static void setup(const char *order_file, size_t pages, uint64_t features)
     if (ioctl(uffd, UFFDIO_API, &api))
         die("UFFDIO_API");
     region_bytes = pages * (size_t)page;
-    region = mmap(NULL, 2 * region_bytes, PROT_READ | PROT_WRITE,
+    region = mmap(NULL, region_bytes, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     fill = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED || fill == MAP_FAILED)
         die("mmap");
     memset(fill, 0x5A, (size_t)page);
-    struct uffdio_register reg = {(uint64_t)(uintptr_t)region, 2 * region_bytes, 1, 0};
+    struct uffdio_register reg = {(uint64_t)(uintptr_t)region, region_bytes, 1, 0};
     if (ioctl(uffd, UFFDIO_REGISTER, &reg))
         die("UFFDIO_REGISTER");
 }
 
+static void pin(int cpu)
+{
+    if (cpu < 0)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+        die("pthread_setaffinity_np");
+}
+
 static void *handler(void *arg)
 {
+    pin((int)(intptr_t)arg);
     struct uffd_msg msg;
     struct pollfd pfd = {uffd, POLLIN, 0};
     for (;;) {
@@ -133,12 +147,18 @@ static void *toucher(void *arg)
     return NULL;
 }
 
-/* Touches ORDER over base with `threads` threads; returns the nanoseconds it took. */
+/* Touches ORDER over base with `threads` threads (one: the calling thread, as on our side);
+ * returns the nanoseconds it took. */
 static uint64_t touch_all(char *base, int threads)
 {
     pthread_t t[64];
     struct slice s[64];
     uint64_t t0 = now();
+    if (threads == 1) {
+        s[0] = (struct slice){0, norder, base};
+        toucher(&s[0]);
+        return now() - t0;
+    }
     for (int k = 0; k < threads; k++) {
         s[k] = (struct slice){norder * k / threads, norder * (k + 1) / threads, base};
         if (pthread_create(&t[k], NULL, toucher, &s[k]))
@@ -147,6 +167,13 @@ static uint64_t touch_all(char *base, int threads)
     for (int k = 0; k < threads; k++)
         pthread_join(t[k], NULL);
     return now() - t0;
+}
+
+static void warm_up(int threads)
+{
+    touch_all(region, threads);
+    if (madvise(region, region_bytes, MADV_DONTNEED)) /* missing again: faults once more */
+        die("madvise");
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -160,24 +187,27 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 int main(int argc, char **argv)
 {
     page = sysconf(_SC_PAGE_SIZE);
-    if (argc == 5 && !strcmp(argv[1], "handler")) {
+    if (argc == 7 && !strcmp(argv[1], "handler")) {
         int threads = atoi(argv[4]);
         pthread_t h;
         setup(argv[2], strtoull(argv[3], NULL, 0), 0);
-        if (threads < 1 || threads > 64 || pthread_create(&h, NULL, handler, NULL))
+        pin(atoi(argv[5]));
+        if (threads < 1 || threads > 64 ||
+            pthread_create(&h, NULL, handler, (void *)(intptr_t)atoi(argv[6])))
             die("threads");
-        touch_all(region + region_bytes, threads);
+        warm_up(threads);
         printf("%llu\n", (unsigned long long)touch_all(region, threads));
         return 0;
     }
-    if (argc == 4 && !strcmp(argv[1], "sigbus")) {
+    if (argc == 5 && !strcmp(argv[1], "sigbus")) {
         setup(argv[2], strtoull(argv[3], NULL, 0), UFFD_FEATURE_SIGBUS);
+        pin(atoi(argv[4]));
         struct sigaction sa;
         memset(&sa, 0, sizeof(sa));
         sa.sa_sigaction = on_sigbus;
         sa.sa_flags = SA_SIGINFO;
         sigaction(SIGBUS, &sa, NULL);
-        touch_all(region + region_bytes, 1);
+        warm_up(1);
         printf("%llu\n", (unsigned long long)touch_all(region, 1));
         return 0;
     }
