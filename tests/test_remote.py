@@ -161,3 +161,15 @@ def test_region_lifecycle_and_validation() -> None:
         again = server.map(4 * PAGE)  # may reuse the address: the handler forgot the old one
         assert again[PAGE] == 1
     assert server._process.exitcode == 0
+
+
+def test_errors_not_yet_reported_are_raised_at_close() -> None:
+    server = u.PythonSourceServer(boom)
+    region = server.map(4 * PAGE)
+    r, w = os.pipe()
+    with pytest.raises(OSError):
+        os.write(w, memoryview(region)[3 * PAGE :])
+    os.close(r), os.close(w)
+    with pytest.raises(u.SourceError, match="cannot produce 0x3000"):
+        server.close()
+    assert region.closed and server._process.exitcode == 0

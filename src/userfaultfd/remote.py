@@ -296,7 +296,7 @@ class PythonSourceServer:
                 return msg
 
     def _drain(self) -> None:
-        while select.select([self._sock], [], [], 0)[0]:
+        while self._sock.fileno() >= 0 and select.select([self._sock], [], [], 0)[0]:
             data = self._sock.recv(1 << 20)
             if not data:
                 break
