@@ -1,10 +1,11 @@
 """A client that behaves as Firecracker does when it loads a snapshot with a Uffd memory backend.
 
-    python fc_client.py SOCKET MEMORY_FILE LAYOUT [--hold SECONDS] [--resident-then-touch]
+    python fc_client.py SOCKET MEMORY_FILE LAYOUT [--hold SECONDS] [--resident-then-touch] [--huge]
 
-LAYOUT is "size@offset,size@offset,..." (bytes, page size 4 KiB). It creates a uffd with
-EVENT_REMOVE, maps each region privately and registers it MISSING, sends one message whose payload
-is the JSON region list and which carries the uffd, keeps the socket open, then reads every byte
+LAYOUT is "size@offset,size@offset,..." (bytes; pages of 4 KiB, or 2 MiB hugetlb with --huge).
+It creates a uffd with EVENT_REMOVE, maps each region privately and registers it MISSING, sends
+one message whose payload is the JSON region list and which carries the uffd, keeps the socket
+open, then reads every byte
 (plain Python slicing: the faulting thread holds the GIL) and compares with the memory file, then
 MADV_DONTNEEDs a range and expects zeros there. It prints one line per step and "OK" at the end.
 It uses none of the library's hand-off code, only its low-level uffd and mmap wrappers."""
@@ -22,6 +23,7 @@ import userfaultfd as u
 from userfaultfd import _core
 
 MADV_DONTNEED = 4
+MAP_HUGETLB = 0x40000
 libc = ctypes.CDLL(None, use_errno=True)
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
@@ -39,11 +41,14 @@ def main() -> None:
     hold = float(sys.argv[sys.argv.index("--hold") + 1]) if "--hold" in sys.argv else 0.0
     with open(memory_path, "rb") as f:
         memory = f.read()
+    huge = "--huge" in sys.argv
+    page = 2 << 20 if huge else u.PAGE_SIZE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (MAP_HUGETLB if huge else 0)
     uffd = u.Userfaultfd(u.Feature.EVENT_REMOVE)
     regions = []
     for part in layout.split(","):
         size, offset = (int(x, 0) for x in part.split("@"))
-        region = _core.Mapping(size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region = _core.Mapping(size, flags, align=page)
         uffd.register(region.address, size, u.RegisterMode.MISSING)
         regions.append((region, offset))
     payload = json.dumps(
@@ -52,8 +57,8 @@ def main() -> None:
                 "base_host_virt_addr": r.address,
                 "size": len(r),
                 "offset": off,
-                "page_size": u.PAGE_SIZE,
-                "page_size_kib": u.PAGE_SIZE,
+                "page_size": page,
+                "page_size_kib": page,
             }
             for r, off in regions
         ]

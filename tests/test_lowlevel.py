@@ -194,6 +194,18 @@ def test_register_errors(uffd: u.Userfaultfd, tmp_path: object) -> None:
     assert info.value.errno == errno.EINVAL
     filemap.close()
     os.close(fd)
+    # beyond the user address space: the kernel's own range check
+    for call in (uffd.register, uffd.unregister, uffd.wake):
+        with pytest.raises(OSError) as info:
+            call(1 << 47, PAGE)
+        assert info.value.errno == errno.EINVAL
+    # no mapping there: EINVAL from REGISTER
+    hole = anon(1)
+    hole_addr = hole.address
+    hole.close()
+    with pytest.raises(OSError) as info:
+        uffd.register(hole_addr, PAGE)
+    assert info.value.errno == errno.EINVAL
     # registered with another uffd: EBUSY
     uffd.register(region.address, PAGE)
     with u.Userfaultfd() as other, pytest.raises(OSError) as info:

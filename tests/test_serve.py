@@ -106,6 +106,17 @@ def test_one_client_two_regions(server: Server, memory: Path) -> None:
     assert int(line.split("bytes ")[1].split(",")[0]) >= 6 * MIB - 2 * MIB  # half was removed
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="reserving huge pages needs root")
+def test_hugetlb_client_with_2mib_pages(server: Server, memory: Path) -> None:
+    from .test_server import _reserve_huge_pages
+
+    for _ in _reserve_huge_pages(8):
+        proc = client(server, memory, f"{4 * MIB}@{2 * MIB}", "--huge")
+        assert finish(proc).split() == ["sent", "verified", "OK"]
+        line = server.expect("disconnect client 1")
+        assert "faults 2," in line and "errors 0" in line and "removes 1" in line
+
+
 def test_socket_is_private(server: Server) -> None:
     assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o600
 
@@ -235,11 +246,14 @@ def test_peers_of_another_uid_are_refused(memory: Path) -> None:
         where.rmdir()
 
 
-def test_sigterm_stops_cleanly(tmp_path: Path, memory: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly(tmp_path: Path, memory: Path, sig: int) -> None:
     s = Server(tmp_path, memory)
     assert s.socket.exists()
-    assert s.stop() == 0
+    s.proc.send_signal(sig)
+    assert s.proc.wait(30) == 0
     assert not s.socket.exists()
+    s.expect("stopped")
 
 
 def test_cli_errors(tmp_path: Path, memory: Path) -> None:

@@ -8,6 +8,7 @@ the main thread included, may touch region memory while holding the GIL."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import mmap
 import os
@@ -38,7 +39,8 @@ _servers: weakref.WeakSet[PageServer] = weakref.WeakSet()
 @atexit.register
 def _close_all() -> None:
     for server in list(_servers):
-        server.close()
+        with contextlib.suppress(SourceError):  # nobody is left to report to
+            server._shutdown(at_exit=True)
 
 
 class Region(_core.Mapping):
@@ -105,10 +107,13 @@ class Region(_core.Mapping):
             self._prepared.release()
             self._prepared = None
 
-    def _detach(self) -> None:
-        """Install every page, then unregister: exported views keep reading correct data."""
+    def _detach(self, populate: bool = True) -> None:
+        """Install every page, then unregister: exported views keep reading correct data. At
+        interpreter exit nothing reads them any more and a large sparse region would take long
+        to install: it is only unregistered, so that unmapping it later raises no event."""
         server = self.server
-        server._engine.populate(self.id, 0, len(self))
+        if populate:
+            server._engine.populate(self.id, 0, len(self))
         start, mapped = server._engine.where(self.id)
         if mapped and start:
             server._uffd.unregister(start, len(self))
@@ -307,14 +312,17 @@ class PageServer:
         """Unmap every region, stop the engine's threads, close the uffd. Regions whose memory is
         still exported are detached instead: all their pages are installed, then unregistered.
         Raises SourceError for failures not yet reported."""
+        self._shutdown(at_exit=False)
+
+    def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
             return
         for region in list(self._regions.values()):
             if region.exports:
                 warnings.warn(
-                    f"{region!r} is still exported: detaching it", ResourceWarning, stacklevel=2
+                    f"{region!r} is still exported: detaching it", ResourceWarning, stacklevel=3
                 )
-                region._detach()
+                region._detach(populate=not at_exit)
             else:
                 region._unmap_and_forget()
         self._collect()
