@@ -179,11 +179,12 @@ class _Handler:
         """Never serve wrong data: poison the page (the toucher gets SIGBUS) and report."""
         assert self.uffd is not None
         self.errors += 1
+        # The report goes first: once the toucher is woken, the application may look for it.
+        self.reply({"error": message, "address": start, "traceback": tb})
         try:
             self.uffd.poison(start, length)
         except OSError:
             self.uffd.wake(start, length)
-        self.reply({"error": message, "address": start, "traceback": tb})
 
 
 # The application ends of every live server's socket. A handler process closes its copies, or
