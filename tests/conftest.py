@@ -3,6 +3,7 @@ thread), from another process, or served by native code; every wait has a timeou
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -17,6 +18,18 @@ from userfaultfd import _core
 
 PAGE = u.PAGE_SIZE
 TIMEOUT = 10.0
+MADV_DONTNEED = 4
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FIXED_NOREPLACE = 0x100000
+
+# libc calls for tests; ctypes releases the GIL around each, so they may fault or block on events.
+libc = ctypes.CDLL(None, use_errno=True)
+_vp, _sz, _int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+libc.mmap.restype = libc.mremap.restype = _vp
+libc.mmap.argtypes = [_vp, _sz, _int, _int, _int, ctypes.c_long]
+libc.mremap.argtypes = [_vp, _sz, _sz, _int, _vp]
+libc.madvise.argtypes = [_vp, _sz, _int]
+libc.munmap.argtypes = [_vp, _sz]
 
 
 def usable() -> str | None:

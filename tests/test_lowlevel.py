@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -19,22 +18,19 @@ import userfaultfd as u
 from userfaultfd import _core
 from userfaultfd.events import decode
 
-from .conftest import PAGE, Caller, Toucher, anon, read_one
+from .conftest import (
+    MADV_DONTNEED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PAGE,
+    Caller,
+    Toucher,
+    anon,
+    libc,
+    read_one,
+)
 
 pytestmark = pytest.mark.needs_uffd
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mremap.restype = ctypes.c_void_p
-libc.mremap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-]
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MADV_DONTNEED = 4
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 
 
 # ---- creation and the API handshake ----

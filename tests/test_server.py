@@ -22,8 +22,17 @@ import pytest
 import userfaultfd as u
 from userfaultfd import _core
 
-from .conftest import PAGE, Caller, Toucher, wait_for
-from .test_lowlevel import MADV_DONTNEED, MREMAP_FIXED, MREMAP_MAYMOVE, libc
+from .conftest import (
+    MADV_DONTNEED,
+    MAP_FIXED_NOREPLACE,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PAGE,
+    Caller,
+    Toucher,
+    libc,
+    wait_for,
+)
 
 pytestmark = pytest.mark.needs_uffd
 MODES = ["thread", "sigbus"]
@@ -106,6 +115,21 @@ def test_memfd_source_serves_minor_faults_without_copying(server: u.PageServer) 
         assert stats.faults_minor >= 1 and stats.faults == stats.faults_minor + stats.faults_missing
     finally:
         region.close()
+        os.close(fd)
+
+
+def test_memfd_holes_between_pages_with_readahead(server: u.PageServer) -> None:
+    fd = os.memfd_create("holes", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 32 * PAGE)
+        for k in range(0, 32, 3):  # pages 0, 3, 6, ... in the page cache, the rest holes
+            os.pwrite(fd, bytes([k + 1]) * PAGE, k * PAGE)
+        region = server.map(32 * PAGE, u.Memfd(fd), readahead=7)
+        got = [region[k * PAGE] for k in range(32)]
+        assert got == [k + 1 if k % 3 == 0 else 0 for k in range(32)]
+        assert settled(region, 32).errors == 0
+        region.close()
+    finally:
         os.close(fd)
 
 
@@ -274,22 +298,12 @@ def test_unmap_stops_serving_and_close_unmaps_exactly_once(server: u.PageServer)
     wait_for(lambda: server._engine.where(region.id)[1] == 0)
     assert server.events()["unmap"] == 1
     # something else now lives there; closing the region must not unmap it
-    other = _core.Mapping.__new__(_core.Mapping)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    got = libc.mmap(addr, PAGE, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000, -1, 0)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+    got = libc.mmap(addr, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
     assert got == addr  # MAP_FIXED_NOREPLACE succeeded: the range really was free
     region.close()
     ctypes.memset(addr, 1, PAGE)  # still mapped: would crash if close had unmapped it
     libc.munmap(addr, PAGE)
-    del other
 
 
 def test_remap_follows_the_region(server: u.PageServer) -> None:

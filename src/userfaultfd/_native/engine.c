@@ -275,17 +275,18 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     struct region *r = x->r;
     const uint64_t g = r->p.page_size, end = addr + len;
     uint64_t pos = addr;
-    int ret = 0, need_wake = 0;
+    int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == ENGINE_SIGBUS;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
-        unsigned long req = plan_op(r, off, end - pos, minor, &src, &seg);
+        unsigned long req = plan_op(r, off, hole ? g : end - pos, minor && !hole, &src, &seg);
+        hole = 0;
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. */
         int single = !need_wake && seg == end - pos && !sigbus;
         int err = fill_ioctl(e->uffd, req, pos, src, seg, single ? 0 : UFFDIO_MODE_DONTWAKE, &done);
-        if (!single)
-            need_wake = 1;
+        if (!single || err)
+            need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
         if (done) {
             bits_set(r, off >> r->shift, done >> r->shift, 1);
             ADD(r->st.pages_installed, done / e->base_page);
@@ -314,8 +315,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             ret = ESRCH;
             break;
         }
-        if (minor && err == EFAULT) { /* no page in the page cache: a hole reads as zeros */
-            minor = 0;
+        if (req == UFFDIO_CONTINUE && err == EFAULT) { /* not in the page cache: a hole, zeros */
+            hole = 1;
             continue;
         }
         /* The source could not produce this page: never install wrong data. */
