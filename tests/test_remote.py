@@ -173,3 +173,47 @@ def test_errors_not_yet_reported_are_raised_at_close() -> None:
     with pytest.raises(u.SourceError, match="cannot produce 0x3000"):
         server.close()
     assert region.closed and server._process.exitcode == 0
+
+
+def test_a_dead_handler_turns_faults_into_sigbus_not_a_hang() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(8 * PAGE)
+        assert region[0] == 0
+        os.kill(server._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        server._process.join(10)
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:  # a kernel access: EFAULT from the poison
+            os.write(w, memoryview(region)[PAGE : 2 * PAGE])
+        assert info.value.errno == errno.EFAULT
+        os.close(r), os.close(w)
+        with pytest.raises(ConnectionError, match="handler process died"):
+            server.map(PAGE)
+        assert region[0] == 0  # pages served before stay
+
+
+HANG_CHILD = textwrap.dedent(
+    """
+    import os, signal, threading, time
+    import userfaultfd as u
+    from userfaultfd import _core
+    def slow(offset, length):
+        time.sleep(60)
+        return bytes(length)
+    server = u.PythonSourceServer(slow)
+    region = server.map(u.PAGE_SIZE)
+    toucher = threading.Thread(target=_core.touch, args=(region.address, 1, 1, False))
+    toucher.start()
+    time.sleep(0.5)  # the fault is now with the handler, which sleeps
+    print("killing the handler", flush=True)
+    os.kill(server._process.pid, signal.SIGKILL)
+    toucher.join()
+    print("the toucher came back", flush=True)
+    """
+)
+
+
+def test_a_fault_pending_when_the_handler_dies_gets_sigbus() -> None:
+    proc = subprocess.run([sys.executable, "-c", HANG_CHILD], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.stdout == "killing the handler\n"
+    assert proc.returncode == -signal.SIGBUS

@@ -214,7 +214,8 @@ class RemoteRegion(_core.Mapping):
         if self.exports:
             super().close()  # raises BufferError naming the count
         server, address = self.server, self.address
-        server._request({"op": "unmap", "base": address})
+        if server._process.exitcode is None:
+            server._request({"op": "unmap", "base": address})
         server._uffd.unregister(address, len(self))
         super().close()
         server._regions.discard(self)
@@ -244,6 +245,10 @@ class PythonSourceServer:
         )
         self._process.start()
         theirs.close()
+        assert self._process.pid is not None
+        self._pidfd = os.pidfd_open(self._process.pid)
+        # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
+        self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
 
     def map(self, length: int, *, offset: int = 0, readahead: int = 0) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
@@ -304,7 +309,14 @@ class PythonSourceServer:
             self._errors.append(json.loads(data))
 
     def _check(self) -> None:
-        """Raise SourceError for source failures reported since the last check."""
+        """Raise SourceError for source failures reported since the last check, and
+        ConnectionError once the handler process has died."""
+        if self._process.exitcode is not None and self._sock.fileno() >= 0:
+            raise ConnectionError(
+                errno.EPIPE,
+                f"the handler process died (exit code {self._process.exitcode}); faults on its "
+                "regions are answered with SIGBUS",
+            )
         self._drain()
         if self._errors:
             errs, self._errors = self._errors, []
@@ -329,6 +341,8 @@ class PythonSourceServer:
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
+            _core.watchdog_stop(self._watchdog)
+            os.close(self._pidfd)
             self._uffd.close()
         if self._errors:
             self._check()

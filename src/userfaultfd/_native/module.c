@@ -18,6 +18,7 @@
 #include "abi.h"
 #include "engine.h"
 #include "seed.h"
+#include "watchdog.h"
 
 /* OSError (its errno subclass) whose message names the failing call. */
 static PyObject *os_error(int err, const char *call)
@@ -833,6 +834,37 @@ static PyObject *py_seed_stop(PyObject *self, PyObject *cap)
     Py_END_ALLOW_THREADS return Py_BuildValue("ii", err, faults);
 }
 
+/* ---- the watchdog of an out-of-process handler ---- */
+
+static void watchdog_capsule_free(PyObject *cap)
+{
+    struct watchdog *w = PyCapsule_GetPointer(cap, "watchdog");
+    if (w)
+        watchdog_stop(w);
+}
+
+static PyObject *py_watchdog_start(PyObject *self, PyObject *args)
+{
+    int pidfd, uffd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &uffd))
+        return NULL;
+    struct watchdog *w = watchdog_start(pidfd, uffd);
+    if (!w)
+        return os_error(errno, "pthread_create");
+    return PyCapsule_New(w, "watchdog", watchdog_capsule_free);
+}
+
+/* watchdog_stop(handle) -> True if the handler had died and faults were poisoned */
+static PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
+{
+    struct watchdog *w = PyCapsule_GetPointer(cap, "watchdog");
+    int fired;
+    if (!w || PyCapsule_SetDestructor(cap, NULL) < 0 || PyCapsule_SetPointer(cap, (void *)1) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS fired = watchdog_stop(w);
+    Py_END_ALLOW_THREADS return PyBool_FromLong(fired);
+}
+
 /* ---- module ---- */
 
 static PyMethodDef core_methods[] = {
@@ -854,6 +886,8 @@ static PyMethodDef core_methods[] = {
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
+    {"watchdog_start", py_watchdog_start, METH_VARARGS, "poison faults once pidfd's process dies"},
+    {"watchdog_stop", py_watchdog_stop, METH_O, "stop it -> whether it fired"},
     {NULL}};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -1, core_methods};
