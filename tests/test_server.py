@@ -283,6 +283,17 @@ def test_remove_serves_pages_again_from_the_source(server: u.PageServer) -> None
     wait_for(lambda: region.stats().removes == 1)
 
 
+def test_remove_of_part_of_a_unit_serves_the_rest_of_it(server: u.PageServer) -> None:
+    """A unit of 4 pages with one page dropped: the refill skips the 3 present pages."""
+    region = server.map(16 * PAGE, u.Fill(b"p"), page_size=4 * PAGE)
+    assert bytes(region) == b"p" * 16 * PAGE
+    region[5 * PAGE] = ord("x")  # page 5: the second page of unit 1
+    assert Caller(libc.madvise, region.address + 5 * PAGE, PAGE, MADV_DONTNEED).finish() == 0
+    result = Caller(_core.touch, region.address + 5 * PAGE, 1, 1, False)
+    assert result.finish() == ord("p")
+    assert region[4 * PAGE] == region[6 * PAGE] == ord("p")
+
+
 def test_remove_with_zero_policy_reads_fresh_zero_pages() -> None:
     with u.PageServer("thread", on_remove="zero") as server:
         region = server.map(4 * PAGE, u.Fill(b"z"))

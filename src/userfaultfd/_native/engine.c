@@ -102,7 +102,10 @@ struct engine {
     struct region **regions;
     int nregions, cap, next_id;
     atomic_uint_fast64_t nerrors;
-    struct engine_error errors[ERR_RING];
+    struct {
+        struct engine_error e;
+        atomic_uint_fast64_t seq; /* n + 1 once error n is written: readers stop before it */
+    } errors[ERR_RING];
     atomic_int gone, stopping;
     atomic_uint_fast64_t events[4];
 };
@@ -128,12 +131,8 @@ static void record_error(struct engine *e, int err, int region_id, uint64_t addr
                          const char *op)
 {
     uint64_t n = atomic_fetch_add(&e->nerrors, 1);
-    struct engine_error *slot = &e->errors[n % ERR_RING];
-    slot->err = err;
-    slot->region_id = region_id;
-    slot->address = addr;
-    slot->offset = off;
-    slot->op = op;
+    e->errors[n % ERR_RING].e = (struct engine_error){err, region_id, addr, off, op};
+    atomic_store_explicit(&e->errors[n % ERR_RING].seq, n + 1, memory_order_release);
 }
 
 static int bit_test(const struct region *r, uint64_t i)
@@ -245,8 +244,8 @@ static int is_poisoned(struct region *r, uint64_t i)
     return atomic_load(&r->poison_overflow) && bit_test(r, i);
 }
 
-static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t off, int err,
-                   const char *op)
+static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t len, uint64_t off,
+                   int err, const char *op)
 {
     uint64_t done;
     if (r) {
@@ -256,8 +255,7 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t o
         else
             atomic_store(&r->poison_overflow, 1);
     }
-    int rc = fill_ioctl(e->uffd, UFFDIO_POISON, addr, 0, r ? r->p.page_size : e->base_page,
-                        UFFDIO_MODE_DONTWAKE, &done);
+    int rc = fill_ioctl(e->uffd, UFFDIO_POISON, addr, 0, len, UFFDIO_MODE_DONTWAKE, &done);
     record_error(e, err, r ? r->id : -1, addr, off, op);
     if (r) {
         ADD(r->st.errors, 1);
@@ -273,14 +271,15 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
                    int minor)
 {
     struct region *r = x->r;
-    const uint64_t g = r->p.page_size, end = addr + len;
+    /* The kernel's own unit: a failure at pos concerns one base page, or one huge page. */
+    const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size, end = addr + len;
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == ENGINE_SIGBUS;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
-        unsigned long req = plan_op(r, off, hole ? g : end - pos, minor && !hole, &src, &seg);
+        unsigned long req = plan_op(r, off, hole ? unit : end - pos, minor && !hole, &src, &seg);
         hole = 0;
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. */
         int single = !need_wake && seg == end - pos && !sigbus;
@@ -304,7 +303,7 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         if (err == EEXIST) { /* somebody else installed it: a race, or a duplicate fault */
             ADD(r->st.eexist, 1);
             bits_set(r, (off + done) >> r->shift, 1, 1);
-            pos += g;
+            pos += unit;
             need_wake = 1;
             continue;
         }
@@ -320,12 +319,12 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             continue;
         }
         /* The source could not produce this page: never install wrong data. */
-        poison(e, r, pos, off + done, err,
+        poison(e, r, pos, unit, off + done, err,
                req == UFFDIO_COPY       ? "UFFDIO_COPY"
                : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
                                         : "UFFDIO_ZEROPAGE");
         bits_set(r, (off + done) >> r->shift, 1, 1);
-        pos += g;
+        pos += unit;
         need_wake = 1;
     }
     if (need_wake && !sigbus)
@@ -378,7 +377,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
 {
     const struct extent *x = lookup(t, addr);
     if (!x) { /* registered with our uffd but in no region: never answer with made-up data */
-        poison(e, NULL, addr & ~(e->base_page - 1), 0, ENXIO, "lookup");
+        poison(e, NULL, addr & ~(e->base_page - 1), e->base_page, 0, ENXIO, "lookup");
         if (e->mode == ENGINE_THREAD)
             range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
         return 0;
@@ -953,8 +952,11 @@ int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, 
     if (n - c > ERR_RING)
         c = n - ERR_RING;
     int k = 0;
-    for (; c < n && k < max; c++, k++)
-        out[k] = e->errors[c % ERR_RING];
+    for (; c < n && k < max; c++, k++) {
+        if (atomic_load_explicit(&e->errors[c % ERR_RING].seq, memory_order_acquire) != c + 1)
+            break; /* still being written: the next call gets it */
+        out[k] = e->errors[c % ERR_RING].e;
+    }
     *cursor = c;
     return k;
 }
