@@ -97,6 +97,11 @@ struct engine {
     pthread_t threads[MAX_WORKERS];
     int nthreads;
     pthread_mutex_t lock; /* writers: the table and the region list */
+    /* A worker reads under read_lock and, when its batch holds events, keeps it until they are
+     * handled: the caller of madvise/mremap/munmap runs on as soon as its event is read, and a
+     * fault it takes next, read by another worker, must already see the event's effect. */
+    pthread_mutex_t read_lock;
+    atomic_int reading; /* sigbus mode: the event thread is between read() and handling */
     struct table *_Atomic table;
     struct srcu srcu;
     struct region **regions;
@@ -400,7 +405,11 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
+        uint64_t a = gaddr - ((i - first) << r->shift), b = a + (n << r->shift);
+        /* A partial mremap can split an extent inside a unit: stay inside this extent. */
+        a = a < x->start ? x->start : a;
+        b = b > x->end ? x->end : b;
+        rc = install(e, x, a, b - a, minor);
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -503,6 +512,27 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
 
 /* ---- worker threads ---- */
 
+/* read() under read_lock; on success returns with the lock held (the caller releases it, after
+ * handling the batch's events if it has any); -1 with *err set, and the lock released, if not. */
+static ssize_t read_batch(struct engine *e, struct uffd_msg *msgs, int *err)
+{
+    pthread_mutex_lock(&e->read_lock);
+    atomic_store(&e->reading, 1);
+    ssize_t n = read(e->uffd, msgs, BATCH * sizeof(struct uffd_msg));
+    *err = n < 0 ? errno : 0;
+    if (n < (ssize_t)sizeof(struct uffd_msg)) { /* a uffd never returns less; be safe */
+        atomic_store(&e->reading, 0);
+        pthread_mutex_unlock(&e->read_lock);
+        *err = *err ? *err : EAGAIN;
+        return -1;
+    }
+    for (ssize_t k = 0; k < n / (ssize_t)sizeof(struct uffd_msg); k++)
+        if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
+            return n; /* `reading` stays set until the events are handled */
+    atomic_store(&e->reading, 0);
+    return n;
+}
+
 static void *worker(void *arg)
 {
     struct engine *e = arg;
@@ -513,9 +543,10 @@ static void *worker(void *arg)
         /* Right after serving, poll for the next fault without sleeping for a few microseconds:
          * waking a vCPU that went idle costs more than the fault itself in a VM. */
         ssize_t n = -1;
+        int err = 0;
         if (spin_until && now_ns() < spin_until) {
-            n = read(e->uffd, msgs, sizeof(msgs));
-            if (n < 0 && errno == EAGAIN) {
+            n = read_batch(e, msgs, &err);
+            if (n < 0 && err == EAGAIN) {
                 pf[1].revents = 0;
                 if (poll(&pf[1], 1, 0) > 0)
                     break;
@@ -532,18 +563,23 @@ static void *worker(void *arg)
                 record_error(e, EBADF, -1, 0, 0, "poll");
                 break;
             }
-            n = read(e->uffd, msgs, sizeof(msgs));
+            n = read_batch(e, msgs, &err);
         }
         if (n < 0) {
             spin_until = 0;
-            if (errno == EAGAIN || errno == EINTR)
+            if (err == EAGAIN || err == EINTR)
                 continue;
-            record_error(e, errno, -1, 0, 0, "read");
+            record_error(e, err, -1, 0, 0, "read");
             break;
         }
-        spin_until = e->spin_ns ? now_ns() + e->spin_ns : 0;
         uint64_t t0 = now_ns();
-        int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+        int count = (int)(n / (ssize_t)sizeof(struct uffd_msg)), events = 0;
+        for (int k = 0; k < count; k++)
+            events += msgs[k].event != UFFD_EVENT_PAGEFAULT;
+        if (events < count)
+            spin_until = e->spin_ns ? now_ns() + e->spin_ns : 0;
+        if (!events)
+            pthread_mutex_unlock(&e->read_lock);
         unsigned idx = srcu_enter(&e->srcu);
         const struct table *t = atomic_load(&e->table);
         for (int k = 0; k < count; k++) {
@@ -557,9 +593,13 @@ static void *worker(void *arg)
                             e->base_page);
         }
         srcu_exit(&e->srcu, idx);
-        for (int k = 0; k < count; k++)
-            if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
-                handle_event(e, &msgs[k]);
+        if (events) {
+            for (int k = 0; k < count; k++)
+                if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
+                    handle_event(e, &msgs[k]);
+            atomic_store(&e->reading, 0);
+            pthread_mutex_unlock(&e->read_lock);
+        }
     }
     return NULL;
 }
@@ -594,6 +634,8 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
             struct engine *e = atomic_load(&sig_engines[k]);
             if (!e)
                 continue;
+            while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
+                sched_yield();
             unsigned idx = srcu_enter(&e->srcu);
             const struct table *t = atomic_load(&e->table);
             const struct extent *x = lookup(t, addr);
@@ -673,6 +715,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     e->base_page = base_page;
     e->spin_ns = spin_ns;
     pthread_mutex_init(&e->lock, NULL);
+    pthread_mutex_init(&e->read_lock, NULL);
     e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->stop_fd < 0) {
         free(e);
@@ -731,6 +774,7 @@ void engine_free(struct engine *e)
     free(atomic_load(&e->table));
     close(e->stop_fd);
     pthread_mutex_destroy(&e->lock);
+    pthread_mutex_destroy(&e->read_lock);
     free(e);
 }
 
