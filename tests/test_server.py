@@ -306,7 +306,7 @@ def test_unmap_stops_serving_and_close_unmaps_exactly_once(server: u.PageServer)
     region = server.map(8 * PAGE, u.Fill(b"u"))
     addr = region.address
     assert Caller(libc.munmap, addr, 8 * PAGE).finish() == 0  # behind the region's back
-    wait_for(lambda: server._engine.where(region.id)[1] == 0)
+    wait_for(lambda: not server._engine.pieces(region.id))
     assert server.events()["unmap"] == 1
     # something else now lives there; closing the region must not unmap it
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
@@ -331,6 +331,42 @@ def test_remap_follows_the_region(server: u.PageServer) -> None:
     assert server.events()["remap"] == 1
     region.close()  # unmaps at the new address
     assert f"{new:x}-" not in Path("/proc/self/maps").read_text()
+
+
+def _mapped(addr: int) -> bool:
+    """Whether a page is mapped at addr (msync fails with ENOMEM on a hole)."""
+    return libc.msync(ctypes.c_void_p(addr), PAGE, 0) == 0
+
+
+def test_partial_munmap_then_close_leaves_the_newcomer_alone(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE, u.Fill(b"p"))
+    addr = region.address
+    assert Caller(libc.munmap, addr + 4 * PAGE, 4 * PAGE).finish() == 0  # the tail, by hand
+    wait_for(lambda: [p[:2] for p in server._engine.pieces(region.id)] == [(addr, addr + 4 * PAGE)])
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+    got = libc.mmap(addr + 4 * PAGE, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    assert got == addr + 4 * PAGE
+    assert region[PAGE] == ord("p")  # the head is still served
+    region.close()
+    assert not _mapped(addr) and _mapped(addr + 4 * PAGE)
+    ctypes.memset(addr + 4 * PAGE, 1, PAGE)
+    libc.munmap(addr + 4 * PAGE, PAGE)
+
+
+def test_partial_mremap_serves_both_pieces_and_close_unmaps_both(server: u.PageServer) -> None:
+    region = server.map(8 * PAGE, u.Fill(b"h"))
+    target = _core.Mapping(4 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    old, new = region.address, target.address
+    target.rebase(0)
+    moved = Caller(libc.mremap, old + 4 * PAGE, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
+                   new).finish()  # fmt: skip
+    assert moved == new
+    assert _core.touch(new, 4 * PAGE, PAGE, False) == 4 * ord("h")  # the tail, at its new place
+    assert region[:4 * PAGE] == b"h" * 4 * PAGE  # the head, where it was
+    pieces = sorted(p for p in server._engine.pieces(region.id))
+    assert pieces == sorted([(old, old + 4 * PAGE, 0), (new, new + 4 * PAGE, 4 * PAGE)])
+    region.close()
+    assert not _mapped(old) and not _mapped(new)
 
 
 # ---- errors: never wrong data ----

@@ -91,16 +91,15 @@ class Region(_core.Mapping):
         # Under the server's lock: no region can be mapped at this address until the engine has
         # dropped it, or the UNMAP event for this range would drop the newcomer too.
         with server._lock:
-            start, mapped = server._engine.where(self.id)
-            # Follow the memory if the application moved it (mremap) or unmapped it itself.
-            if not mapped:
-                self.rebase(0)
-            elif start and start != self.address:
-                self.rebase(start)
-            super().close()  # munmap: the engine reads the UNMAP event and stops serving it
+            # Unmap exactly the pieces the region still has: where the application moved them
+            # (mremap), and not what it unmapped itself (something else may live there now).
+            pieces = server._engine.pieces(self.id)
+            self.rebase(0)
+            for start, end, _ in pieces:
+                _core.munmap(start, end - start)  # the engine reads the UNMAP event
             deadline = time.monotonic() + 5.0
-            while mapped and server._engine.where(self.id)[1] and time.monotonic() < deadline:
-                time.sleep(0.0005)  # parts moved elsewhere by mremap stay mapped: bounded wait
+            while server._engine.pieces(self.id) and time.monotonic() < deadline:
+                time.sleep(0.0005)  # the event is read; the worker applies it next
             server._engine.remove_region(self.id)
             server._regions.pop(self.id, None)
         if self._prepared:
@@ -114,9 +113,8 @@ class Region(_core.Mapping):
         server = self.server
         if populate:
             server._engine.populate(self.id, 0, len(self))
-        start, mapped = server._engine.where(self.id)
-        if mapped and start:
-            server._uffd.unregister(start, len(self))
+        for start, end, _ in server._engine.pieces(self.id):
+            server._uffd.unregister(start, end - start)
         server._engine.remove_region(self.id)
         server._regions.pop(self.id, None)
         self._served = False

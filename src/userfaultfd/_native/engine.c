@@ -971,20 +971,29 @@ int engine_region_stats(struct engine *e, int id, struct region_stats *out)
     return id == -1 ? 0 : rc;
 }
 
-int engine_region_where(struct engine *e, int id, uint64_t *start, uint64_t *mapped)
+/* The pieces of region `id` mapped now, as (start, end, offset) triples in a malloc'ed array of
+ * *n triples (NULL when *n is 0). mremap and munmap split and move them. -ENOENT, -ENOMEM. */
+int engine_region_pieces(struct engine *e, int id, uint64_t **out, size_t *n)
 {
     int rc = -ENOENT;
+    *out = NULL;
+    *n = 0;
     pthread_mutex_lock(&e->lock);
     int k = find_region(e, id);
     if (k >= 0) {
         struct region *r = e->regions[k];
         struct table *t = atomic_load(&e->table);
-        *start = 0;
+        size_t count = 0;
         for (size_t j = 0; t && j < t->n; j++)
-            if (t->x[j].r == r && t->x[j].off == 0)
-                *start = t->x[j].start;
-        *mapped = atomic_load(&r->mapped);
+            count += t->x[j].r == r;
         rc = 0;
+        if (count && !(*out = malloc(count * 3 * sizeof(uint64_t))))
+            rc = -ENOMEM;
+        for (size_t j = 0; *out && j < t->n; j++)
+            if (t->x[j].r == r) {
+                uint64_t *p = *out + 3 * (*n)++;
+                p[0] = t->x[j].start, p[1] = t->x[j].end, p[2] = t->x[j].off;
+            }
     }
     pthread_mutex_unlock(&e->lock);
     return rc;

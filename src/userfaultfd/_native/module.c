@@ -290,6 +290,19 @@ static PyObject *py_touch(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS return PyLong_FromLong(sum);
 }
 
+/* munmap(addr, length) without the GIL: unmapping registered memory waits for its UNMAP event to
+ * be read. */
+static PyObject *py_munmap(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int rc;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &len))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS rc = munmap((void *)(uintptr_t)addr, len);
+    Py_END_ALLOW_THREADS if (rc != 0) return os_error(errno, "munmap");
+    Py_RETURN_NONE;
+}
+
 /* touch_pages(addr, page_size, order, write=False) -> nanoseconds: reads (or increments with a
  * locked add) the first byte of each page listed in order (native-endian uint32 page indices). */
 static PyObject *py_touch_pages(PyObject *self, PyObject *args)
@@ -731,15 +744,28 @@ static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
                          s.errors, s.removes, (const char *)s.hist, (Py_ssize_t)sizeof(s.hist));
 }
 
-static PyObject *engineobj_where(EngineObject *o, PyObject *args)
+/* pieces(id) -> [(start, end, offset), ...]: where the region's memory is mapped now */
+static PyObject *engineobj_pieces(EngineObject *o, PyObject *args)
 {
-    int id;
-    uint64_t start, mapped;
+    int id, rc;
+    uint64_t *p;
+    size_t n;
     if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
         return NULL;
-    if (engine_region_where(o->e, id, &start, &mapped) < 0)
-        return os_error(ENOENT, "where");
-    return Py_BuildValue("KK", (unsigned long long)start, (unsigned long long)mapped);
+    if ((rc = engine_region_pieces(o->e, id, &p, &n)) < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "pieces");
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (size_t k = 0; list && k < n; k++) {
+        PyObject *t = Py_BuildValue("KKK", (unsigned long long)p[3 * k],
+                                    (unsigned long long)p[3 * k + 1],
+                                    (unsigned long long)p[3 * k + 2]);
+        if (!t)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)k, t);
+    }
+    free(p);
+    return list;
 }
 
 /* errors(cursor) -> (new cursor, [(errno, region_id, address, offset, op), ...]) */
@@ -784,7 +810,7 @@ static PyMethodDef engine_methods[] = {
     {"remove_region", (PyCFunction)engineobj_remove_region, METH_VARARGS, NULL},
     {"populate", (PyCFunction)engineobj_populate, METH_VARARGS, NULL},
     {"stats", (PyCFunction)engineobj_stats, METH_VARARGS, NULL},
-    {"where", (PyCFunction)engineobj_where, METH_VARARGS, NULL},
+    {"pieces", (PyCFunction)engineobj_pieces, METH_VARARGS, "[(start, end, offset)] mapped now"},
     {"errors", (PyCFunction)engineobj_errors, METH_VARARGS, NULL},
     {"info", (PyCFunction)engineobj_info, METH_NOARGS, "(client_gone, remove, unmap, remap, unknown)"},
     {NULL}};
@@ -883,6 +909,7 @@ static PyMethodDef core_methods[] = {
     {"read", py_read, METH_VARARGS, "read(fd, max_msgs, timeout_ms) -> bytes"},
     {"buffer_address", py_buffer_address, METH_O, "(address, length) of a buffer"},
     {"touch", py_touch, METH_VARARGS, "touch(addr, length, stride, write) without the GIL"},
+    {"munmap", py_munmap, METH_VARARGS, "munmap(addr, length) without the GIL"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
