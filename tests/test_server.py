@@ -369,6 +369,24 @@ def test_partial_mremap_serves_both_pieces_and_close_unmaps_both(server: u.PageS
     assert not _mapped(old) and not _mapped(new)
 
 
+def test_mremap_inside_a_unit_then_populate_installs_every_piece(server: u.PageServer) -> None:
+    """Moving pages 2-5 of two 4-page units splits both: each piece is served on its own."""
+    region = server.map(8 * PAGE, u.Buffer(bytes(range(8)) * 4 * PAGE), page_size=4 * PAGE)
+    target = _core.Mapping(4 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    old, new = region.address, target.address
+    target.rebase(0)
+    moved = Caller(libc.mremap, old + 2 * PAGE, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
+                   new).finish()  # fmt: skip
+    assert moved == new
+    wait_for(lambda: len(server._engine.pieces(region.id)) == 3)
+    region.populate()
+    assert region.stats().pages_installed == 8 and region.stats().faults_missing == 0
+    assert bytes(region[: 2 * PAGE]) == (bytes(range(8)) * 4 * PAGE)[: 2 * PAGE]
+    want = (bytes(range(8)) * 4 * PAGE)[2 * PAGE : 6 * PAGE]
+    assert ctypes.string_at(new, 4 * PAGE) == want
+    region.close()
+
+
 # ---- errors: never wrong data ----
 
 

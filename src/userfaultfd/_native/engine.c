@@ -71,7 +71,6 @@ struct region {
     size_t fill_len;
     char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
     atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
-    atomic_uint_fast64_t mapped;
     /* Poisoned granules. Without CONFIG_MEMORY_FAILURE a poisoned page raises SIGBUS with the same
      * si_code as a userfault, so the SIGBUS handler must know them to pass them on. */
     atomic_uint_fast64_t poisoned[MAX_POISONED];
@@ -292,7 +291,10 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         if (!single || err)
             need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
         if (done) {
-            bits_set(r, off >> r->shift, done >> r->shift, 1);
+            /* granules wholly installed (an extent split inside a granule installs parts) */
+            uint64_t gi = (off + r->p.page_size - 1) >> r->shift, gj = (off + done) >> r->shift;
+            if (gj > gi)
+                bits_set(r, gi, gj - gi, 1);
             ADD(r->st.pages_installed, done / e->base_page);
             ADD(r->st.bytes_installed, done);
             if (req == UFFDIO_ZEROPAGE)
@@ -455,8 +457,6 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
             nt->x[nt->n++] = (struct extent){b, x.end, x.off + (b - x.start), x.r};
         if (move)
             nt->x[nt->n++] = (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
-        else
-            atomic_fetch_sub(&x.r->mapped, b - a);
     }
     qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
     return nt;
@@ -787,7 +787,6 @@ static struct region *region_new(const struct region_params *p)
     r->shift = (unsigned)__builtin_ctzll(p->page_size);
     r->npages = p->length >> r->shift;
     r->filled = calloc((r->npages + 63) / 64, sizeof(uint64_t));
-    atomic_store(&r->mapped, p->length);
     atomic_store(&r->ra_window, p->adaptive_min);
     atomic_store(&r->ra_hi, UINT64_MAX);
     for (unsigned k = 0; k < MAX_POISONED; k++)
@@ -937,9 +936,12 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         while (i + n < last && n < (4u << 20 >> r->shift) && !bit_test(r, i + n))
             n++;
         int rc = 0;
-        if (n)
-            rc = install(e, x, x->start + ((i << r->shift) - x->off), n << r->shift,
-                         r->p.kind == SRC_CONTINUE);
+        uint64_t upto = (i + n) << r->shift;
+        if (n) { /* stay inside this extent: a partial mremap can split one inside a granule */
+            uint64_t a = (i << r->shift) > x->off ? i << r->shift : x->off;
+            upto = upto < xend ? upto : xend;
+            rc = install(e, x, x->start + (a - x->off), upto - a, r->p.kind == SRC_CONTINUE);
+        }
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
@@ -947,7 +949,7 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
             sched_yield();
             continue;
         }
-        pos = (i + n) << r->shift;
+        pos = upto;
     }
     return 0;
 }

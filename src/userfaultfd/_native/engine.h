@@ -56,7 +56,7 @@ int engine_remove_region(struct engine *e, int id);                      /* 0 or
 int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length);
 /* Copies the stats; returns 0, or -ENOENT for an unknown id (id -1: totals of all regions). */
 int engine_region_stats(struct engine *e, int id, struct region_stats *out);
-/* Current address and mapped length of a region (0 once wholly unmapped). */
+/* Where a region's memory is mapped now: *n (start, end, offset) triples in a malloc'ed array. */
 int engine_region_pieces(struct engine *e, int id, uint64_t **out, size_t *n);
 /* Copies up to max errors recorded since *cursor; returns how many, advances *cursor. */
 int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max);
