@@ -442,6 +442,52 @@ def test_toucher_of_a_lost_page_gets_sigbus(mode: str, tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGBUS
 
 
+REMAP_RACE_CHILD = textwrap.dedent(
+    """
+    import ctypes, mmap, threading, time
+    import userfaultfd as u
+    from userfaultfd import _core
+    PAGE = u.PAGE_SIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p]
+    libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    uffd = u.Userfaultfd(u.Feature.EVENT_REMAP | u.Feature.EVENT_UNMAP | u.Feature.POISON)
+    anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    region, target = _core.Mapping(4 * PAGE, anon), _core.Mapping(4 * PAGE, anon)
+    old, new = region.address, target.address
+    target.rebase(0)
+    uffd.register(old, 4 * PAGE)
+    pattern = b"m"
+    engine = _core.Engine(uffd.fileno(), 0, 1, 0, PAGE, 0)
+    engine.add_region(old, 4 * PAGE, PAGE, 2, _core.buffer_address(pattern)[0], 1, 0, 1, 0, 0, 0)
+    # mremap blocks until its REMAP event is read; the engine is not started yet
+    threading.Thread(target=libc.mremap, args=(old, 4 * PAGE, 4 * PAGE, 3, new)).start()
+    deadline = time.monotonic() + 10
+    while libc.msync(new, PAGE, 0) != 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    got = []
+    toucher = threading.Thread(target=lambda: got.append(_core.touch(new, PAGE, PAGE, False)))
+    toucher.start()  # faults at the new address: its message is read before the event
+    time.sleep(0.2)
+    engine.start()
+    toucher.join(10)
+    print(got, engine.errors(0)[1], flush=True)
+    engine.close()
+    """
+)
+
+
+def test_fault_read_before_its_remap_event_is_served_at_the_new_address() -> None:
+    """The kernel hands out queued faults before queued events: a fault at the new address of
+    an mremap can come in the same read as the REMAP event, ahead of it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", REMAP_RACE_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout) == (0, f"[{ord('m')}] []\n"), proc.stderr
+
+
 CHAIN_CHILD = textwrap.dedent(
     """
     import faulthandler, mmap, os, sys

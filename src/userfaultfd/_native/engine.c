@@ -533,6 +533,34 @@ static ssize_t read_batch(struct engine *e, struct uffd_msg *msgs, int *err)
     return n;
 }
 
+/* Serves the page faults of a batch. The kernel hands out queued faults before queued events,
+ * so a fault at the new address of an mremap can come ahead of its REMAP event: when `later` is
+ * given, faults at addresses in no region are marked in it, to be served (pass 1) once the
+ * batch's events are applied. Returns how many were marked. */
+static int serve_faults(struct engine *e, const struct uffd_msg *msgs, int count, uint8_t *later,
+                        int pass, uint64_t t0)
+{
+    int marked = 0;
+    unsigned idx = srcu_enter(&e->srcu);
+    const struct table *t = atomic_load(&e->table);
+    for (int k = 0; k < count; k++) {
+        const struct uffd_msg *m = &msgs[k];
+        uint64_t addr = m->arg.pagefault.address;
+        if (m->event != UFFD_EVENT_PAGEFAULT || (pass == 1 && !later[k]))
+            continue;
+        if (pass == 0 && later && (later[k] = lookup(t, addr) == NULL)) {
+            marked++;
+            continue;
+        }
+        /* EAGAIN: an event is pending. Waking makes the faulter fault again; the event comes
+         * before that new fault in the queue, so it is handled first. */
+        if (resolve(e, t, addr, m->arg.pagefault.flags, t0) == EAGAIN)
+            range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
+    }
+    srcu_exit(&e->srcu, idx);
+    return marked;
+}
+
 static void *worker(void *arg)
 {
     struct engine *e = arg;
@@ -580,23 +608,14 @@ static void *worker(void *arg)
             spin_until = e->spin_ns ? now_ns() + e->spin_ns : 0;
         if (!events)
             pthread_mutex_unlock(&e->read_lock);
-        unsigned idx = srcu_enter(&e->srcu);
-        const struct table *t = atomic_load(&e->table);
-        for (int k = 0; k < count; k++) {
-            const struct uffd_msg *m = &msgs[k];
-            if (m->event != UFFD_EVENT_PAGEFAULT)
-                continue;
-            /* EAGAIN: an event is pending. Waking makes the faulter fault again; the event comes
-             * before that new fault in the queue, so it is handled first. */
-            if (resolve(e, t, m->arg.pagefault.address, m->arg.pagefault.flags, t0) == EAGAIN)
-                range_ioctl(e->uffd, UFFDIO_WAKE, m->arg.pagefault.address & ~(e->base_page - 1),
-                            e->base_page);
-        }
-        srcu_exit(&e->srcu, idx);
+        uint8_t later[BATCH];
+        int nlater = serve_faults(e, msgs, count, events ? later : NULL, 0, t0);
         if (events) {
             for (int k = 0; k < count; k++)
                 if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
                     handle_event(e, &msgs[k]);
+            if (nlater)
+                serve_faults(e, msgs, count, later, 1, t0);
             atomic_store(&e->reading, 0);
             pthread_mutex_unlock(&e->read_lock);
         }
