@@ -362,7 +362,7 @@ def test_partial_mremap_serves_both_pieces_and_close_unmaps_both(server: u.PageS
                    new).finish()  # fmt: skip
     assert moved == new
     assert _core.touch(new, 4 * PAGE, PAGE, False) == 4 * ord("h")  # the tail, at its new place
-    assert region[:4 * PAGE] == b"h" * 4 * PAGE  # the head, where it was
+    assert region[: 4 * PAGE] == b"h" * 4 * PAGE  # the head, where it was
     pieces = sorted(p for p in server._engine.pieces(region.id))
     assert pieces == sorted([(old, old + 4 * PAGE, 0), (new, new + 4 * PAGE, 4 * PAGE)])
     region.close()
