@@ -30,10 +30,11 @@ def test_mypy_strict() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_ruff() -> None:
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
+def test_ruff(command: list[str]) -> None:
     tool("ruff")
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "src", "tests"],
+        [sys.executable, "-m", "ruff", *command, "src", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
