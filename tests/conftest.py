@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,25 @@ libc.mmap.argtypes = [_vp, _sz, _int, _int, _int, ctypes.c_long]
 libc.mremap.argtypes = [_vp, _sz, _sz, _int, _vp]
 libc.madvise.argtypes = [_vp, _sz, _int]
 libc.munmap.argtypes = [_vp, _sz]
+libc.msync.argtypes = [_vp, _sz, _int]
+
+
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs code in a fresh interpreter (where a SIGBUS or a crash is the expected outcome)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def move(address: int, length: int) -> int:
+    """mremaps [address, address + length) to a fresh place, from a thread (the call waits for
+    its REMAP event to be read); returns the new address."""
+    target = _core.Mapping(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    new = target.address
+    target.rebase(0)  # its range is taken over by the move
+    moved = Caller(libc.mremap, address, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+    assert moved.finish() == new
+    return new
 
 
 def usable() -> str | None:

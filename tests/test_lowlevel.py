@@ -28,6 +28,7 @@ from .conftest import (
     anon,
     libc,
     read_one,
+    run_child,
 )
 
 pytestmark = pytest.mark.needs_uffd
@@ -347,9 +348,7 @@ POISON_CHILD = textwrap.dedent(
 
 
 def test_poison_gives_sigbus_and_refuses_present_pages() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", POISON_CHILD], capture_output=True, text=True, timeout=60
-    )
+    proc = run_child(POISON_CHILD)
     assert proc.stdout.split() == ["EEXIST", "poisoned"]
     assert proc.returncode == -signal.SIGBUS
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 import userfaultfd as u
 
-from .conftest import PAGE, Caller
+from .conftest import PAGE, Caller, run_child
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -137,8 +135,7 @@ TOUCH_CHILD = textwrap.dedent(
 
 
 def test_toucher_of_a_failed_page_gets_sigbus() -> None:
-    proc = subprocess.run([sys.executable, "-c", TOUCH_CHILD], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = run_child(TOUCH_CHILD)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
 
@@ -213,7 +210,6 @@ HANG_CHILD = textwrap.dedent(
 
 
 def test_a_fault_pending_when_the_handler_dies_gets_sigbus() -> None:
-    proc = subprocess.run([sys.executable, "-c", HANG_CHILD], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = run_child(HANG_CHILD)
     assert proc.stdout == "killing the handler\n"
     assert proc.returncode == -signal.SIGBUS

@@ -25,12 +25,12 @@ from userfaultfd import _core
 from .conftest import (
     MADV_DONTNEED,
     MAP_FIXED_NOREPLACE,
-    MREMAP_FIXED,
-    MREMAP_MAYMOVE,
     PAGE,
     Caller,
     Toucher,
     libc,
+    move,
+    run_child,
     wait_for,
 )
 
@@ -320,13 +320,7 @@ def test_unmap_stops_serving_and_close_unmaps_exactly_once(server: u.PageServer)
 def test_remap_follows_the_region(server: u.PageServer) -> None:
     region = server.map(8 * PAGE, u.Fill(b"m"))
     assert region[0] == ord("m")  # page 0 installed before the move, the rest not
-    target = _core.Mapping(8 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    old, new = region.address, target.address
-    target.rebase(0)
-    assert (
-        Caller(libc.mremap, old, 8 * PAGE, 8 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new).finish()
-        == new
-    )
+    new = move(region.address, 8 * PAGE)
     assert _core.touch(new, 8 * PAGE, PAGE, False) == 8 * ord("m")  # served at the new address
     assert server.events()["remap"] == 1
     region.close()  # unmaps at the new address
@@ -335,7 +329,7 @@ def test_remap_follows_the_region(server: u.PageServer) -> None:
 
 def _mapped(addr: int) -> bool:
     """Whether a page is mapped at addr (msync fails with ENOMEM on a hole)."""
-    return libc.msync(ctypes.c_void_p(addr), PAGE, 0) == 0
+    return libc.msync(addr, PAGE, 0) == 0
 
 
 def test_partial_munmap_then_close_leaves_the_newcomer_alone(server: u.PageServer) -> None:
@@ -355,12 +349,8 @@ def test_partial_munmap_then_close_leaves_the_newcomer_alone(server: u.PageServe
 
 def test_partial_mremap_serves_both_pieces_and_close_unmaps_both(server: u.PageServer) -> None:
     region = server.map(8 * PAGE, u.Fill(b"h"))
-    target = _core.Mapping(4 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    old, new = region.address, target.address
-    target.rebase(0)
-    moved = Caller(libc.mremap, old + 4 * PAGE, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
-                   new).finish()  # fmt: skip
-    assert moved == new
+    old = region.address
+    new = move(old + 4 * PAGE, 4 * PAGE)
     assert _core.touch(new, 4 * PAGE, PAGE, False) == 4 * ord("h")  # the tail, at its new place
     assert region[: 4 * PAGE] == b"h" * 4 * PAGE  # the head, where it was
     pieces = sorted(p for p in server._engine.pieces(region.id))
@@ -372,12 +362,7 @@ def test_partial_mremap_serves_both_pieces_and_close_unmaps_both(server: u.PageS
 def test_mremap_inside_a_unit_then_populate_installs_every_piece(server: u.PageServer) -> None:
     """Moving pages 2-5 of two 4-page units splits both: each piece is served on its own."""
     region = server.map(8 * PAGE, u.Buffer(bytes(range(8)) * 4 * PAGE), page_size=4 * PAGE)
-    target = _core.Mapping(4 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    old, new = region.address, target.address
-    target.rebase(0)
-    moved = Caller(libc.mremap, old + 2 * PAGE, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
-                   new).finish()  # fmt: skip
-    assert moved == new
+    new = move(region.address + 2 * PAGE, 4 * PAGE)
     wait_for(lambda: len(server._engine.pieces(region.id)) == 3)
     region.populate()
     assert region.stats().pages_installed == 8 and region.stats().faults_missing == 0
@@ -432,12 +417,7 @@ SHRINK_CHILD = textwrap.dedent(
 def test_toucher_of_a_lost_page_gets_sigbus(mode: str, tmp_path: Path) -> None:
     path = tmp_path / "lost.bin"
     path.write_bytes(b"x" * 16 * PAGE)
-    proc = subprocess.run(
-        [sys.executable, "-c", SHRINK_CHILD, str(path), mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_child(SHRINK_CHILD, str(path), mode)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
 
@@ -482,9 +462,7 @@ REMAP_RACE_CHILD = textwrap.dedent(
 def test_fault_read_before_its_remap_event_is_served_at_the_new_address() -> None:
     """The kernel hands out queued faults before queued events: a fault at the new address of
     an mremap can come in the same read as the REMAP event, ahead of it."""
-    proc = subprocess.run(
-        [sys.executable, "-c", REMAP_RACE_CHILD], capture_output=True, text=True, timeout=60
-    )
+    proc = run_child(REMAP_RACE_CHILD)
     assert (proc.returncode, proc.stdout) == (0, f"[{ord('m')}] []\n"), proc.stderr
 
 
@@ -508,9 +486,7 @@ CHAIN_CHILD = textwrap.dedent(
 def test_sigbus_handler_chains_to_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "t.bin"
     path.write_bytes(b"x" * 2 * PAGE)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHAIN_CHILD, str(path)], capture_output=True, text=True, timeout=60
-    )
+    proc = run_child(CHAIN_CHILD, str(path))
     assert proc.stdout == "ours served; touching a truncated file\n"
     assert "Fatal Python error: Bus error" in proc.stderr  # faulthandler ran
     assert proc.returncode == -signal.SIGBUS
