@@ -100,11 +100,7 @@ class Region(_core.Mapping):
             deadline = time.monotonic() + 5.0
             while server._engine.pieces(self.id) and time.monotonic() < deadline:
                 time.sleep(0.0005)  # the event is read; the worker applies it next
-            server._engine.remove_region(self.id)
-            server._regions.pop(self.id, None)
-        if self._prepared:
-            self._prepared.release()
-            self._prepared = None
+            self._forget()
 
     def _detach(self, populate: bool = True) -> None:
         """Install every page, then unregister: exported views keep reading correct data. At
@@ -115,9 +111,13 @@ class Region(_core.Mapping):
             server._engine.populate(self.id, 0, len(self))
         for start, end, _ in server._engine.pieces(self.id):
             server._uffd.unregister(start, end - start)
-        server._engine.remove_region(self.id)
-        server._regions.pop(self.id, None)
+        self._forget()
         self._served = False
+
+    def _forget(self) -> None:
+        """The engine stops serving the region; its source is released."""
+        self.server._engine.remove_region(self.id)
+        self.server._regions.pop(self.id, None)
         if self._prepared:
             self._prepared.release()
             self._prepared = None
