@@ -1,4 +1,5 @@
-"""Every number the project defines, checked against shared/reference/userfaultfd-abi.md."""
+"""Every number the project defines, checked against shared/reference/userfaultfd-abi.md (or
+the copy kept in tests/data when the shared tree is not beside the checkout)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from userfaultfd import _core, flags
 from userfaultfd.events import MSG_SIZE
 
-REFERENCE = next(
+# The shared reference when it sits beside the checkout; else the copy kept with the tests.
+SHARED = next(
     (
         p / "shared/reference/userfaultfd-abi.md"
         for p in Path(__file__).resolve().parents
@@ -18,14 +20,18 @@ REFERENCE = next(
     ),
     None,
 )
-pytestmark = pytest.mark.skipif(
-    REFERENCE is None, reason="shared/reference is not beside the checkout"
-)
+COPY = Path(__file__).with_name("data") / "userfaultfd-abi.md"
+REFERENCE = SHARED or COPY
+
+
+@pytest.mark.skipif(SHARED is None, reason="shared/reference is not beside the checkout")
+def test_the_copy_of_the_reference_is_current() -> None:
+    assert SHARED is not None
+    assert COPY.read_text() == SHARED.read_text(), f"refresh {COPY} from {SHARED}"
 
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    assert REFERENCE is not None
     return REFERENCE.read_text()
 
 
