@@ -68,10 +68,24 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         for item in items:
             if "needs_uffd" in item.keywords:
                 item.add_marker(skip)
+        return
+    with u.Userfaultfd() as f:
+        user_mode_only = f.user_mode_only
+    if user_mode_only:
+        skip = pytest.mark.skip(
+            reason="only user-mode faults are handled here (UFFD_USER_MODE_ONLY): a system call "
+            "reading unpopulated memory gets EFAULT instead of a fault"
+        )
+        for item in items:
+            if "kernel_faults" in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "needs_uffd: needs a working userfaultfd")
+    config.addinivalue_line(
+        "markers", "kernel_faults: triggers faults from system calls (not user-mode-only)"
+    )
 
 
 class Toucher(threading.Thread):

@@ -17,6 +17,7 @@ import pytest
 import userfaultfd as u
 from userfaultfd import _core
 from userfaultfd.events import decode
+from userfaultfd.flags import USER_MODE_ONLY
 
 from .conftest import (
     MADV_DONTNEED,
@@ -66,7 +67,8 @@ def test_blocking_and_inheritable_flags() -> None:
 def test_available_features_is_what_the_kernel_reports() -> None:
     with u.Userfaultfd() as f:
         api, features, ioctls = 0, 0, 0
-        fd = _core.create(os.O_CLOEXEC)
+        create = _core.create if f.created_by == "syscall" else _core.create_dev
+        fd = create(os.O_CLOEXEC | (USER_MODE_ONLY if f.user_mode_only else 0))
         try:
             api, features, ioctls = _core.api(fd, 0)
         finally:

@@ -92,6 +92,7 @@ def boom(offset: int, length: int) -> bytes:
     return bytes(length)
 
 
+@pytest.mark.kernel_faults
 def test_source_exception_poisons_and_reports_the_traceback() -> None:
     with u.PythonSourceServer(boom) as server:
         region = server.map(4 * PAGE)
@@ -109,6 +110,7 @@ def test_source_exception_poisons_and_reports_the_traceback() -> None:
         assert err.value.failures[0][1] == region.address + 2 * PAGE
 
 
+@pytest.mark.kernel_faults
 def test_short_data_is_an_error_not_wrong_data() -> None:
     with u.PythonSourceServer(lambda offset, length: b"x") as server:
         region = server.map(PAGE)
@@ -160,6 +162,7 @@ def test_region_lifecycle_and_validation() -> None:
     assert server._process.exitcode == 0
 
 
+@pytest.mark.kernel_faults
 def test_errors_not_yet_reported_are_raised_at_close() -> None:
     server = u.PythonSourceServer(boom)
     region = server.map(4 * PAGE)
@@ -172,6 +175,7 @@ def test_errors_not_yet_reported_are_raised_at_close() -> None:
     assert region.closed and server._process.exitcode == 0
 
 
+@pytest.mark.kernel_faults
 def test_a_dead_handler_turns_faults_into_sigbus_not_a_hang() -> None:
     with u.PythonSourceServer(page_number) as server:
         region = server.map(8 * PAGE)

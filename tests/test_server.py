@@ -201,7 +201,11 @@ def test_kernel_access_in_sigbus_mode_needs_populate() -> None:
         assert os.write(w, memoryview(region)[:PAGE]) == PAGE
         assert os.read(r, PAGE) == b"k" * PAGE
         os.close(r), os.close(w)
-    with u.PageServer("thread") as server:  # thread mode serves kernel accesses too
+
+
+@pytest.mark.kernel_faults
+def test_kernel_access_in_thread_mode_is_served() -> None:
+    with u.PageServer("thread") as server:
         region = server.map(4 * PAGE, u.Fill(b"t"))
         r, w = os.pipe()
         assert os.write(w, memoryview(region)[:PAGE]) == PAGE
@@ -375,6 +379,7 @@ def test_mremap_inside_a_unit_then_populate_installs_every_piece(server: u.PageS
 # ---- errors: never wrong data ----
 
 
+@pytest.mark.kernel_faults
 def test_file_that_shrank_poisons_pages_and_reports(tmp_path: Path) -> None:
     path = tmp_path / "shrinks.bin"
     path.write_bytes(os.urandom(16 * PAGE))

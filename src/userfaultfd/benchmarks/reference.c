@@ -85,6 +85,8 @@ static void setup(const char *order_file, size_t pages, uint64_t features)
     norder = (size_t)st.st_size / 4;
     close(fd);
     uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (uffd < 0 && errno == EPERM) /* unprivileged: user-mode faults only, as our side does */
+        uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | 1 /* USER_MODE_ONLY */);
     if (uffd < 0)
         die("userfaultfd");
     struct uffdio_api api = {0xAA, features, 0};
