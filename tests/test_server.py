@@ -448,12 +448,15 @@ REMAP_RACE_CHILD = textwrap.dedent(
     engine = _core.Engine(uffd.fileno(), 0, 1, 0, PAGE, 0)
     engine.add_region(old, 4 * PAGE, PAGE, 2, _core.buffer_address(pattern)[0], 1, 0, 1, 0, 0, 0)
     # mremap blocks until its REMAP event is read; the engine is not started yet
-    threading.Thread(target=libc.mremap, args=(old, 4 * PAGE, 4 * PAGE, 3, new)).start()
+    args = (old, 4 * PAGE, 4 * PAGE, 3, new)
+    threading.Thread(target=libc.mremap, args=args, daemon=True).start()
     deadline = time.monotonic() + 10
     while libc.msync(new, PAGE, 0) != 0 and time.monotonic() < deadline:
         time.sleep(0.001)
     got = []
-    toucher = threading.Thread(target=lambda: got.append(_core.touch(new, PAGE, PAGE, False)))
+    toucher = threading.Thread(
+        target=lambda: got.append(_core.touch(new, PAGE, PAGE, False)), daemon=True
+    )
     toucher.start()  # faults at the new address: its message is read before the event
     time.sleep(0.2)
     engine.start()
