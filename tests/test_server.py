@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,6 +250,44 @@ def test_bounce(mode: str, readahead: int | str) -> None:
             stats = settled(region, pages)
             assert stats.pages_installed == pages and stats.errors == 0
             region.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reads_stay_correct_while_pages_are_dropped(mode: str) -> None:
+    """Readers check every page they read against the source while another thread drops random
+    ranges (MADV_DONTNEED) over and over: refills race with faults, readahead and REMOVE events."""
+    pages = 256
+    content = b"".join(bytes([k % 251 + 1]) * PAGE for k in range(pages))
+    with u.PageServer(mode, workers=2) as server:  # type: ignore[arg-type]
+        region = server.map(pages * PAGE, u.Buffer(content), readahead="adaptive")
+        stop = time.monotonic() + 1.0
+
+        def read(seed: int) -> list[tuple[int, int, int]]:
+            rng, wrong = random.Random(seed), []
+            while time.monotonic() < stop:
+                k = rng.randrange(pages)
+                n = min(rng.randint(1, 16), pages - k)
+                got = _core.touch(region.address + k * PAGE, n * PAGE, PAGE, False)
+                if got != sum(content[k * PAGE : (k + n) * PAGE : PAGE]):
+                    wrong.append((k, n, got))
+            return wrong
+
+        def drop(seed: int) -> int:
+            rng, count = random.Random(seed), 0
+            while time.monotonic() < stop:
+                k = rng.randrange(pages)
+                n = min(rng.randint(1, 32), pages - k)
+                assert libc.madvise(region.address + k * PAGE, n * PAGE, MADV_DONTNEED) == 0
+                count += 1
+            return count
+
+        readers = [Caller(read, seed) for seed in (1, 2)]
+        dropper = Caller(drop, 3)
+        assert [r.finish(30) for r in readers] == [[], []]
+        drops = dropper.finish(30)
+        assert drops > 0 and server.events()["remove"] == drops
+        assert bytes(region) == content
+        assert region.stats().errors == 0
 
 
 def test_duplicate_faults_from_signals_are_harmless() -> None:
