@@ -602,6 +602,23 @@ def test_close_with_exported_regions_detaches_them() -> None:
     region.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_close_while_faults_are_pending_on_an_exported_region(mode: str) -> None:
+    """A thread faults its way through a region while the server closes: the detach installs
+    every page and unregisters; the toucher reads correct data to the end, nothing hangs."""
+    pages = 4096
+    server = u.PageServer(mode)  # type: ignore[arg-type]
+    region = server.map(pages * PAGE, u.Fill(b"c"))
+    view = memoryview(region)
+    toucher = Caller(_core.touch, region.address, pages * PAGE, PAGE, False)
+    with pytest.warns(ResourceWarning, match="detaching"):
+        server.close()
+    assert toucher.finish(30) == pages * ord("c")
+    assert view[-1] == ord("c")
+    view.release()
+    region.close()
+
+
 EXIT_CHILD = textwrap.dedent(
     """
     import sys, userfaultfd as u

@@ -627,6 +627,42 @@ static void *worker(void *arg)
 
 static struct engine *_Atomic sig_engines[MAX_SIGBUS_ENGINES];
 static struct srcu sig_srcu;
+
+/* Ranges of regions removed lately. A thread that faulted on a region just before it was
+ * detached (unregistered) or unmapped gets its SIGBUS only when it returns to user space; by then
+ * the region is gone from every table. Such a signal is stale: retrying the access finds the
+ * page, a zero page, or no mapping (SIGSEGV), and raises no userfault again. A recorded range is
+ * trusted for RETIRED_NS only, so that a later, real SIGBUS there (a truncated file mapped over
+ * it) is passed on. Entries are written under a sequence count: the handler never uses a torn
+ * one. */
+#define RETIRED 64
+#define RETIRED_NS 2000000000ull
+static struct {
+    atomic_uint_fast64_t seq, start, end, until;
+} retired[RETIRED];
+static atomic_uint retired_next;
+
+static void retire(uint64_t start, uint64_t end)
+{
+    unsigned k = atomic_fetch_add(&retired_next, 1) % RETIRED;
+    atomic_fetch_add(&retired[k].seq, 1); /* odd: being written */
+    atomic_store(&retired[k].start, start);
+    atomic_store(&retired[k].end, end);
+    atomic_store(&retired[k].until, now_ns() + RETIRED_NS);
+    atomic_fetch_add(&retired[k].seq, 1);
+}
+
+static int is_retired(uint64_t addr, uint64_t now)
+{
+    for (unsigned k = 0; k < RETIRED; k++) {
+        uint64_t seq = atomic_load(&retired[k].seq);
+        int hit = addr >= atomic_load(&retired[k].start) && addr < atomic_load(&retired[k].end) &&
+                  now < atomic_load(&retired[k].until);
+        if (hit && !(seq & 1) && atomic_load(&retired[k].seq) == seq)
+            return 1;
+    }
+    return 0;
+}
 static struct sigaction sig_previous;
 static int sig_installed;
 static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -673,6 +709,10 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
                 break;
         }
         srcu_exit(&sig_srcu, gidx);
+        if (is_retired(addr, now_ns())) { /* a stale signal: see retire() */
+            errno = saved;
+            return;
+        }
     }
     chain_sigbus(sig, si, uc);
     errno = saved;
@@ -909,9 +949,12 @@ int engine_remove_region(struct engine *e, int id)
         return -ENOMEM;
     }
     nt->n = 0;
-    for (size_t j = 0; t && j < t->n; j++)
+    for (size_t j = 0; t && j < t->n; j++) {
         if (t->x[j].r != r)
             nt->x[nt->n++] = t->x[j];
+        else if (e->mode == ENGINE_SIGBUS)
+            retire(t->x[j].start, t->x[j].end);
+    }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
     e->regions[k] = e->regions[--e->nregions];
     pthread_mutex_unlock(&e->lock);
