@@ -656,6 +656,21 @@ def test_regions_added_and_removed_while_serving(mode: str) -> None:
         assert toucher.finish(30) == pages * ord("k")
 
 
+def test_several_servers_at_once_and_one_closes_while_the_other_serves() -> None:
+    """SIGBUS resolvers of two servers and a thread-mode server share the process: each fault
+    finds its own server, and closing one leaves the others serving."""
+    pages = 4096
+    with u.PageServer("sigbus") as keep, u.PageServer("thread") as threaded:
+        a = keep.map(pages * PAGE, u.Fill(b"a"))
+        b = threaded.map(pages * PAGE, u.Fill(b"b"))
+        touchers = [Caller(_core.touch, r.address, pages * PAGE, PAGE, False) for r in (a, b)]
+        for k in range(10):
+            with u.PageServer("sigbus") as brief:
+                c = brief.map(64 * PAGE, u.Fill(bytes([k + 1])))
+                assert _core.touch(c.address, 64 * PAGE, PAGE, False) == 64 * (k + 1)
+        assert [t.finish(30) for t in touchers] == [pages * ord("a"), pages * ord("b")]
+
+
 def _reserve_huge_pages(n: int) -> Iterator[None]:
     path = Path("/proc/sys/vm/nr_hugepages")
     old = path.read_text()
