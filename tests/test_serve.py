@@ -152,6 +152,25 @@ def test_prefetch_all_installs_pages_without_faults(tmp_path: Path, memory: Path
         assert s.stop() == 0
 
 
+def test_a_client_killed_during_prefetch_is_dropped(tmp_path: Path) -> None:
+    big = tmp_path / "big.mem"
+    with big.open("wb") as f:
+        f.truncate(256 * MIB)  # sparse: the prefetch of it takes a while, not the test setup
+    s = Server(tmp_path, big, "--prefetch", "all")
+    try:
+        victim = client(s, big, f"{256 * MIB}@0", "--hold", "60")
+        assert victim.stdout is not None
+        assert victim.stdout.readline().strip() == "sent"
+        s.expect("connect client 1")  # the prefetch has started
+        victim.kill()
+        victim.wait(10)
+        line = s.expect("disconnect client 1")
+        assert "closed the connection" in line or "exited" in line
+        assert finish(client(s, big, f"{MIB}@{MIB}")).split()[-1] == "OK"
+    finally:
+        assert s.stop() == 0
+
+
 def raw_client(server: Server, payload: bytes, fds: list[int]) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(server.socket))
