@@ -216,7 +216,9 @@ class RemoteRegion(_core.Mapping):
         server, address = self.server, self.address
         if server._process.exitcode is None:
             server._request({"op": "unmap", "base": address})
-        server._uffd.unregister(address, len(self))
+        # munmap ends the registration. (Unregistering first would let a thread still touching
+        # the region read fresh zero pages until the munmap: wrong data.) A faulter still queued
+        # is answered by the handler, which no longer knows the range, and then finds no memory.
         super().close()
         server._regions.discard(self)
 
