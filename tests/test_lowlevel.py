@@ -523,3 +523,45 @@ def test_fork_event_gives_a_uffd_for_the_child() -> None:
         proc.kill()
         proc.wait()
         ours.close()
+
+
+# ---- the Mapping type under regions: indexing, slicing, the buffer protocol ----
+
+
+def test_mapping_indexing_and_slices_behave_like_bytearray() -> None:
+    m = anon(1)
+    ref = bytearray(PAGE)
+    for key, value in [
+        (0, 7),
+        (-1, 255),
+        (slice(10, 20), b"0123456789"),
+        (slice(100, 200, 7), bytes(range(15))),
+        (slice(300, 290, -2), b"abcde"),
+    ]:
+        m[key] = value
+        ref[key] = value  # type: ignore[index]
+    assert bytes(m) == ref and m[-1] == 255 and m[100:200:7] == ref[100:200:7]
+    assert m[5:2] == b"" and m[::1024] == ref[::1024]
+    m[1:11] = memoryview(m)[10:20]  # overlapping: copied as if through a temporary
+    ref[1:11] = ref[10:20]
+    assert bytes(m) == ref
+    for key, value, error, text in [
+        (PAGE, 1, IndexError, f"index {PAGE} out of range for {PAGE} bytes"),
+        (0, 256, ValueError, "byte value 256 is not in range"),
+        (slice(0, 3), b"ab", ValueError, "cannot assign 2 bytes to a slice of 3 bytes"),
+        (slice(0, 8, 2), b"abc", ValueError, "cannot assign 3 bytes to a slice of 4 bytes"),
+        ("x", 1, TypeError, "indices must be integers or slices"),
+    ]:
+        with pytest.raises(error, match=text):
+            m[key] = value  # type: ignore[index]
+    with pytest.raises(IndexError, match="out of range"):
+        m[-PAGE - 1]
+    view = memoryview(m)
+    assert m.exports == 1
+    with pytest.raises(BufferError, match="1 exported buffer"):
+        m.close()
+    view.release()
+    m.close()
+    assert m.closed
+    with pytest.raises(ValueError, match="closed"):
+        m[0]

@@ -544,8 +544,12 @@ static int mapping_ass_subscript(MappingObject *m, PyObject *key, PyObject *valu
             return -1;
         if (i < 0)
             i += (Py_ssize_t)m->length;
-        if (i < 0 || (size_t)i >= m->length || v < 0 || v > 255) {
-            PyErr_Format(PyExc_IndexError, "index %zd or value %ld out of range", i, v);
+        if (i < 0 || (size_t)i >= m->length) {
+            PyErr_Format(PyExc_IndexError, "index %zd out of range for %zu bytes", i, m->length);
+            return -1;
+        }
+        if (v < 0 || v > 255) {
+            PyErr_Format(PyExc_ValueError, "byte value %ld is not in range(0, 256)", v);
             return -1;
         }
         m->addr[i] = (char)v;
@@ -562,12 +566,17 @@ static int mapping_ass_subscript(MappingObject *m, PyObject *key, PyObject *valu
     if (PyObject_GetBuffer(value, &v, PyBUF_SIMPLE) < 0)
         return -1;
     int rc = 0;
-    if (v.len != n || step != 1) {
-        PyErr_Format(PyExc_ValueError, "slice assignment needs step 1 and %zd bytes, got %zd", n,
-                     v.len);
+    if (v.len != n) {
+        PyErr_Format(PyExc_ValueError, "cannot assign %zd bytes to a slice of %zd bytes", v.len, n);
         rc = -1;
+    } else if (step == 1) {
+        memmove(m->addr + start, v.buf, (size_t)n); /* the value may be a view of this memory */
     } else {
-        memcpy(m->addr + start, v.buf, (size_t)n);
+        PyObject *copy = PyBytes_FromStringAndSize(v.buf, n); /* likewise */
+        for (Py_ssize_t k = 0; copy && k < n; k++)
+            m->addr[start + k * step] = PyBytes_AS_STRING(copy)[k];
+        rc = copy ? 0 : -1;
+        Py_XDECREF(copy);
     }
     PyBuffer_Release(&v);
     return rc;
