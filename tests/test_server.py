@@ -631,6 +631,36 @@ EXIT_CHILD = textwrap.dedent(
 )
 
 
+FORK_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import userfaultfd as u
+    with u.PageServer(sys.argv[1]) as server:
+        for memory in ("anonymous", "shmem"):
+            region = server.map(4 * u.PAGE_SIZE, u.Fill(b"s"), memory=memory)
+            pid = os.fork()
+            if pid == 0:  # the region is not inherited: no zeros here, no zero page for the parent
+                os.write(1, b"child read %d\\n" % region[0])
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+            print(memory, "child killed by SIGSEGV" if killed else status, chr(region[0]))
+            region.close()
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forked_children_do_not_inherit_regions(mode: str) -> None:
+    """Unregistered in a child, a region would read zeros there; with shared memory the zero
+    pages the child allocates would be what the parent reads too."""
+    proc = run_child(FORK_CHILD, mode)
+    assert proc.stdout.splitlines() == [
+        "anonymous child killed by SIGSEGV s",
+        "shmem child killed by SIGSEGV s",
+    ], proc.stderr
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_nothing_hangs_at_interpreter_exit(mode: str) -> None:
     proc = subprocess.run(

@@ -28,6 +28,7 @@ from .errors import PartialError, SourceError
 from .events import PageFault
 from .flags import RegisterMode
 from .handoff import GuestRegion, accept_handoff, recv_with_fds, send_uffd
+from .server import MADV_DONTFORK
 from .uffd import PAGE_SIZE, Userfaultfd
 
 REPLY_TIMEOUT = 10.0
@@ -265,6 +266,7 @@ class PythonSourceServer:
         region = RemoteRegion(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.server, region.offset = self, offset
         try:
+            _core.madvise(region.address, length, MADV_DONTFORK)  # see PageServer.map
             self._uffd.register(region.address, length, RegisterMode.MISSING)
             send_uffd(self._sock, self._uffd.fileno(),
                       [GuestRegion(region.address, length, offset, PAGE_SIZE)])  # fmt: skip

@@ -27,6 +27,7 @@ from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
 MAP_HUGETLB = 0x40000
 MAP_NORESERVE = 0x4000
+MADV_DONTFORK = 10
 HUGE_PAGE_SIZE = 2 << 20
 ADAPTIVE_MIN, ADAPTIVE_MAX = 64 << 10, 4 << 20  # CRIU's lazy-pages daemon grows 64 KiB -> 4 MiB
 
@@ -258,6 +259,10 @@ class PageServer:
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
             try:
+                # A forked child would see the region unregistered: zeros where pages are still
+                # missing, and with shared memory zero pages it allocates would be what this
+                # process reads too. Children do not inherit regions (touching one is SIGSEGV).
+                _core.madvise(region.address, length, MADV_DONTFORK)
                 self._uffd.register(region.address, length, mode)
                 region.id = self._engine.add_region(
                     region.address, length, page_size, prepared.kind, prepared.base,

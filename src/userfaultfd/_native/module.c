@@ -303,6 +303,19 @@ static PyObject *py_munmap(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* madvise(addr, length, advice) without the GIL (MADV_DONTNEED on registered memory waits for its
+ * REMOVE event to be read). */
+static PyObject *py_madvise(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int advice, rc;
+    if (!PyArg_ParseTuple(args, "KKi", &addr, &len, &advice))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS rc = madvise((void *)(uintptr_t)addr, len, advice);
+    Py_END_ALLOW_THREADS if (rc != 0) return os_error(errno, "madvise");
+    Py_RETURN_NONE;
+}
+
 /* touch_pages(addr, page_size, order, write=False) -> nanoseconds: reads (or increments with a
  * locked add) the first byte of each page listed in order (native-endian uint32 page indices). */
 static PyObject *py_touch_pages(PyObject *self, PyObject *args)
@@ -919,6 +932,7 @@ static PyMethodDef core_methods[] = {
     {"buffer_address", py_buffer_address, METH_O, "(address, length) of a buffer"},
     {"touch", py_touch, METH_VARARGS, "touch(addr, length, stride, write) without the GIL"},
     {"munmap", py_munmap, METH_VARARGS, "munmap(addr, length) without the GIL"},
+    {"madvise", py_madvise, METH_VARARGS, "madvise(addr, length, advice) without the GIL"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
