@@ -180,7 +180,7 @@ def test_a_dead_handler_turns_faults_into_sigbus_not_a_hang() -> None:
     with u.PythonSourceServer(page_number) as server:
         region = server.map(8 * PAGE)
         assert region[0] == 0
-        os.kill(server._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        os.kill(server._process.pid, signal.SIGKILL)
         server._process.join(10)
         r, w = os.pipe()
         with pytest.raises(OSError) as info:  # a kernel access: EFAULT from the poison

@@ -661,6 +661,54 @@ def test_forked_children_do_not_inherit_regions(mode: str) -> None:
     ], proc.stderr
 
 
+FORK_EXIT_CHILD = textwrap.dedent(
+    """
+    import os, sys, threading
+    import userfaultfd as u
+    from userfaultfd import _core
+    PAGE = u.PAGE_SIZE
+    server = u.PageServer(sys.argv[1])
+    region = server.map(64 * PAGE, u.Fill(b"p"))
+    remote = u.PythonSourceServer(lambda offset, length: b"q" * length)
+    remote_region = remote.map(16 * PAGE)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            server.map(PAGE)
+        except ValueError as e:
+            print("child:", e, flush=True)
+        with remote:  # closes this process's copies only
+            pass
+        sys.exit(0)  # a normal exit: the atexit hook closes the server here too
+    os.waitpid(pid, 0)
+    got = []
+    touch = lambda addr: _core.touch(addr, PAGE, PAGE, False)
+    t = threading.Thread(
+        target=lambda: got.append((touch(region.address + 8 * PAGE),
+                                   touch(remote_region.address + 3 * PAGE))),
+        daemon=True,
+    )
+    t.start()
+    t.join(10)
+    print("parent:", got, flush=True)
+    remote.close()
+    server.close()
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_forked_child_that_exits_leaves_the_parent_serving(mode: str) -> None:
+    """The engine's and the watchdog's stop eventfds are shared with a forked child: closing the
+    servers there (at its exit) must not stop the parent's threads, nor wait for them."""
+    proc = run_child(FORK_EXIT_CHILD, mode)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("child: this engine serves process ")
+    assert lines[0].endswith("a forked child cannot use it")
+    assert lines[1] == f"parent: [({ord('p')}, {ord('q')})]", proc.stderr
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_nothing_hangs_at_interpreter_exit(mode: str) -> None:
     proc = subprocess.run(

@@ -12,7 +12,6 @@ import bisect
 import errno
 import json
 import mmap
-import multiprocessing
 import os
 import select
 import signal
@@ -200,6 +199,48 @@ def _handler_main(sock: socket.socket, source: PageSource) -> None:
     _Handler(sock, source).run()
 
 
+class _HandlerProcess:
+    """The forked handler process. Not a multiprocessing.Process: multiprocessing's exit hook
+    terminates every daemon process it knows, and it runs in a plain os.fork() child of the
+    application too, which would kill the parent's handler when that child exits."""
+
+    def __init__(self, sock: socket.socket, source: PageSource) -> None:
+        self._exitcode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                _handler_main(sock, source)
+                code = 0
+            except BaseException:  # noqa: BLE001 - the process ends here either way
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.pidfd = os.pidfd_open(self.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; its exit status, or minus the signal that ended it."""
+        if self._exitcode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._exitcode = os.waitstatus_to_exitcode(status)
+        return self._exitcode
+
+    def join(self, timeout: float) -> int | None:
+        """Waits up to timeout seconds for it to end (and reaps it); its exit code or None."""
+        if self.exitcode is None:
+            select.select([self.pidfd], [], [], timeout)
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
 # ---- the application side ----
 
 
@@ -237,19 +278,15 @@ class PythonSourceServer:
 
     def __init__(self, source: Callable[[int, int], Any] | PageSource) -> None:
         self._source: PageSource = source if isinstance(source, PageSource) else _Function(source)
+        self._pid = os.getpid()
         self._uffd = Userfaultfd()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _app_sockets.add(self._sock)
         self._errors: list[dict[str, Any]] = []
         self._regions: set[RemoteRegion] = set()
-        context = multiprocessing.get_context("fork")
-        self._process = context.Process(
-            target=_handler_main, args=(theirs, self._source), daemon=True, name="uffd-handler"
-        )
-        self._process.start()
+        self._process = _HandlerProcess(theirs, self._source)
         theirs.close()
-        assert self._process.pid is not None
-        self._pidfd = os.pidfd_open(self._process.pid)
+        self._pidfd = self._process.pidfd
         # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
         self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
 
@@ -335,6 +372,16 @@ class PythonSourceServer:
         """Unmap the regions, stop the handler process, close the uffd."""
         if self._uffd.closed:
             return
+        if os.getpid() != self._pid:
+            # A forked child: the handler and the regions are the parent's; close our copies.
+            for region in self._regions:
+                region.rebase(0)
+            self._regions.clear()
+            _core.watchdog_stop(self._watchdog)  # leaves the parent's watchdog alone
+            self._sock.close()
+            os.close(self._pidfd)
+            self._uffd.close()
+            return
         try:
             self._drain()
             for region in list(self._regions):
@@ -344,7 +391,7 @@ class PythonSourceServer:
             self._process.join(REPLY_TIMEOUT)
             if self._process.is_alive():
                 self._process.kill()
-                self._process.join()
+                self._process.join(REPLY_TIMEOUT)
             _core.watchdog_stop(self._watchdog)
             os.close(self._pidfd)
             self._uffd.close()

@@ -165,6 +165,7 @@ class PageServer:
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
         self._uffd = Userfaultfd(wanted)
+        self._pid = os.getpid()
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
         self._error_cursor = 0
@@ -319,6 +320,14 @@ class PageServer:
 
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
+            return
+        if os.getpid() != self._pid:  # a forked child: the engine and the regions are the parent's
+            for region in self._regions.values():
+                region.rebase(0)  # not inherited (MADV_DONTFORK): nothing to unmap here
+            self._regions.clear()
+            self._engine.close()  # leaves the parent's threads alone
+            self._uffd.close()  # this process's copy of the fd
+            _servers.discard(self)
             return
         for region in list(self._regions.values()):
             if region.exports:

@@ -90,6 +90,7 @@ struct table {
 };
 
 struct engine {
+    pid_t owner; /* a forked child holds a copy: its threads and eventfd are the parent's */
     int uffd, mode, nworkers, remove_policy;
     uint64_t base_page, spin_ns;
     int stop_fd;
@@ -718,6 +719,18 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
     errno = saved;
 }
 
+/* In a forked child no engine serves: its threads are the parent's and its regions are not
+ * inherited (MADV_DONTFORK). */
+static void sigbus_forget_all(void)
+{
+    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++)
+        atomic_store(&sig_engines[k], NULL);
+    /* A parent thread may have held the lock, or been inside the handler, at the fork. */
+    pthread_mutex_init(&sig_lock, NULL);
+    atomic_store(&sig_srcu.readers[0], 0);
+    atomic_store(&sig_srcu.readers[1], 0);
+}
+
 static int sigbus_attach(struct engine *e)
 {
     int rc = 0;
@@ -728,10 +741,10 @@ static int sigbus_attach(struct engine *e)
         sa.sa_sigaction = on_sigbus;
         sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
-        if (sigaction(SIGBUS, &sa, &sig_previous) != 0)
+        rc = pthread_atfork(NULL, NULL, sigbus_forget_all);
+        if (!rc && sigaction(SIGBUS, &sa, &sig_previous) != 0)
             rc = errno;
-        else
-            sig_installed = 1;
+        sig_installed = !rc;
     }
     int k = 0;
     while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k]))
@@ -767,6 +780,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     struct engine *e = calloc(1, sizeof(*e));
     if (!e)
         return NULL;
+    e->owner = getpid();
     e->uffd = uffd;
     e->mode = mode;
     e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
@@ -804,6 +818,8 @@ int engine_start(struct engine *e)
 
 void engine_stop(struct engine *e)
 {
+    if (getpid() != e->owner)
+        return; /* a forked child: writing the shared eventfd would stop the parent's threads */
     uint64_t one = 1;
     atomic_store(&e->stopping, 1);
     if (write(e->stop_fd, &one, sizeof(one)) < 0) { /* cannot fail on a fresh eventfd */
@@ -827,6 +843,8 @@ static void region_free(struct region *r)
 
 void engine_free(struct engine *e)
 {
+    if (getpid() != e->owner)
+        return; /* a forked child: the copy is left alone (its mutexes may be held) */
     for (int k = 0; k < e->nregions; k++)
         region_free(e->regions[k]);
     free(e->regions);

@@ -50,6 +50,8 @@ int engine_start(struct engine *e);          /* starts workers (thread) or the e
 void engine_stop(struct engine *e);          /* wakes and joins every engine thread; a populate
                                                 running elsewhere returns -ECANCELED */
 void engine_free(struct engine *e);          /* after engine_stop */
+/* Both do nothing in a forked child of the process that created the engine: its threads and
+ * eventfd are the parent's, and stopping them from the child would stop the parent's serving. */
 int engine_add_region(struct engine *e, const struct region_params *p); /* id >= 0 or -errno */
 int engine_remove_region(struct engine *e, int id);                      /* 0 or -ENOENT */
 /* Installs every missing granule of [offset, offset+length) of a region. 0 or -errno. */

@@ -632,12 +632,18 @@ static PyTypeObject MappingType = {
 typedef struct {
     PyObject_HEAD struct engine *e;
     int started;
+    pid_t owner;
 } EngineObject;
 
 static int engine_check(EngineObject *o)
 {
     if (!o->e) {
         PyErr_SetString(PyExc_ValueError, "the engine is closed");
+        return -1;
+    }
+    if (getpid() != o->owner) {
+        PyErr_Format(PyExc_ValueError,
+                     "this engine serves process %d: a forked child cannot use it", (int)o->owner);
         return -1;
     }
     return 0;
@@ -653,6 +659,7 @@ static int engineobj_init(EngineObject *o, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "the engine is already initialised");
         return -1;
     }
+    o->owner = getpid();
     o->e = engine_new(uffd, mode, workers, policy, base_page, spin_ns);
     if (!o->e) {
         os_error(errno, "engine_new");

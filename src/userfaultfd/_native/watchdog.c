@@ -19,6 +19,7 @@
 #define USER_SPACE_END (1ull << 47) /* x86_64 TASK_SIZE, rounded */
 
 struct watchdog {
+    pid_t owner; /* a forked child holds a copy it must not stop: the thread is the parent's */
     int pidfd, uffd, stop_fd;
     atomic_int fired;
     pthread_t thread;
@@ -65,6 +66,7 @@ struct watchdog *watchdog_start(int pidfd, int uffd)
     struct watchdog *w = calloc(1, sizeof(*w));
     if (!w)
         return NULL;
+    w->owner = getpid();
     w->pidfd = pidfd;
     w->uffd = uffd;
     w->stop_fd = eventfd(0, EFD_CLOEXEC);
@@ -85,6 +87,8 @@ struct watchdog *watchdog_start(int pidfd, int uffd)
 
 int watchdog_stop(struct watchdog *w)
 {
+    if (getpid() != w->owner)
+        return 0; /* a forked child: the stop eventfd and the thread are the parent's */
     uint64_t one = 1;
     ssize_t n = write(w->stop_fd, &one, sizeof(one));
     (void)n;
