@@ -513,6 +513,31 @@ def test_fault_read_before_its_remap_event_is_served_at_the_new_address() -> Non
     assert (proc.returncode, proc.stdout) == (0, f"[{ord('m')}] []\n"), proc.stderr
 
 
+LATE_HANDLER_CHILD = textwrap.dedent(
+    """
+    import faulthandler
+    import userfaultfd as u
+    faulthandler.disable()
+    with u.PageServer("sigbus") as server:
+        region = server.map(4 * u.PAGE_SIZE, u.Fill(b"f"))
+        print(chr(region[0]), flush=True)
+        faulthandler.enable()  # now SIGBUS reaches faulthandler first
+        try:
+            server.map(u.PAGE_SIZE)
+        except RuntimeError as e:
+            print(e, flush=True)
+    """
+)
+
+
+def test_a_sigbus_handler_installed_after_the_server_is_reported() -> None:
+    proc = run_child(LATE_HANDLER_CHILD)
+    assert proc.returncode == 0, proc.stderr
+    first, message = proc.stdout.splitlines()
+    assert first == "f" and "another SIGBUS handler was installed after this server" in message
+    assert "faulthandler.enable()" in message
+
+
 CHAIN_CHILD = textwrap.dedent(
     """
     import faulthandler, mmap, os, sys

@@ -211,6 +211,12 @@ class PageServer:
         multiple of the base page. ``readahead``: extra units installed after each fault, or
         "adaptive" (64 KiB growing to 4 MiB on sequential streams)."""
         self._check()
+        if self.mode == "sigbus" and not _core.sigbus_first():
+            raise RuntimeError(
+                "another SIGBUS handler was installed after this server started (was "
+                "faulthandler.enable() called?): it would take this server's faults as fatal "
+                "errors. Install such handlers before creating a sigbus-mode server."
+            )
         source = Zero() if source is None else source
         if not isinstance(source, Source):
             raise TypeError(f"source {source!r} is not a userfaultfd.sources.Source")

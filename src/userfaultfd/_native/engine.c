@@ -768,6 +768,13 @@ static void sigbus_detach(struct engine *e)
     pthread_mutex_unlock(&sig_lock);
 }
 
+int engine_sigbus_first(void)
+{
+    struct sigaction cur;
+    return sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+           cur.sa_sigaction == on_sigbus;
+}
+
 /* ---- public API ---- */
 
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,

@@ -316,6 +316,11 @@ static PyObject *py_madvise(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_sigbus_first(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(engine_sigbus_first());
+}
+
 /* touch_pages(addr, page_size, order, write=False) -> nanoseconds: reads (or increments with a
  * locked add) the first byte of each page listed in order (native-endian uint32 page indices). */
 static PyObject *py_touch_pages(PyObject *self, PyObject *args)
@@ -940,6 +945,7 @@ static PyMethodDef core_methods[] = {
     {"touch", py_touch, METH_VARARGS, "touch(addr, length, stride, write) without the GIL"},
     {"munmap", py_munmap, METH_VARARGS, "munmap(addr, length) without the GIL"},
     {"madvise", py_madvise, METH_VARARGS, "madvise(addr, length, advice) without the GIL"},
+    {"sigbus_first", py_sigbus_first, METH_NOARGS, "whether SIGBUS reaches our resolver first"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
