@@ -25,6 +25,7 @@ from userfaultfd import _core
 
 from .conftest import (
     MADV_DONTNEED,
+    MADV_REMOVE,
     MAP_FIXED_NOREPLACE,
     PAGE,
     Caller,
@@ -287,6 +288,52 @@ def test_reads_stay_correct_while_pages_are_dropped(mode: str) -> None:
         drops = dropper.finish(30)
         assert drops > 0 and server.events()["remove"] == drops
         assert bytes(region) == content
+        assert region.stats().errors == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("memory", ["anonymous", "shmem"])
+@pytest.mark.parametrize(("units", "readahead"), [(1, 0), (1, "adaptive"), (4, 2), (4, "adaptive")])
+def test_random_operations_against_a_model(
+    mode: str, memory: str, units: int, readahead: int | str
+) -> None:
+    """Random writes, drops (of any page range, cutting units: MADV_DONTNEED, or MADV_REMOVE
+    for shared memory), populates and reads, each read checked against a model: a dropped page
+    reads from the source again."""
+    pages, rng = 256, random.Random(f"{mode}{memory}{units}{readahead}")
+    content = bytes(rng.randrange(256) for _ in range(pages)) * PAGE
+    written: dict[int, int] = {}
+    drop = MADV_DONTNEED if memory == "anonymous" else MADV_REMOVE
+    with u.PageServer(mode) as server:  # type: ignore[arg-type]
+        region = server.map(
+            pages * PAGE,
+            u.Buffer(content),
+            memory=memory,  # type: ignore[arg-type]
+            page_size=units * PAGE,
+            readahead=readahead,  # type: ignore[arg-type]
+        )
+
+        def expect(page: int) -> int:
+            return written.get(page, content[page * PAGE + 1])
+
+        for _ in range(400):
+            op, page = rng.randrange(4), rng.randrange(pages)
+            count = min(rng.randint(1, 9), pages - page)
+            if op == 0:
+                written[page] = rng.randrange(256)
+                region[page * PAGE + 1] = written[page]
+            elif op == 1:
+                addr = region.address + page * PAGE
+                assert libc.madvise(addr, count * PAGE, drop) == 0
+                for k in range(page, page + count):
+                    written.pop(k, None)
+            elif op == 2:
+                region.populate(page * PAGE, count * PAGE)
+            else:
+                assert [region[k * PAGE + 1] for k in range(page, page + count)] == [
+                    expect(k) for k in range(page, page + count)
+                ]
+        assert bytes(region[1::PAGE]) == bytes(expect(k) for k in range(pages))
         assert region.stats().errors == 0
 
 
