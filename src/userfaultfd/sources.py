@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,8 +108,9 @@ class Buffer(Source):
 
 
 class File(Source):
-    """A file (path or open fd) from ``offset``. Bytes past its end read as zeros. If the file
-    shrinks while served, the pages that can no longer be read are poisoned and reported."""
+    """A regular file or a block device (path or open fd) from ``offset``. Bytes past its end
+    read as zeros. If the file shrinks while served, the pages that can no longer be read are
+    poisoned and reported."""
 
     def __init__(self, file: str | os.PathLike[str] | int, offset: int = 0) -> None:
         if not isinstance(offset, int) or offset < 0:
@@ -122,7 +124,10 @@ class File(Source):
         else:
             fd = os.open(self.file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise ValueError(f"file {self.file!r} is not a regular file or a block device")
+            size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
             data = max(0, min(size - self.offset, length))
             aligned = self.offset - self.offset % PAGE_SIZE
             delta = self.offset - aligned
