@@ -3,9 +3,11 @@ thread), from another process, or served by native code; every wait has a timeou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,6 +35,25 @@ libc.mremap.argtypes = [_vp, _sz, _sz, _int, _vp]
 libc.madvise.argtypes = [_vp, _sz, _int]
 libc.munmap.argtypes = [_vp, _sz]
 libc.msync.argtypes = [_vp, _sz, _int]
+
+
+@contextlib.contextmanager
+def loop_device(image: os.PathLike[str]) -> Iterator[str]:
+    """A read-only loop block device over image (skips where that cannot be set up)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("a loop device needs root and losetup")
+    setup = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", os.fspath(image)],
+        capture_output=True,
+        text=True,
+    )
+    if setup.returncode:
+        pytest.skip(f"no loop device: {setup.stderr.strip()}")
+    device = setup.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:

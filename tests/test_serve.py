@@ -23,6 +23,8 @@ import userfaultfd as u
 from userfaultfd.handoff import GuestRegion, HandoffError, parse_regions, receive_uffd, send_uffd
 from userfaultfd.serve import _listen
 
+from .conftest import loop_device
+
 pytestmark = pytest.mark.needs_uffd
 CLIENT = str(Path(__file__).with_name("fc_client.py"))
 PAGE = u.PAGE_SIZE
@@ -115,6 +117,15 @@ def test_hugetlb_client_with_2mib_pages(server: Server, memory: Path) -> None:
         assert finish(proc).split() == ["sent", "verified", "OK"]
         line = server.expect("disconnect client 1")
         assert "faults 2," in line and "errors 0" in line and "removes 1" in line
+
+
+def test_memory_on_a_block_device(tmp_path: Path, memory: Path) -> None:
+    with loop_device(memory) as device:
+        s = Server(tmp_path, Path(device))
+        try:
+            assert finish(client(s, Path(device), f"{2 * MIB}@{MIB}")).split()[-1] == "OK"
+        finally:
+            assert s.stop() == 0
 
 
 def test_socket_is_private(server: Server) -> None:
@@ -281,7 +292,7 @@ def test_cli_errors(tmp_path: Path, memory: Path) -> None:
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "missing"))
-    assert proc.returncode == 1 and "is not a file" in proc.stderr
+    assert proc.returncode == 1 and "is not a regular file or a block device" in proc.stderr
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(memory), "--readahead", "lots")
     assert proc.returncode == 1 and "readahead 'lots'" in proc.stderr
     (tmp_path / "plain").write_text("x")

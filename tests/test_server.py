@@ -8,7 +8,6 @@ import errno
 import mmap
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from .conftest import (
     Caller,
     Toucher,
     libc,
+    loop_device,
     move,
     run_child,
     wait_for,
@@ -111,27 +111,17 @@ def test_file_source_refuses_what_is_not_a_file(server: u.PageServer, tmp_path: 
         server.map(PAGE, u.File(tmp_path / "nonexistent"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="setting up a loop device needs root")
-@pytest.mark.skipif(shutil.which("losetup") is None, reason="losetup is not installed")
 def test_file_source_on_a_block_device(server: u.PageServer, tmp_path: Path) -> None:
     """A block device's size comes from seeking to its end (its st_size is 0): a snapshot on
     a volume is served, not read as zeros."""
     image = tmp_path / "disk.img"
     content = os.urandom(64 * PAGE)
     image.write_bytes(content)
-    setup = subprocess.run(
-        ["losetup", "--find", "--show", "--read-only", str(image)], capture_output=True, text=True
-    )
-    if setup.returncode:
-        pytest.skip(f"no loop device: {setup.stderr.strip()}")
-    device = setup.stdout.strip()
-    try:
+    with loop_device(image) as device:
         region = server.map(80 * PAGE, u.File(device, offset=PAGE))
         assert region[: 63 * PAGE] == content[PAGE:]
         assert region[63 * PAGE :] == bytes(17 * PAGE)
         region.close()
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 def test_memfd_source_serves_minor_faults_without_copying(server: u.PageServer) -> None:

@@ -85,7 +85,7 @@ class Handler:
         self.workers = workers
         fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.memory_size = os.fstat(fd).st_size
+            self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
             if not self.memory_size:
                 raise ValueError(f"memory file {memory_path!r} is empty")
             self.memory = _core.Mapping.__new__(_core.Mapping)
@@ -273,8 +273,8 @@ def _listen(path: str) -> socket.socket:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
-    if not Path(args.memory).is_file():
-        raise ValueError(f"memory file {args.memory!r} is not a file")
+    if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
+        raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
     handler = Handler(
         args.socket,
         args.memory,
