@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import textwrap
 from pathlib import Path
 
@@ -108,6 +109,26 @@ def test_source_exception_poisons_and_reports_the_traceback() -> None:
         assert "RuntimeError('cannot produce 0x2000')" in text
         assert "Traceback (most recent call last)" in text and "in boom" in text
         assert err.value.failures[0][1] == region.address + 2 * PAGE
+
+
+def exits(offset: int, length: int) -> bytes:
+    if offset == 0:
+        sys.exit(3)
+    return b"e" * length
+
+
+@pytest.mark.kernel_faults
+def test_a_source_that_exits_is_reported_and_the_handler_serves_on() -> None:
+    with u.PythonSourceServer(exits) as server:
+        region = server.map(4 * PAGE)
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:  # a kernel access to the poisoned page: EFAULT
+            os.write(w, memoryview(region)[:PAGE])
+        assert info.value.errno == errno.EFAULT
+        os.close(r), os.close(w)
+        assert region[PAGE] == ord("e")  # the handler is still serving
+        with pytest.raises(u.SourceError, match=r"SystemExit\(3\)"):
+            server.stats()
 
 
 @pytest.mark.kernel_faults

@@ -146,7 +146,7 @@ class _Handler:
                 raise ValueError(
                     f"the source returned {data.nbytes} bytes for {length} at {offset:#x}"
                 )
-        except Exception as e:  # noqa: BLE001 - every source error is reported, never swallowed
+        except BaseException as e:  # noqa: BLE001 - reported, never swallowed (sys.exit too)
             self.fail(start, r.page_size, f"source failed at offset {offset:#x}: {e!r}",
                       traceback.format_exc())  # fmt: skip
             return
