@@ -73,6 +73,23 @@ def test_class_source_is_opened_and_closed_in_the_handler(tmp_path: Path) -> Non
     assert region.closed
 
 
+class Unopenable:
+    def open(self) -> None:
+        raise ConnectionRefusedError("the store is down")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_source_that_cannot_open_fails_the_constructor_with_its_traceback() -> None:
+    with pytest.raises(u.SourceError, match="open\\(\\) failed") as err:
+        u.PythonSourceServer(Unopenable())
+    assert "the store is down" in str(err.value) and "in open" in str(err.value)
+
+
 def test_many_threads_fault_at_once() -> None:
     with u.PythonSourceServer(page_number) as server:
         region = server.map(512 * PAGE)

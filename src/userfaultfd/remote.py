@@ -31,6 +31,7 @@ from .server import MADV_DONTFORK
 from .uffd import PAGE_SIZE, Userfaultfd
 
 REPLY_TIMEOUT = 10.0
+OPEN_TIMEOUT = 60.0  # the source's open() may connect to a remote store
 SPIN_NS = 50_000
 
 
@@ -70,7 +71,13 @@ class _Handler:
         self.faults = self.pages = self.errors = 0
 
     def run(self) -> None:
-        self.source.open()
+        try:
+            self.source.open()
+        except BaseException as e:  # noqa: BLE001 - the application raises it
+            message = f"the source's open() failed: {e!r}"
+            self.reply({"error": message, "address": 0, "traceback": traceback.format_exc()})
+            return
+        self.reply({"ready": True})
         try:
             while True:
                 fds = [self.sock] + ([self.uffd] if self.uffd else [])
@@ -289,6 +296,14 @@ class PythonSourceServer:
         self._pidfd = self._process.pidfd
         # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
         self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
+        try:
+            self._reply(OPEN_TIMEOUT)  # {"ready": true} once the source is open
+        except (ConnectionError, TimeoutError):
+            errs, self._errors = self._errors, []
+            self.close()
+            if errs:
+                raise SourceError(f"{errs[0]['error']}\n{errs[0]['traceback']}", []) from None
+            raise
 
     def map(self, length: int, *, offset: int = 0, readahead: int = 0) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
@@ -327,10 +342,10 @@ class PythonSourceServer:
         self._sock.send(json.dumps(msg).encode())
         return self._reply()
 
-    def _reply(self) -> dict[str, Any]:
+    def _reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
         """The next reply; error reports that come first are kept for _check."""
         while True:
-            ready, _, _ = select.select([self._sock], [], [], REPLY_TIMEOUT)
+            ready, _, _ = select.select([self._sock], [], [], timeout)
             if not ready:
                 raise TimeoutError(errno.ETIMEDOUT, "the handler process did not answer")
             data = self._sock.recv(1 << 20)
