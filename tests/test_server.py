@@ -655,6 +655,13 @@ def test_bad_arguments_name_the_value(server: u.PageServer) -> None:
         server.map(PAGE, u.File("/nonexistent/file"))
 
 
+def test_stats_count_a_page_before_its_toucher_resumes(server: u.PageServer) -> None:
+    region = server.map(32 * PAGE, u.Fill(1))
+    for k in range(32):
+        assert region[k * PAGE] == 1
+        assert region.stats().pages_installed == k + 1  # no waiting: exact when the read returns
+
+
 def test_stats_latency_and_totals(server: u.PageServer) -> None:
     a = server.map(16 * PAGE, u.Fill(1))
     b = server.map(16 * PAGE)

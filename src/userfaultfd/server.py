@@ -74,8 +74,7 @@ class Region(_core.Mapping):
         self.server._check()
 
     def stats(self) -> Stats:
-        """What this region has served so far. A worker counts a fault just after it has woken
-        the faulting thread: the counters may trail the toucher by the last fault or two."""
+        """What this region has served so far (a page is counted before its toucher resumes)."""
         return Stats.from_engine(self.server._engine.stats(self.id))
 
     def close(self) -> None:

@@ -116,6 +116,7 @@ struct engine {
 };
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
+#define SUB(field, n) __atomic_fetch_sub(&(field), (n), __ATOMIC_RELAXED)
 
 static uint64_t now_ns(void)
 {
@@ -269,6 +270,24 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
     }
 }
 
+/* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
+static void count_installed(const struct engine *e, struct region *r, unsigned long req,
+                            uint64_t n, int sign)
+{
+    const uint64_t pages = n / e->base_page;
+    if (sign > 0) {
+        ADD(r->st.pages_installed, pages);
+        ADD(r->st.bytes_installed, n);
+        if (req == UFFDIO_ZEROPAGE)
+            ADD(r->st.zero_pages, pages);
+    } else {
+        SUB(r->st.pages_installed, pages);
+        SUB(r->st.bytes_installed, n);
+        if (req == UFFDIO_ZEROPAGE)
+            SUB(r->st.zero_pages, pages);
+    }
+}
+
 /* Installs [addr, addr + len) of extent x (granule aligned, inside x) from its source; every
  * granule ends installed, already present, or poisoned. Returns 0, EAGAIN when an event is pending
  * (the rest was not attempted) or ESRCH when the owner of the uffd is gone. */
@@ -286,20 +305,23 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         uint64_t off = x->off + (pos - x->start), src, seg, done;
         unsigned long req = plan_op(r, off, hole ? unit : end - pos, minor && !hole, &src, &seg);
         hole = 0;
-        /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. */
+        /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. It is
+         * counted before, so that the stats never trail a toucher who has resumed. */
         int single = !need_wake && seg == end - pos && !sigbus;
+        if (single)
+            count_installed(e, r, req, seg, 1);
         int err = fill_ioctl(e->uffd, req, pos, src, seg, single ? 0 : UFFDIO_MODE_DONTWAKE, &done);
         if (!single || err)
             need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
+        if (single && done < seg)
+            count_installed(e, r, req, seg - done, -1);
+        else if (!single)
+            count_installed(e, r, req, done, 1);
         if (done) {
             /* granules wholly installed (an extent split inside a granule installs parts) */
             uint64_t gi = (off + r->p.page_size - 1) >> r->shift, gj = (off + done) >> r->shift;
             if (gj > gi)
                 bits_set(r, gi, gj - gi, 1);
-            ADD(r->st.pages_installed, done / e->base_page);
-            ADD(r->st.bytes_installed, done);
-            if (req == UFFDIO_ZEROPAGE)
-                ADD(r->st.zero_pages, done / e->base_page);
             pos += done;
         }
         if (err == 0 || (err == EAGAIN && done))
