@@ -48,8 +48,14 @@ def server(request: pytest.FixtureRequest) -> Iterator[u.PageServer]:
 
 
 def settled(region: u.Region, pages: int) -> u.Stats:
-    """Stats once `pages` base pages are counted (workers account just after waking a faulter)."""
-    wait_for(lambda: region.stats().pages_installed >= pages)
+    """Stats once `pages` base pages are counted and every fault's latency is recorded (a
+    worker takes the latency sample just after waking the faulter)."""
+
+    def done() -> bool:
+        stats = region.stats()
+        return stats.pages_installed >= pages and sum(stats.histogram) >= stats.faults
+
+    wait_for(done)
     return region.stats()
 
 

@@ -74,7 +74,8 @@ class Region(_core.Mapping):
         self.server._check()
 
     def stats(self) -> Stats:
-        """What this region has served so far (a page is counted before its toucher resumes)."""
+        """What this region has served so far. A page is counted before its toucher resumes;
+        the fault's latency sample is taken just after."""
         return Stats.from_engine(self.server._engine.stats(self.id))
 
     def close(self) -> None:
