@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import queue
 import signal
@@ -20,7 +21,15 @@ from pathlib import Path
 import pytest
 
 import userfaultfd as u
-from userfaultfd.handoff import GuestRegion, HandoffError, parse_regions, receive_uffd, send_uffd
+from userfaultfd import _core
+from userfaultfd.handoff import (
+    GuestRegion,
+    HandoffError,
+    _complete,
+    parse_regions,
+    receive_uffd,
+    send_uffd,
+)
 from userfaultfd.serve import _listen
 
 from .conftest import loop_device
@@ -189,6 +198,27 @@ def raw_client(server: Server, payload: bytes, fds: list[int]) -> socket.socket:
     return sock
 
 
+def test_a_hand_off_sent_slowly_in_pieces_is_accepted_and_served(
+    server: Server, memory: Path
+) -> None:
+    """The server reads a hand-off as it arrives instead of waiting on one client: a second
+    client meanwhile is served, and the slow one, complete after 1.5 s, is accepted."""
+    region = _core.Mapping(2 * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with u.Userfaultfd(u.Feature.EVENT_REMOVE) as uffd:
+        uffd.register(region.address, 2 * MIB)
+        payload = json.dumps([GuestRegion(region.address, 2 * MIB, 0, PAGE).to_json()]).encode()
+        sock = raw_client(server, payload[:10], [uffd.fileno()])
+        other = client(server, memory, f"{MIB}@0")
+        assert finish(other).split()[-1] == "OK"
+        time.sleep(1.5)
+        sock.sendall(payload[10:])
+        server.expect("connect client 1")
+        assert bytes(region) == memory.read_bytes()[: 2 * MIB]  # served by the server
+        sock.close()
+        server.expect("disconnect client 1")
+    region.close()
+
+
 def regions_json(*items: dict[str, object]) -> bytes:
     return json.dumps(list(items)).encode()
 
@@ -332,6 +362,19 @@ def test_send_and_receive_round_trip() -> None:
     with pytest.raises(ConnectionError):
         receive_uffd(b)
     b.close()
+
+
+def test_a_payload_cut_anywhere_reads_as_incomplete_and_a_malformed_one_as_complete() -> None:
+    payloads = [
+        json.dumps([GuestRegion(BASE, 2 * MIB, MIB, PAGE).to_json()] * 3).encode(),
+        json.dumps([{"a": 1.5e10, "b": [True, False, None], "c": -3, "d": "\u00e9 \\"}]).encode(),
+        '[{"name": "é"}]'.encode(),
+    ]
+    for payload in payloads:
+        assert _complete(payload)
+        assert [k for k in range(len(payload)) if _complete(payload[:k])] == []
+    for malformed in (b"[{not json", b"[1 2]", b'{"a" 1}', b"[1,,2]", b"nope", b"[1]]"):
+        assert _complete(malformed), malformed
 
 
 def test_parse_regions_names_the_bad_value() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import re
 import select
 import socket
 import time
@@ -108,40 +109,77 @@ def _region(k: int, item: Any, memory_size: int | None) -> GuestRegion:
     return GuestRegion(base, size, offset, page)
 
 
+_PARTIAL_NUMBER = re.compile(r"-?\d*(\.\d*)?([eE][+-]?\d*)?")
+
+
 def _complete(payload: bytes) -> bool:
+    """False while payload could be the start of a JSON value still arriving: it parses, or
+    fails somewhere a cut could not explain (a malformed message is complete, and refused)."""
     try:
         json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return not (isinstance(e, json.JSONDecodeError) and e.pos >= len(e.doc.rstrip()))
+    except UnicodeDecodeError as e:
+        return e.reason != "unexpected end of data"  # cut inside a multi-byte character
+    except json.JSONDecodeError as e:
+        tail = e.doc[e.pos :].strip()  # from where parsing failed: a token cut short?
+        cut = (
+            e.msg.startswith("Unterminated string")
+            or (e.msg.startswith("Invalid \\uXXXX escape") and e.pos + 6 > len(e.doc))
+            or any(word.startswith(tail) for word in ("true", "false", "null"))
+            or _PARTIAL_NUMBER.fullmatch(tail) is not None
+        )
+        return not cut
     return True
 
 
+class HandoffReader:
+    """Assembles one message and the fds it carries from a socket as its pieces arrive: on a
+    stream socket a long JSON payload may come in several reads."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.fds: list[int] = []
+
+    def feed(self, sock: socket.socket) -> bool:
+        """Reads what has arrived; True once the message is complete (a datagram, a complete
+        JSON value, or whatever came before EOF). EOF before anything raises ConnectionError; a
+        message that is too long or carries too many fds raises HandoffError, its fds closed.
+        On a non-blocking socket with nothing to read, returns False."""
+        fds = array.array("i")
+        try:
+            msg, ancdata, flags, _ = sock.recvmsg(
+                MAX_MESSAGE + 1 - len(self.data), socket.CMSG_SPACE(16 * fds.itemsize)
+            )
+        except BlockingIOError:
+            return False
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        self.fds += fds
+        if not msg and not fds and not self.data:
+            raise ConnectionError("the peer closed the connection")
+        self.data += msg
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(self.data) > MAX_MESSAGE:
+            self.close()
+            raise HandoffError(f"the message is over {MAX_MESSAGE} bytes or carries over 16 fds")
+        return sock.type != socket.SOCK_STREAM or not msg or _complete(self.data)
+
+    def close(self) -> None:
+        """Closes the fds received and not taken."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 def recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the fds it carries. On a stream socket a long JSON payload may arrive in
-    pieces: reading goes on (for up to a second) until it is complete. EOF raises
-    ConnectionError; a message that is too long or carries too many fds raises HandoffError
-    after closing what arrived."""
-    fds = array.array("i")
-    msg, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * fds.itemsize))
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    if not msg and not fds:
-        raise ConnectionError("the peer closed the connection")
+    """One message and the fds it carries, waiting up to a second for the rest of a payload
+    that arrives in pieces. Errors as for :meth:`HandoffReader.feed`."""
+    reader = HandoffReader()
     deadline = time.monotonic() + 1.0
-    while sock.type == socket.SOCK_STREAM and len(msg) <= MAX_MESSAGE and not _complete(msg):
+    while not reader.feed(sock):
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([sock], [], [], left)[0]:
             break
-        more = sock.recv(MAX_MESSAGE + 1 - len(msg))
-        if not more:
-            break
-        msg += more
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(msg) > MAX_MESSAGE:
-        for fd in fds:
-            os.close(fd)
-        raise HandoffError(f"the message is over {MAX_MESSAGE} bytes or carries over 16 fds")
-    return msg, list(fds)
+    return reader.data, reader.fds
 
 
 def accept_handoff(

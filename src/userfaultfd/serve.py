@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _core
-from .handoff import GuestRegion, HandoffError, receive_uffd
+from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
 from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
 from .sources import SRC_BYTES
 from .stats import Stats
@@ -61,6 +61,7 @@ class Client:
     engine: _core.Engine | None = None
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
+    reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -162,9 +163,14 @@ class Handler:
             )
 
     def _handshake(self, client: Client) -> None:
-        del self.pending[client.conn.fileno()]
+        """Reads what has arrived of the hand-off, without waiting for the rest: a client
+        sending it slowly holds up nobody (and is refused after HANDSHAKE_TIMEOUT)."""
         try:
-            client.uffd, client.regions = receive_uffd(client.conn, self.memory_size)
+            if not client.reader.feed(client.conn):
+                return
+            fds, client.reader.fds = client.reader.fds, []
+            client.uffd, client.regions = accept_handoff(client.reader.data, fds, self.memory_size)
+            del self.pending[client.conn.fileno()]
             self._start(client)
         except (HandoffError, ConnectionError, OSError) as e:
             self._drop(client, f"refused: {e}", refused=True)
@@ -241,6 +247,7 @@ class Handler:
                     client.name(), why, total.faults, total.pages_installed,
                     total.bytes_installed, total.eexist, total.errors, total.removes,
                 )  # fmt: skip
+        client.reader.close()
         if client.uffd >= 0:
             os.close(client.uffd)
             client.uffd = -1
