@@ -24,8 +24,9 @@ def page_number(offset: int, length: int) -> bytes:
     return b"".join(bytes([(offset // PAGE + k) % 251]) * PAGE for k in range(length // PAGE))
 
 
-def test_function_source_from_the_main_thread() -> None:
-    with u.PythonSourceServer(page_number) as server:
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_function_source_from_the_main_thread(start: str) -> None:
+    with u.PythonSourceServer(page_number, start=start) as server:
         region = server.map(64 * PAGE)
         assert region[0] == 0 and region[5 * PAGE + 7] == 5  # faults while holding the GIL
         got = numpy.frombuffer(region, dtype=numpy.uint8)[::PAGE].copy()
@@ -37,13 +38,11 @@ def test_function_source_from_the_main_thread() -> None:
 
 
 def test_readahead_asks_the_source_for_more_pages() -> None:
-    calls: list[tuple[int, int]] = []
     with u.PythonSourceServer(page_number) as server:
         region = server.map(32 * PAGE, readahead=7)
         assert region[:] == page_number(0, 32 * PAGE)
         stats = server.stats()
         assert stats["faults"] == 4 and stats["pages"] == 32
-    del calls
 
 
 class Counter:
@@ -63,9 +62,10 @@ class Counter:
             f.write("close\n")
 
 
-def test_class_source_is_opened_and_closed_in_the_handler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_class_source_is_opened_and_closed_in_the_handler(tmp_path: Path, start: str) -> None:
     log = tmp_path / "log"
-    server = u.PythonSourceServer(Counter(log))
+    server = u.PythonSourceServer(Counter(log), start=start)
     region = server.map(8 * PAGE)
     assert region[3 * PAGE] == 3
     server.close()
@@ -88,6 +88,32 @@ def test_a_source_that_cannot_open_fails_the_constructor_with_its_traceback() ->
     with pytest.raises(u.SourceError, match="open\\(\\) failed") as err:
         u.PythonSourceServer(Unopenable())
     assert "the store is down" in str(err.value) and "in open" in str(err.value)
+
+
+def test_spawn_needs_a_picklable_source_and_start_is_checked() -> None:
+    with pytest.raises(TypeError, match="start='spawn' needs a picklable source"):
+        u.PythonSourceServer(lambda offset, length: bytes(length), start="spawn")
+    with pytest.raises(ValueError, match="start 'thread' is not 'fork' or 'spawn'"):
+        u.PythonSourceServer(page_number, start="thread")
+
+
+UNIMPORTABLE_CHILD = textwrap.dedent(
+    """
+    import userfaultfd as u
+    def defined_in_main(offset, length):  # pickled as __main__.defined_in_main
+        return bytes(length)
+    try:
+        u.PythonSourceServer(defined_in_main, start="spawn")
+    except u.SourceError as e:
+        print(str(e).splitlines()[0])
+    """
+)
+
+
+def test_a_spawned_handler_that_cannot_unpickle_the_source_is_reported() -> None:
+    proc = run_child(UNIMPORTABLE_CHILD)
+    assert "the handler could not unpickle the source:" in proc.stdout, proc.stderr
+    assert "defined_in_main" in proc.stdout and "cannot be defined in __main__" in proc.stdout
 
 
 def test_many_threads_fault_at_once() -> None:

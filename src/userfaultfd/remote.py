@@ -13,9 +13,11 @@ import errno
 import json
 import mmap
 import os
+import pickle
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
 import weakref
@@ -200,30 +202,79 @@ _app_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
 def _handler_main(sock: socket.socket, source: PageSource) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
-    for inherited in list(_app_sockets):
-        inherited.close()
-    _Handler(sock, source).run()
+    """The handler process's life; it ends the process, with status 0 after a clean stop."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
+        for inherited in list(_app_sockets):
+            inherited.close()
+        _Handler(sock, source).run()
+        code = 0
+    except BaseException:  # noqa: BLE001 - the process ends here either way
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _spawned() -> None:
+    """The entry point of a spawned handler: the socket's fd is the argument, and the pickled
+    source arrives on standard input."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        source = pickle.load(sys.stdin.buffer)
+    except BaseException as e:  # noqa: BLE001 - reported to the application, which raises it
+        message = (
+            f"the handler could not unpickle the source: {e!r} (a spawned handler imports it "
+            "by its module name: it cannot be defined in __main__)"
+        )
+        sock.send(json.dumps({"error": message, "traceback": traceback.format_exc()}).encode())
+        os._exit(1)
+    _handler_main(sock, source)
 
 
 class _HandlerProcess:
-    """The forked handler process. Not a multiprocessing.Process: multiprocessing's exit hook
-    terminates every daemon process it knows, and it runs in a plain os.fork() child of the
-    application too, which would kill the parent's handler when that child exits."""
+    """The handler process: forked (the source is inherited as it is), or spawned as a fresh
+    interpreter (the source travels pickled; nothing of the application's threads comes
+    along). Not a multiprocessing.Process: multiprocessing's exit hook terminates every daemon
+    process it knows, and it runs in a plain os.fork() child of the application too, which
+    would kill the parent's handler when that child exits."""
 
-    def __init__(self, sock: socket.socket, source: PageSource) -> None:
+    def __init__(self, sock: socket.socket, source: PageSource, start: str) -> None:
         self._exitcode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
+        if start == "spawn":
+            self.pid = self._spawn(sock, source)
+        else:
+            self.pid = os.fork()
+            if self.pid == 0:
                 _handler_main(sock, source)
-                code = 0
-            except BaseException:  # noqa: BLE001 - the process ends here either way
-                traceback.print_exc()
-            finally:
-                os._exit(code)
         self.pidfd = os.pidfd_open(self.pid)
+
+    @staticmethod
+    def _spawn(sock: socket.socket, source: PageSource) -> int:
+        try:
+            payload = pickle.dumps(source)
+        except Exception as e:
+            raise TypeError(
+                f"start='spawn' needs a picklable source (a module-level function or class "
+                f"instance): {e}"
+            ) from None
+        code = "from userfaultfd.remote import _spawned; _spawned()"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        r, w = os.pipe()
+        os.set_inheritable(sock.fileno(), True)
+        try:
+            pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-c", code, str(sock.fileno())],
+                env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
+            )
+        finally:
+            os.set_inheritable(sock.fileno(), False)
+            os.close(r)
+        with open(w, "wb") as pipe:  # the child reads it at once: no deadlock past the buffer
+            pipe.write(payload)
+        return pid
 
     @property
     def exitcode(self) -> int | None:
@@ -280,10 +331,19 @@ class RemoteRegion(_core.Mapping):
 
 class PythonSourceServer:
     """Serves regions from ``source``, a function ``(offset, length) -> bytes-like`` or an object
-    with ``open()``, ``read(offset, length)`` and ``close()``, called in a forked handler
-    process. The application may touch region memory from any thread, holding the GIL."""
+    with ``open()``, ``read(offset, length)`` and ``close()``, called in a handler process. The
+    application may touch region memory from any thread, holding the GIL.
 
-    def __init__(self, source: Callable[[int, int], Any] | PageSource) -> None:
+    ``start``: "fork" (the handler inherits the source as it is, closures included) or "spawn"
+    (a fresh interpreter; the source must be picklable, and is imported by module name there).
+    Spawn when the application runs threads that might hold a lock the source needs at the
+    moment of the fork (Python 3.12+ warns about forking a threaded process)."""
+
+    def __init__(
+        self, source: Callable[[int, int], Any] | PageSource, *, start: str = "fork"
+    ) -> None:
+        if start not in ("fork", "spawn"):
+            raise ValueError(f"start {start!r} is not 'fork' or 'spawn'")
         self._source: PageSource = source if isinstance(source, PageSource) else _Function(source)
         self._pid = os.getpid()
         self._uffd = Userfaultfd()
@@ -291,8 +351,14 @@ class PythonSourceServer:
         _app_sockets.add(self._sock)
         self._errors: list[dict[str, Any]] = []
         self._regions: set[RemoteRegion] = set()
-        self._process = _HandlerProcess(theirs, self._source)
-        theirs.close()
+        try:
+            self._process = _HandlerProcess(theirs, self._source, start)
+        except BaseException:
+            self._sock.close()
+            self._uffd.close()
+            raise
+        finally:
+            theirs.close()
         self._pidfd = self._process.pidfd
         # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
         self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
