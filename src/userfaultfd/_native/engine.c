@@ -288,15 +288,21 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
     }
 }
 
-/* Installs [addr, addr + len) of extent x (granule aligned, inside x) from its source; every
- * granule ends installed, already present, or poisoned. Returns 0, EAGAIN when an event is pending
- * (the rest was not attempted) or ESRCH when the owner of the uffd is gone. */
+/* Installs the part of [addr, addr + len) (granule aligned) inside extent x from its source: a
+ * partial mremap can split an extent inside a granule. Every granule ends installed, already
+ * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
+ * or ESRCH when the owner of the uffd is gone. */
 static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
                    int minor)
 {
     struct region *r = x->r;
+    const uint64_t end = addr + len < x->end ? addr + len : x->end;
+    addr = addr > x->start ? addr : x->start;
+    if (end <= addr)
+        return 0;
+    len = end - addr;
     /* The kernel's own unit: a failure at pos concerns one base page, or one huge page. */
-    const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size, end = addr + len;
+    const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size;
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == ENGINE_SIGBUS;
@@ -430,11 +436,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        uint64_t a = gaddr - ((i - first) << r->shift), b = a + (n << r->shift);
-        /* A partial mremap can split an extent inside a unit: stay inside this extent. */
-        a = a < x->start ? x->start : a;
-        b = b > x->end ? x->end : b;
-        rc = install(e, x, a, b - a, minor);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -535,9 +537,10 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
 
 /* ---- worker threads ---- */
 
-/* read() under read_lock; on success returns with the lock held (the caller releases it, after
- * handling the batch's events if it has any); -1 with *err set, and the lock released, if not. */
-static ssize_t read_batch(struct engine *e, struct uffd_msg *msgs, int *err)
+/* read() under read_lock: the number of messages, *events of them not page faults. On success
+ * it returns with the lock held (the caller releases it, after handling the batch's events if
+ * it has any); -1 with *err set, and the lock released, if not. */
+static int read_batch(struct engine *e, struct uffd_msg *msgs, int *events, int *err)
 {
     pthread_mutex_lock(&e->read_lock);
     atomic_store(&e->reading, 1);
@@ -549,11 +552,13 @@ static ssize_t read_batch(struct engine *e, struct uffd_msg *msgs, int *err)
         *err = *err ? *err : EAGAIN;
         return -1;
     }
-    for (ssize_t k = 0; k < n / (ssize_t)sizeof(struct uffd_msg); k++)
-        if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
-            return n; /* `reading` stays set until the events are handled */
-    atomic_store(&e->reading, 0);
-    return n;
+    int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+    *events = 0;
+    for (int k = 0; k < count; k++)
+        *events += msgs[k].event != UFFD_EVENT_PAGEFAULT;
+    if (!*events)
+        atomic_store(&e->reading, 0); /* else it stays set until the events are handled */
+    return count;
 }
 
 /* Serves the page faults of a batch. The kernel hands out queued faults before queued events,
@@ -593,11 +598,10 @@ static void *worker(void *arg)
     for (;;) {
         /* Right after serving, poll for the next fault without sleeping for a few microseconds:
          * waking a vCPU that went idle costs more than the fault itself in a VM. */
-        ssize_t n = -1;
-        int err = 0;
+        int count = -1, events = 0, err = 0;
         if (spin_until && now_ns() < spin_until) {
-            n = read_batch(e, msgs, &err);
-            if (n < 0 && err == EAGAIN) {
+            count = read_batch(e, msgs, &events, &err);
+            if (count < 0 && err == EAGAIN) {
                 pf[1].revents = 0;
                 if (poll(&pf[1], 1, 0) > 0)
                     break;
@@ -614,9 +618,9 @@ static void *worker(void *arg)
                 record_error(e, EBADF, -1, 0, 0, "poll");
                 break;
             }
-            n = read_batch(e, msgs, &err);
+            count = read_batch(e, msgs, &events, &err);
         }
-        if (n < 0) {
+        if (count < 0) {
             spin_until = 0;
             if (err == EAGAIN || err == EINTR)
                 continue;
@@ -624,11 +628,8 @@ static void *worker(void *arg)
             break;
         }
         uint64_t t0 = now_ns();
-        int count = (int)(n / (ssize_t)sizeof(struct uffd_msg)), events = 0;
-        for (int k = 0; k < count; k++)
-            events += msgs[k].event != UFFD_EVENT_PAGEFAULT;
         if (events < count)
-            spin_until = e->spin_ns ? now_ns() + e->spin_ns : 0;
+            spin_until = e->spin_ns ? t0 + e->spin_ns : 0;
         if (!events)
             pthread_mutex_unlock(&e->read_lock);
         uint8_t later[BATCH];
@@ -1045,12 +1046,11 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         while (i + n < last && n < (4u << 20 >> r->shift) && !bit_test(r, i + n))
             n++;
         int rc = 0;
-        uint64_t upto = (i + n) << r->shift;
-        if (n) { /* stay inside this extent: a partial mremap can split one inside a granule */
-            uint64_t a = (i << r->shift) > x->off ? i << r->shift : x->off;
-            upto = upto < xend ? upto : xend;
-            rc = install(e, x, x->start + (a - x->off), upto - a, r->p.kind == SRC_CONTINUE);
-        }
+        uint64_t upto = (i + n) << r->shift; /* offsets; the extent may end inside a granule */
+        upto = upto < xend ? upto : xend;
+        if (n) /* the granule may also start before the extent: install keeps to it */
+            rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
+                         r->p.kind == SRC_CONTINUE);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
