@@ -46,6 +46,7 @@ def loop_device(image: os.PathLike[str]) -> Iterator[str]:
         ["losetup", "--find", "--show", "--read-only", os.fspath(image)],
         capture_output=True,
         text=True,
+        timeout=30,
     )
     if setup.returncode:
         pytest.skip(f"no loop device: {setup.stderr.strip()}")
@@ -53,7 +54,7 @@ def loop_device(image: os.PathLike[str]) -> Iterator[str]:
     try:
         yield device
     finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
+        subprocess.run(["losetup", "--detach", device], check=True, timeout=30)
 
 
 def run_child(code: str, *args: str) -> subprocess.CompletedProcess[str]:
