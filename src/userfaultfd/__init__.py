@@ -50,3 +50,12 @@ __all__ += [
     "receive_uffd",
     "send_uffd",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The store needs the [store] extra (blake3, zstandard, obstore): imported on first use.
+    if name == "SnapshotStore":
+        from .store import SnapshotStore
+
+        return SnapshotStore
+    raise AttributeError(f"module 'userfaultfd' has no attribute {name!r}")

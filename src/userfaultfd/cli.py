@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
     p.set_defaults(func=_cmd_bench)
+
+    from .commands import snapshot
+
+    snapshot.add_parser(sub)
     return parser
 
 
