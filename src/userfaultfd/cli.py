@@ -73,6 +73,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import snapshot
+
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -93,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a page-fault handler for Firecracker-style snapshot restore")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
-    p.add_argument("--memory", required=True, metavar="FILE", help="the guest memory file")
+    p.add_argument(
+        "--memory",
+        required=True,
+        metavar="FILE|ADDRESS",
+        help="the guest memory file, or a stored snapshot (file:///DIR/NAME, s3://BUCKET/.../NAME)",
+    )
     p.add_argument(
         "--prefetch",
         choices=["none", "all"],
@@ -115,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept peers of this uid too (default: our own uid only)",
     )
     p.add_argument("--workers", type=_positive_int, default=1, help="threads per client")
+    snapshot.add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="performance as ratios against C references")
@@ -122,9 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
     p.set_defaults(func=_cmd_bench)
-
-    from .commands import snapshot
-
     snapshot.add_parser(sub)
     return parser
 

@@ -21,13 +21,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import _core
 from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
 from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES
+from .sources import SRC_BYTES, SRC_CACHE
 from .stats import Stats
 from .uffd import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .store.serving import StoreCache
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -79,11 +83,34 @@ class Handler:
         readahead: str = "adaptive",
         allow_uids: tuple[int, ...] = (),
         workers: int = 1,
+        cache_bytes: int = 1 << 30,
+        fetch_timeout: float = 30.0,
     ) -> None:
         self.readahead = parse_readahead(readahead)
         self.prefetch = prefetch
         self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
+        self.memory: _core.Mapping | None = None
+        self.store_cache: StoreCache | None = None
+        if "://" in memory_path:  # a snapshot in a store: served from a chunk cache
+            self.store_cache = _open_snapshot(memory_path, cache_bytes, fetch_timeout, self)
+            self.memory_size = self.store_cache.snapshot.size
+        else:
+            self._map_memory(memory_path)
+        self.path = socket_path
+        try:
+            self.listener = _listen(socket_path)
+        except BaseException:
+            self._close_memory()
+            raise
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
+        self.clients: dict[int, Client] = {}
+        self.counter = 0
+        self.stopping = False
+
+    def _map_memory(self, memory_path: str) -> None:
         fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
@@ -93,14 +120,26 @@ class Handler:
             self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
-        self.path = socket_path
-        self.listener = _listen(socket_path)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
-        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
-        self.clients: dict[int, Client] = {}
-        self.counter = 0
-        self.stopping = False
+
+    def _close_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        if self.store_cache is not None:
+            self.store_cache.close()
+
+    def report_poison(self, chunk: int, start: int, end: int, cause: str) -> None:
+        """A chunk could not be served: log where its pages are in every client."""
+        where = [
+            f"{c.name()} {r.base_host_virt_addr + max(start, r.offset) - r.offset:#x}-"
+            f"{r.base_host_virt_addr + min(end, r.offset + r.size) - r.offset:#x}"
+            for c in list(self.clients.values())
+            for r in c.regions
+            if r.offset < end and start < r.offset + r.size
+        ]
+        log.error(
+            "chunk %d (snapshot offsets %#x-%#x) poisoned: %s; pages at: %s",
+            chunk, start, end, cause, ", ".join(where) or "no client maps it",
+        )  # fmt: skip
 
     # main loop
 
@@ -123,7 +162,7 @@ class Handler:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        self.memory.close()
+        self._close_memory()
 
     # connections
 
@@ -184,14 +223,19 @@ class Handler:
         client.engine = engine
         fixed, amin, amax = self.readahead
         for r in client.regions:
+            if self.store_cache is not None:  # the chunk cache, at the region's offset
+                kind, base, base_len = SRC_CACHE, self.store_cache.handle, r.offset
+            else:
+                assert self.memory is not None
+                kind, base, base_len = SRC_BYTES, self.memory.address + r.offset, r.size
             client.ids.append(
                 engine.add_region(
                     r.base_host_virt_addr,
                     r.size,
                     r.page_size,
-                    SRC_BYTES,
-                    self.memory.address + r.offset,
-                    r.size,
+                    kind,
+                    base,
+                    base_len,
                     0,
                     r.page_size == PAGE_SIZE,
                     fixed,
@@ -278,9 +322,21 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
+def _open_snapshot(address: str, budget: int, fetch_timeout: float, handler: Handler) -> StoreCache:
+    from .store import SnapshotStore
+    from .store.serving import StoreCache
+
+    store, name = SnapshotStore.at(address, timeout=min(30.0, fetch_timeout))
+    return StoreCache(
+        store.open(name), budget=budget, fetch_timeout=fetch_timeout,
+        on_poison=handler.report_poison,
+    )  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
-    if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
+    stored = "://" in args.memory
+    if not (stored or Path(args.memory).is_file() or Path(args.memory).is_block_device()):
         raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
     handler = Handler(
         args.socket,
@@ -289,6 +345,8 @@ def main(args: argparse.Namespace) -> int:
         readahead=args.readahead,
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
+        cache_bytes=args.cache_size,
+        fetch_timeout=args.fetch_timeout,
     )
     previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info(

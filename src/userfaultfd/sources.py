@@ -11,7 +11,7 @@ from . import _core
 from .uffd import PAGE_SIZE
 
 # Engine source kinds (_native/engine.h).
-SRC_ZERO, SRC_BYTES, SRC_FILL, SRC_CONTINUE = 0, 1, 2, 3
+SRC_ZERO, SRC_BYTES, SRC_FILL, SRC_CONTINUE, SRC_CACHE = 0, 1, 2, 3, 4
 
 
 def _round_up(n: int, to: int) -> int:

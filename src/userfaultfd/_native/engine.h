@@ -7,7 +7,9 @@
 #include <stddef.h>
 
 enum engine_mode { ENGINE_THREAD = 0, ENGINE_SIGBUS = 1 };
-enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3 };
+enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3, SRC_CACHE = 4 };
+
+struct chunk_cache;
 enum remove_policy { REMOVE_REFILL = 0, REMOVE_UNREGISTER = 1 };
 
 struct region_params {
@@ -21,6 +23,9 @@ struct region_params {
     uint64_t readahead;       /* fixed: granules installed after the faulting one */
     uint64_t adaptive_min;    /* bytes; 0 disables adaptive readahead */
     uint64_t adaptive_max;
+    struct chunk_cache *cache; /* SRC_CACHE (thread mode only): the chunk cache (chunkcache.h),
+                                  kept alive by the caller while the region exists */
+    uint64_t cache_off;        /* SRC_CACHE: the snapshot offset of the region's offset 0 */
 };
 
 #define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */

@@ -17,6 +17,7 @@
 
 #include "abi.h"
 #include "engine.h"
+#include "chunkcache_py.h"
 #include "seed.h"
 #include "watchdog.h"
 
@@ -735,6 +736,13 @@ static PyObject *engineobj_add_region(EngineObject *o, PyObject *args)
     p.kind = kind;
     p.base = (const char *)(uintptr_t)base;
     p.tail = (const char *)(uintptr_t)tail;
+    p.cache = NULL;
+    if (kind == SRC_CACHE) { /* base: a ChunkCache's handle; base_len: the snapshot offset */
+        p.cache = (struct chunk_cache *)(uintptr_t)base;
+        p.cache_off = p.base_len;
+        p.base = NULL;
+        p.base_len = 0;
+    }
     p.can_zeropage = can_zero;
     int rc;
     Py_BEGIN_ALLOW_THREADS rc = engine_add_region(o->e, &p);
@@ -960,7 +968,7 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
-    if (!m)
+    if (!m || chunkcache_add_type(m) < 0)
         return NULL;
     Py_INCREF(&MappingType);
     Py_INCREF(&EngineType);

@@ -75,6 +75,24 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """`serve --memory ADDRESS`: the chunk cache's bound and the fetches' deadline."""
+    p.add_argument(
+        "--cache-size",
+        type=size,
+        default=1 << 30,
+        metavar="BYTES",
+        help="memory for chunks of a stored snapshot (default 1G)",
+    )
+    p.add_argument(
+        "--fetch-timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a chunk not fetched by then (retries included) is poisoned (default 30)",
+    )
+
+
 @contextmanager
 def _progress(total: int, what: str) -> Iterator[Callable[[int], None] | None]:
     """A progress bar on a terminal; nothing otherwise (the caller prints a summary)."""

@@ -98,7 +98,7 @@ class S3Backend:
     """A bucket and prefix. Endpoint, region and credentials come from the AWS_* variables
     (AWS_ENDPOINT_URL may be http:// for a local store)."""
 
-    def __init__(self, url: str, bucket: str, prefix: str) -> None:
+    def __init__(self, url: str, bucket: str, prefix: str, timeout: float = 30.0) -> None:
         from obstore.store import S3Store
 
         self.url = url
@@ -108,12 +108,12 @@ class S3Backend:
             prefix=prefix or None,
             client_options={
                 "allow_http": endpoint.startswith("http://"),
-                "connect_timeout": "5s",
-                "timeout": "30s",
+                "connect_timeout": f"{min(timeout, 5.0)}s",
+                "timeout": f"{timeout}s",
             },
             retry_config={
                 "max_retries": 3,
-                "retry_timeout": timedelta(seconds=S3_RETRY_SECONDS),
+                "retry_timeout": timedelta(seconds=min(timeout, S3_RETRY_SECONDS)),
                 "backoff": {
                     "init_backoff": timedelta(milliseconds=50),
                     "max_backoff": timedelta(seconds=1),
@@ -154,11 +154,13 @@ class S3Backend:
                 yield meta["path"], meta["last_modified"].timestamp(), int(meta["size"])
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, timeout: float = 30.0) -> Backend:
+    """``timeout``: the longest one request to a remote store may take (a store that stopped
+    answering must not hold a fetch past its deadline)."""
     scheme, where, prefix = split_store_url(url)
     if scheme == "file":
         return FileBackend(url, where)
-    return S3Backend(url, where, prefix)
+    return S3Backend(url, where, prefix, timeout)
 
 
 def server_now(backend: Backend, key: str) -> float:

@@ -146,18 +146,19 @@ class Snapshot:
 class SnapshotStore:
     """Snapshots in a store: ``file:///dir`` or ``s3://bucket[/prefix]``."""
 
-    def __init__(self, url: str) -> None:
-        self.backend: Backend = open_backend(url)
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        """``timeout``: seconds one request to a remote store may take."""
+        self.backend: Backend = open_backend(url, timeout)
         self.url = self.backend.url
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.url!r})"
 
     @classmethod
-    def at(cls, address: str) -> tuple[SnapshotStore, str]:
+    def at(cls, address: str, *, timeout: float = 30.0) -> tuple[SnapshotStore, str]:
         """The store of a snapshot address and the snapshot's name."""
         url, name = parse_address(address)
-        return cls(url), name
+        return cls(url, timeout=timeout), name
 
     # reading
 

@@ -1,0 +1,199 @@
+"""Serving stored snapshots: `userfaultfd serve --memory ADDRESS` to Firecracker-like clients, the
+chunk cache in the page server (cached chunks served natively, misses fetched once each), a
+chunk that fails (poisoned and logged, never wrong data), a store that goes away, and the
+Python API that maps a stored snapshot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import userfaultfd as u
+from userfaultfd import _core
+from userfaultfd.store import SnapshotStore
+from userfaultfd.store.manifest import chunk_key
+from userfaultfd.store.serving import StoreCache
+
+from .test_serve import CLIENT, Server
+from .test_store import realistic
+
+pytestmark = pytest.mark.needs_uffd
+PAGE = u.PAGE_SIZE
+CHUNK = 64 << 10
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def pushed(store_url: str, tmp_path: Path) -> tuple[str, bytearray, Path]:
+    """(address, content, local copy) of a snapshot pushed to the store."""
+    data = realistic(SIZE, seed=7)
+    path = tmp_path / "mem"
+    path.write_bytes(data)
+    SnapshotStore(store_url).push(path, "vm", chunk_size=CHUNK)
+    return f"{store_url}/vm", data, path
+
+
+def touch(address: int, length: int, timeout: float = 30.0) -> None:
+    """Touch every page from a native thread (no GIL held while it faults)."""
+    t = threading.Thread(target=_core.touch, args=(address, length, PAGE, False), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the toucher is still waiting for its pages"
+
+
+def test_serve_serves_a_stored_snapshot_to_a_firecracker_client(pushed, tmp_path: Path) -> None:
+    address, _, local = pushed
+    server = Server(tmp_path, address)  # type: ignore[arg-type]  # a path or an address
+    try:
+        layout = f"{SIZE // 2}@0,{SIZE // 4}@{SIZE // 2 + 2 * CHUNK}"
+        proc = subprocess.run(
+            [sys.executable, CLIENT, str(server.socket), str(local), layout],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split()[-1] == "OK"
+    finally:
+        assert server.stop() == 0
+
+
+def test_cached_chunks_serve_every_byte_and_each_chunk_is_fetched_once(pushed) -> None:
+    address, data, _ = pushed
+    store, name = SnapshotStore.at(address)
+    snap = store.open(name)
+    with StoreCache(snap) as cache, u.PageServer("thread", workers=2) as server:
+        region = server.map(SIZE, cache.source(), readahead="adaptive")
+        threads = [
+            threading.Thread(target=_core.touch, args=(region.address + k * PAGE, SIZE - k * PAGE,
+                                                      4 * PAGE, False), daemon=True)
+            for k in range(4)
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert bytes(region[:]) == bytes(data)
+        assert cache.fetched == sum(1 for h in snap.table if h)  # no chunk fetched twice
+        region.close()
+        # A second region over the same cache is served without fetching anything.
+        again = server.map(SIZE, cache.source())
+        touch(again.address, SIZE)
+        assert bytes(again[:]) == bytes(data) and cache.fetched == cache.stats()["fetched"]
+        again.close()
+
+
+def test_a_bounded_cache_evicts_and_still_serves_every_byte(pushed) -> None:
+    address, data, _ = pushed
+    store, name = SnapshotStore.at(address)
+    with StoreCache(store.open(name), budget=0, fetchers=2) as cache, u.PageServer("thread") as s:
+        assert cache.budget == 8 * CHUNK  # the least it keeps
+        region = s.map(SIZE, cache.source(), readahead="adaptive")
+        touch(region.address, SIZE)
+        assert bytes(region[:]) == bytes(data)
+        assert cache.evicted > 0
+        region.close()
+
+
+# A process that serves a stored snapshot to itself: a fault that is poisoned kills it with SIGBUS,
+# so it runs apart from the tests. It touches chunk `first`, says so, waits for a line on stdin,
+# then touches `then` (a chunk number, or "all" to touch everything and compare with `local`).
+CHILD = r"""
+import sys, threading, logging
+import userfaultfd as u
+from userfaultfd import _core
+from userfaultfd.store import SnapshotStore
+from userfaultfd.store.serving import StoreCache
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+address, first, then, timeout, local = sys.argv[1:6]
+store, name = SnapshotStore.at(address, timeout=float(timeout))
+snap = store.open(name)
+cache = StoreCache(snap, fetch_timeout=float(timeout))
+server = u.PageServer("thread")
+region = server.map(snap.size, cache.source())
+def touch(chunk, length):
+    t = threading.Thread(target=_core.touch,
+                         args=(region.address + chunk * 65536, length, 4096, False))
+    t.start()
+    t.join(60)
+    assert not t.is_alive()
+touch(int(first), 65536)
+print("first chunk served", flush=True)
+sys.stdin.readline()
+if then == "all":
+    touch(0, snap.size)
+    assert bytes(region[:]) == open(local, "rb").read(), "wrong data"
+    print("all served", flush=True)
+else:
+    _core.touch(region.address + int(then) * 65536, 4096, 4096, False)
+    print("poisoned chunk served: wrong", flush=True)
+"""
+
+
+def child(
+    address: str, first: int, then: str, timeout: float, local: Path
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, address, str(first), then, str(timeout), str(local)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def data_chunks(address: str) -> list[int]:
+    store, name = SnapshotStore.at(address)
+    return [i for i, h in enumerate(store.open(name).table) if h]
+
+
+def test_a_chunk_that_fails_its_hash_is_poisoned_and_logged(pushed) -> None:
+    address, _, local = pushed
+    store, name = SnapshotStore.at(address)
+    snap = store.open(name)
+    first, bad = data_chunks(address)[:2]
+    victim = snap.table[bad]
+    assert victim and snap.table[first] != victim
+    store.backend.put(chunk_key(victim), store.backend.get(chunk_key(snap.table[first] or "")))
+    proc = child(address, first, str(bad), 5, local)
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == -7, out + err  # SIGBUS: the page is poisoned
+    assert "first chunk served" in out and "wrong" not in out
+    assert f"chunk {bad} (offsets {bad * CHUNK:#x}-{(bad + 1) * CHUNK:#x}) poisoned" in err
+    assert f"chunk {victim}: content does not match its hash" in err
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_chunk_not_fetched_in_time_is_poisoned_never_hung(pushed, s3_server) -> None:
+    address, _, local = pushed
+    first, bad = data_chunks(address)[:2]
+    proc = child(address, first, str(bad), 1.5, local)
+    try:
+        assert proc.stdout is not None and "first" in proc.stdout.readline()
+        s3_server.pause()
+        start = time.monotonic()
+        out, err = proc.communicate("go\n", timeout=60)
+    finally:
+        s3_server.resume()
+    assert proc.returncode == -7, out + err
+    assert time.monotonic() - start < 15
+    assert f"chunk {bad} " in err and "not fetched within 1.5 s" in err
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_store_that_goes_away_and_comes_back_in_time_is_survived(pushed, s3_server) -> None:
+    address, _, local = pushed
+    proc = child(address, data_chunks(address)[0], "all", 20, local)
+    try:
+        assert proc.stdout is not None and "first" in proc.stdout.readline()
+        s3_server.pause()
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(1.5)
+    finally:
+        s3_server.resume()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert "all served" in out
