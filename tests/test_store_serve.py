@@ -197,3 +197,18 @@ def test_a_store_that_goes_away_and_comes_back_in_time_is_survived(pushed, s3_se
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     assert "all served" in out
+
+
+def test_an_application_maps_a_stored_snapshot_as_a_buffer(pushed) -> None:
+    address, data, _ = pushed
+    store, name = SnapshotStore.at(address)
+    with store.map(name, cache_size=1 << 20) as region:
+        assert region.size == len(data) and len(region) == len(data)
+        # touched while holding the GIL: the handler process serves it
+        assert region[CHUNK : 3 * CHUNK] == bytes(data[CHUNK : 3 * CHUNK])
+        assert bytes(memoryview(region)) == bytes(data)
+
+
+def test_mapping_a_missing_snapshot_names_it(store_url: str) -> None:
+    with pytest.raises(FileNotFoundError, match="no snapshot 'ghost'"):
+        SnapshotStore(store_url).map("ghost")

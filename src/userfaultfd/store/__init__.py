@@ -12,6 +12,7 @@ from .errors import (
     SnapshotNotFoundError,
     StoreError,
 )
+from .mapping import SnapshotMapping, map_snapshot
 from .store import DEFAULT_CHUNK_SIZE, GcResult, PushResult, Snapshot, SnapshotStore
 
 __all__ = [
@@ -23,9 +24,11 @@ __all__ = [
     "ParentError",
     "PushResult",
     "Snapshot",
+    "SnapshotMapping",
     "SnapshotExistsError",
     "SnapshotNotFoundError",
     "SnapshotStore",
     "StoreError",
+    "map_snapshot",
     "parse_address",
 ]

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import chunks as codec
 from .address import check_name, parse_address
@@ -38,6 +38,9 @@ from .errors import (
     StoreError,
 )
 from .manifest import ZERO, Entry, Manifest, chunk_key, manifest_key
+
+if TYPE_CHECKING:
+    from .mapping import SnapshotMapping
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 MAX_CHUNK_SIZE = 64 << 20
@@ -253,6 +256,16 @@ class SnapshotStore:
         finally:
             os.close(fd)
         return snap.size
+
+    def map(
+        self, name: str, *, cache_size: int = 1 << 30, fetch_timeout: float = 30.0
+    ) -> SnapshotMapping:
+        """The snapshot mapped as a buffer, served lazily by a handler process (mapping.py)."""
+        from .mapping import map_snapshot
+
+        return map_snapshot(
+            f"{self.url.rstrip('/')}/{name}", cache_size=cache_size, fetch_timeout=fetch_timeout
+        )
 
     # writing
 
