@@ -186,9 +186,9 @@ def memfd() -> Iterator[int]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
-    """A real S3-compatible server on loopback for the whole session (tests/s3server.py), with
-    the AWS_* variables pointing at it."""
-    from .s3server import running
+    """A real S3-compatible server on loopback for the whole session (store/localserver.py),
+    with the AWS_* variables pointing at it."""
+    from userfaultfd.store.localserver import running
 
     with running() as server:
         saved = {k: os.environ.get(k) for k in server.env()}

@@ -29,9 +29,12 @@ def test_tiny_run_of_every_scenario() -> None:
     assert set(report["scenarios"]) == set(bench.SCENARIOS)
     for name, s in report["scenarios"].items():
         check_scenario(s)
-        assert s["unit"] == ("MB/s" if name == "restore-seq" else "faults/s")
+        assert s["unit"] == ("MB/s" if name.startswith("restore-") else "faults/s")
     assert report["scenarios"]["fault-sigbus"]["c_sigbus_resolver"]["value"] > 0
     assert report["scenarios"]["fault-thread"]["ours_without_spinning"]["value"] > 0
+    remote = report["scenarios"]["restore-remote"]
+    assert remote["cached_fault_ratio"] > 0 and remote["compression_ratio"] >= 1
+    assert remote["dedup_ratio"] > 1
     m = report["machine"]
     assert m["cpus"] >= 1 and m["kernel_populate_MBps"] > 0 and m["kernel"]
     text = bench.render(report)

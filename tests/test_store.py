@@ -1,4 +1,4 @@
-"""The snapshot store, the same suite on a directory and on a real S3 server (tests/s3server.py):
+"""The snapshot store, the same suite on a directory and on a real S3 server (store/localserver.py):
 push, info, pull, layers, sparse diff import, rm, gc (also racing pushes), and every error."""
 
 from __future__ import annotations

