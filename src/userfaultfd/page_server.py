@@ -19,15 +19,14 @@ import weakref
 from typing import Any, Literal
 
 from . import _core
-from .errors import SourceError
-from .flags import Feature, RegisterMode
+from ._ntuples import SourceFailure
+from ._regions import in_forked_child, registering
+from .errors import SourceError, source_error
+from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
 from .sources import SRC_CONTINUE, Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
-MAP_HUGETLB = 0x40000
-MAP_NORESERVE = 0x4000
-MADV_DONTFORK = 10
 HUGE_PAGE_SIZE = 2 << 20
 ADAPTIVE_MIN, ADAPTIVE_MAX = 64 << 10, 4 << 20  # CRIU's lazy-pages daemon grows 64 KiB -> 4 MiB
 
@@ -266,21 +265,12 @@ class PageServer:
             region.server, region.source = self, source
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
-            try:
-                # A forked child would see the region unregistered: zeros where pages are still
-                # missing, and with shared memory zero pages it allocates would be what this
-                # process reads too. Children do not inherit regions (touching one is SIGSEGV).
-                _core.madvise(region.address, length, MADV_DONTFORK)
-                self._uffd.register(region.address, length, mode)
+            with registering(self._uffd, region, mode, on_failure=prepared.release):
                 region.id = self._engine.add_region(
                     region.address, length, page_size, prepared.kind, prepared.base,
                     prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
                 )  # fmt: skip
                 self._regions[region.id] = region
-            except BaseException:
-                _core.Mapping.close(region)
-                prepared.release()
-                raise
         return region
 
     def stats(self) -> Stats:
@@ -312,11 +302,10 @@ class PageServer:
             where = (
                 f"region {first[1]} ({region.source!r})" if region else "an address in no region"
             )
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned; first: {where} "
-                f"at offset {first[3]:#x}, address {first[2]:#x}: "
+            raise source_error(
+                _source_failures(errs),
+                f"{where} at offset {first[3]:#x}, address {first[2]:#x}: "
                 f"{os.strerror(first[0])} ({first[4]})",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
             )
 
     def close(self) -> None:
@@ -328,9 +317,7 @@ class PageServer:
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
             return
-        if os.getpid() != self._pid:  # a forked child: the engine and the regions are the parent's
-            for region in self._regions.values():
-                region.rebase(0)  # not inherited (MADV_DONTFORK): nothing to unmap here
+        if in_forked_child(self._pid, self._regions.values()):  # engine, regions: the parent's
             self._regions.clear()
             self._engine.close()  # leaves the parent's threads alone
             self._uffd.close()  # this process's copy of the fd
@@ -350,10 +337,7 @@ class PageServer:
         _servers.discard(self)
         if self._pending_errors:
             errs, self._pending_errors = self._pending_errors, []
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
-            )
+            raise source_error(_source_failures(errs))
 
     def __enter__(self) -> PageServer:
         return self
@@ -364,3 +348,7 @@ class PageServer:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._regions)} regions"
         return f"<PageServer {self.mode} {state}>"
+
+
+def _source_failures(errs: list[tuple[int, int, int, int, str]]) -> list[SourceFailure]:
+    return [SourceFailure(e[0], e[2], e[3], e[4]) for e in errs]

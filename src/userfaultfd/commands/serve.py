@@ -1,4 +1,4 @@
-"""``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
+"""``userfaultfd serve``: the daemon that serves Firecracker-style snapshot restores.
 
 Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
 client gets native worker threads (the page server's engine) that serve its MISSING faults from the
@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _core
-from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
-from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES
-from .stats import Stats
-from .uffd import PAGE_SIZE
+from userfaultfd import _core
+from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from userfaultfd.page_server import ADAPTIVE_MAX, ADAPTIVE_MIN
+from userfaultfd.sources import SRC_BYTES
+from userfaultfd.stats import Stats
+from userfaultfd.uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -67,8 +67,8 @@ class Client:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
 
 
-class Handler:
-    """The server: accepts clients, hands each uffd to an engine, drops clients that go away."""
+class Daemon:
+    """The daemon: accepts clients, hands each uffd to an engine, drops clients that go away."""
 
     def __init__(
         self,
@@ -282,7 +282,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
     if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
         raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
-    handler = Handler(
+    daemon = Daemon(
         args.socket,
         args.memory,
         prefetch=args.prefetch == "all",
@@ -290,14 +290,12 @@ def main(args: argparse.Namespace) -> int:
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
     )
-    previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log.info(
-        "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
-    )
+    previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
     try:
-        handler.serve_forever()
+        daemon.serve_forever()
     finally:
-        handler.close()
+        daemon.close()
         for sig, old in previous.items():
             signal.signal(sig, old)
         log.info("stopped")
