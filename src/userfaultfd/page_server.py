@@ -172,11 +172,11 @@ class PageServer:
         self._pending_errors: list[tuple[int, int, int, int, str]] = []
         self._engine = _core.Engine(
             self._uffd.fileno(),
-            1 if mode == "sigbus" else 0,
-            workers,
-            0 if on_remove == "refill" else 1,
-            PAGE_SIZE,
-            int(spin_us * 1000),
+            mode=_core.MODE_SIGBUS if mode == "sigbus" else _core.MODE_THREAD,
+            workers=workers,
+            remove_policy=_core.REMOVE_REFILL if on_remove == "refill" else _core.REMOVE_UNREGISTER,
+            base_page=PAGE_SIZE,
+            spin_ns=int(spin_us * 1000),
         )
         try:
             self._engine.start()
@@ -267,9 +267,18 @@ class PageServer:
             region._prepared = prepared
             with registering(self._uffd, region, mode, on_failure=prepared.release):
                 region.id = self._engine.add_region(
-                    region.address, length, page_size, prepared.kind, prepared.base,
-                    prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
-                )  # fmt: skip
+                    start=region.address,
+                    length=length,
+                    page_size=page_size,
+                    kind=prepared.kind,
+                    base=prepared.base,
+                    base_len=prepared.base_len,
+                    tail=prepared.tail,
+                    can_zeropage=memory != "hugetlb",
+                    readahead=ra,
+                    adaptive_min=amin,
+                    adaptive_max=amax,
+                )
                 self._regions[region.id] = region
         return region
 

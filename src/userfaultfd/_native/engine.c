@@ -305,7 +305,7 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size;
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
-    const int sigbus = e->mode == ENGINE_SIGBUS;
+    const int sigbus = e->mode == MODE_SIGBUS;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
@@ -414,7 +414,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
     const struct extent *x = lookup(t, addr);
     if (!x) { /* registered with our uffd but in no region: never answer with made-up data */
         poison(e, NULL, addr & ~(e->base_page - 1), e->base_page, 0, ENXIO, "lookup");
-        if (e->mode == ENGINE_THREAD)
+        if (e->mode == MODE_THREAD)
             range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
         return 0;
     }
@@ -431,7 +431,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
     } else {
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
-                    (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
+                    (e->mode == MODE_SIGBUS && r->p.kind == SRC_CONTINUE);
         ADD(*(minor ? &r->st.faults_minor : &r->st.faults_missing), 1);
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
@@ -803,7 +803,7 @@ int engine_sigbus_first(void)
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns)
 {
-    if (workers < 1 || workers > MAX_WORKERS || (mode != ENGINE_THREAD && mode != ENGINE_SIGBUS)) {
+    if (workers < 1 || workers > MAX_WORKERS || (mode != MODE_THREAD && mode != MODE_SIGBUS)) {
         errno = EINVAL;
         return NULL;
     }
@@ -813,7 +813,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     e->owner = getpid();
     e->uffd = uffd;
     e->mode = mode;
-    e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
+    e->nworkers = mode == MODE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
     e->remove_policy = remove_policy;
     e->base_page = base_page;
     e->spin_ns = spin_ns;
@@ -831,7 +831,7 @@ int engine_start(struct engine *e)
 {
     sigset_t all, old;
     int rc = 0;
-    if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
+    if (e->mode == MODE_SIGBUS && (rc = sigbus_attach(e)) != 0)
         return -rc;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
@@ -857,7 +857,7 @@ void engine_stop(struct engine *e)
     for (int k = 0; k < e->nthreads; k++)
         pthread_join(e->threads[k], NULL);
     e->nthreads = 0;
-    if (e->mode == ENGINE_SIGBUS)
+    if (e->mode == MODE_SIGBUS)
         sigbus_detach(e);
 }
 
@@ -1000,7 +1000,7 @@ int engine_remove_region(struct engine *e, int id)
     for (size_t j = 0; t && j < t->n; j++) {
         if (t->x[j].r != r)
             nt->x[nt->n++] = t->x[j];
-        else if (e->mode == ENGINE_SIGBUS)
+        else if (e->mode == MODE_SIGBUS)
             retire(t->x[j].start, t->x[j].end);
     }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */

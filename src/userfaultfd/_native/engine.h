@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <stddef.h>
 
-enum engine_mode { ENGINE_THREAD = 0, ENGINE_SIGBUS = 1 };
+enum engine_mode { MODE_THREAD = 0, MODE_SIGBUS = 1 };
 enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3 };
 enum remove_policy { REMOVE_REFILL = 0, REMOVE_UNREGISTER = 1 };
 

@@ -20,6 +20,9 @@
 #include "seed.h"
 #include "watchdog.h"
 
+/* A C constant exported under its own name: Python never retypes a C number. */
+#define ADD_INT_MACRO(m, c) PyModule_AddIntConstant(m, #c, c)
+
 /* OSError (its errno subclass) whose message names the failing call. */
 static PyObject *os_error(int err, const char *call)
 {
@@ -656,9 +659,12 @@ static int engine_check(EngineObject *o)
 
 static int engineobj_init(EngineObject *o, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"uffd", "mode", "workers", "remove_policy", "base_page", "spin_ns",
+                             NULL};
     int uffd, mode, workers, policy;
     unsigned long long base_page, spin_ns;
-    if (!PyArg_ParseTuple(args, "iiiiKK", &uffd, &mode, &workers, &policy, &base_page, &spin_ns))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i$iiiKK:Engine", kwlist, &uffd, &mode, &workers,
+                                     &policy, &base_page, &spin_ns))
         return -1;
     if (o->e) {
         PyErr_SetString(PyExc_ValueError, "the engine is already initialised");
@@ -720,17 +726,19 @@ static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* add_region(start, length, page_size, kind, base_addr, base_len, tail_addr, can_zeropage,
- *            readahead, adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
-static PyObject *engineobj_add_region(EngineObject *o, PyObject *args)
+/* add_region(*, start, length, page_size, kind, base, base_len, tail, can_zeropage, readahead,
+ *            adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
+static PyObject *engineobj_add_region(EngineObject *o, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"start", "length", "page_size", "kind", "base", "base_len", "tail",
+                             "can_zeropage", "readahead", "adaptive_min", "adaptive_max", NULL};
     struct region_params p;
     unsigned long long base, tail;
     int kind, can_zero;
     if (engine_check(o) < 0 ||
-        !PyArg_ParseTuple(args, "KKKiKKKiKKK", &p.start, &p.length, &p.page_size, &kind, &base,
-                          &p.base_len, &tail, &can_zero, &p.readahead, &p.adaptive_min,
-                          &p.adaptive_max))
+        !PyArg_ParseTupleAndKeywords(args, kw, "$KKKiKKKiKKK:add_region", kwlist, &p.start,
+                                     &p.length, &p.page_size, &kind, &base, &p.base_len, &tail,
+                                     &can_zero, &p.readahead, &p.adaptive_min, &p.adaptive_max))
         return NULL;
     p.kind = kind;
     p.base = (const char *)(uintptr_t)base;
@@ -840,7 +848,8 @@ static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engineobj_start, METH_NOARGS, NULL},
     {"stop", (PyCFunction)engineobj_stop, METH_NOARGS, "stop the threads; populate calls return"},
     {"close", (PyCFunction)engineobj_close, METH_NOARGS, NULL},
-    {"add_region", (PyCFunction)engineobj_add_region, METH_VARARGS, NULL},
+    {"add_region", (PyCFunction)(void (*)(void))engineobj_add_region,
+     METH_VARARGS | METH_KEYWORDS, NULL},
     {"remove_region", (PyCFunction)engineobj_remove_region, METH_VARARGS, NULL},
     {"populate", (PyCFunction)engineobj_populate, METH_VARARGS, NULL},
     {"stats", (PyCFunction)engineobj_stats, METH_VARARGS, NULL},
@@ -853,7 +862,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "userfaultfd._core.Engine",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(uffd, mode, workers, remove_policy, base_page, spin_ns): native fault serving.",
+    .tp_doc = "Engine(uffd, *, mode, workers, remove_policy, base_page, spin_ns): native fault serving.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)engineobj_init,
     .tp_dealloc = (destructor)engineobj_dealloc,
@@ -992,6 +1001,11 @@ PyMODINIT_FUNC PyInit__core(void)
     }
     if (!d || PyModule_AddObject(m, "ABI", d) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0)
+        return NULL;
+    if (ADD_INT_MACRO(m, MODE_THREAD) < 0 || ADD_INT_MACRO(m, MODE_SIGBUS) < 0 ||
+        ADD_INT_MACRO(m, SRC_ZERO) < 0 || ADD_INT_MACRO(m, SRC_BYTES) < 0 ||
+        ADD_INT_MACRO(m, SRC_FILL) < 0 || ADD_INT_MACRO(m, SRC_CONTINUE) < 0 ||
+        ADD_INT_MACRO(m, REMOVE_REFILL) < 0 || ADD_INT_MACRO(m, REMOVE_UNREGISTER) < 0)
         return NULL;
     return m;
 }

@@ -180,24 +180,31 @@ class Daemon:
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
     def _start(self, client: Client) -> None:
-        engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
+        engine = _core.Engine(
+            client.uffd,
+            mode=_core.MODE_THREAD,
+            workers=self.workers,
+            remove_policy=REMOVE_UNREGISTER,
+            base_page=PAGE_SIZE,
+            spin_ns=50_000,
+        )
         client.engine = engine
         fixed, amin, amax = self.readahead
         for r in client.regions:
             client.ids.append(
                 engine.add_region(
-                    r.base_host_virt_addr,
-                    r.size,
-                    r.page_size,
-                    SRC_BYTES,
-                    self.memory.address + r.offset,
-                    r.size,
-                    0,
-                    r.page_size == PAGE_SIZE,
-                    fixed,
-                    max(amin, r.page_size) if amin else 0,
-                    max(amax, r.page_size) if amax else 0,
-                )  # fmt: skip
+                    start=r.base_host_virt_addr,
+                    length=r.size,
+                    page_size=r.page_size,
+                    kind=SRC_BYTES,
+                    base=self.memory.address + r.offset,
+                    base_len=r.size,
+                    tail=0,
+                    can_zeropage=r.page_size == PAGE_SIZE,
+                    readahead=fixed,
+                    adaptive_min=max(amin, r.page_size) if amin else 0,
+                    adaptive_max=max(amax, r.page_size) if amax else 0,
+                )
             )
         engine.start()
         if self.prefetch:
