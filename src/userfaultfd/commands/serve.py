@@ -23,30 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from userfaultfd import _core
+from userfaultfd._engine import Engine, RegionSpec, parse_readahead
 from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
-from userfaultfd.page_server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from userfaultfd.sources import SRC_BYTES
-from userfaultfd.stats import Stats
 from userfaultfd.uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
-REMOVE_UNREGISTER = 1
-
-
-def parse_readahead(text: str) -> tuple[int, int, int]:
-    """(fixed pages, adaptive min, adaptive max) from "adaptive", "none" or a page count."""
-    if text == "adaptive":
-        return 0, ADAPTIVE_MIN, ADAPTIVE_MAX
-    if text == "none":
-        return 0, 0, 0
-    try:
-        pages = int(text)
-    except ValueError:
-        pages = -1
-    if pages < 0:
-        raise ValueError(f"readahead {text!r} is not a page count, 'adaptive' or 'none'")
-    return pages, 0, 0
 
 
 @dataclass
@@ -58,7 +40,7 @@ class Client:
     connected: float = field(default_factory=time.monotonic)
     uffd: int = -1
     regions: list[GuestRegion] = field(default_factory=list)
-    engine: _core.Engine | None = None
+    engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
@@ -180,32 +162,21 @@ class Daemon:
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
     def _start(self, client: Client) -> None:
-        engine = _core.Engine(
-            client.uffd,
-            mode=_core.MODE_THREAD,
-            workers=self.workers,
-            remove_policy=REMOVE_UNREGISTER,
-            base_page=PAGE_SIZE,
-            spin_ns=50_000,
-        )
+        # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
+        engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
-        fixed, amin, amax = self.readahead
         for r in client.regions:
-            client.ids.append(
-                engine.add_region(
-                    start=r.base_host_virt_addr,
-                    length=r.size,
-                    page_size=r.page_size,
-                    kind=SRC_BYTES,
-                    base=self.memory.address + r.offset,
-                    base_len=r.size,
-                    tail=0,
-                    can_zeropage=r.page_size == PAGE_SIZE,
-                    readahead=fixed,
-                    adaptive_min=max(amin, r.page_size) if amin else 0,
-                    adaptive_max=max(amax, r.page_size) if amax else 0,
-                )
+            spec = RegionSpec(
+                start=r.base_host_virt_addr,
+                length=r.size,
+                page_size=r.page_size,
+                kind=_core.SRC_BYTES,
+                base=self.memory.address + r.offset,
+                base_len=r.size,
+                can_zeropage=r.page_size == PAGE_SIZE,
+                readahead=self.readahead,
             )
+            client.ids.append(engine.add_region(spec))
         engine.start()
         if self.prefetch:
             client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
@@ -229,7 +200,7 @@ class Daemon:
             if now - client.connected > HANDSHAKE_TIMEOUT:
                 self._drop(client, "refused: no hand-off message in time", refused=True)
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info()[0]:
+            if client.engine is not None and client.engine.info().client_gone:
                 self._drop(client, "its process exited")
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
@@ -245,7 +216,7 @@ class Daemon:
             client.engine.stop()
             if client.prefetcher:
                 client.prefetcher.join()
-            total = Stats.from_engine(client.engine.stats(-1))
+            total = client.engine.stats()
             client.engine.close()
             if not refused:
                 log.info(
