@@ -63,9 +63,6 @@ int engine_region_pieces(struct engine *e, int id, uint64_t **out, size_t *n);
 /* Copies up to max errors recorded since *cursor; returns how many, advances *cursor. */
 int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max);
 int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH) */
-/* Whether SIGBUS goes to the engines' resolver first. A handler installed later (faulthandler
- * enabled after a sigbus-mode engine started) sees userfaults first and treats them as fatal. */
-int engine_sigbus_first(void);
 void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
 
 #endif

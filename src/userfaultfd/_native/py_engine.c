@@ -12,6 +12,7 @@
 #include "py_engine.h"
 #include "engine.h"
 #include "py_errors.h"
+#include "sigbus.h"
 
 typedef struct {
     PyObject_HEAD struct engine *e;
@@ -269,5 +270,5 @@ PyTypeObject EngineType = {
 
 PyObject *py_sigbus_first(PyObject *self, PyObject *unused)
 {
-    return PyBool_FromLong(engine_sigbus_first());
+    return PyBool_FromLong(sigbus_first());
 }
