@@ -29,19 +29,19 @@
 #define BATCH 64
 #define ERR_RING 64
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
-#define MAX_POISONED 64 /* per region; past that every filled granule counts as poisoned */
+#define MAX_POISONED 64         /* per region; past that every filled granule counts as poisoned */
 
 /* ---- regions and the extent table ---- */
 
 struct region {
     int id;
     struct region_params p;
-    unsigned shift;       /* log2(page_size) */
-    uint64_t npages;      /* granules */
-    uint64_t *filled;     /* one bit per granule, accessed atomically */
-    char *fill_block;     /* SRC_FILL: the pattern repeated over fill_len bytes */
+    unsigned shift;   /* log2(page_size) */
+    uint64_t npages;  /* granules */
+    uint64_t *filled; /* one bit per granule, accessed atomically */
+    char *fill_block; /* SRC_FILL: the pattern repeated over fill_len bytes */
     size_t fill_len;
-    char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
+    char *zero_block; /* where ZEROPAGE is not allowed: a read-only zero mapping */
     atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
     /* Poisoned granules. Without CONFIG_MEMORY_FAILURE a poisoned page raises SIGBUS with the same
      * si_code as a userfault, so the SIGBUS handler must know them to pass them on. */
@@ -236,8 +236,8 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
 }
 
 /* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
-static void count_installed(const struct engine *e, struct region *r, unsigned long req,
-                            uint64_t n, int sign)
+static void count_installed(const struct engine *e, struct region *r, unsigned long req, uint64_t n,
+                            int sign)
 {
     const uint64_t pages = n / e->base_page;
     if (sign > 0) {
@@ -257,8 +257,7 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
  * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
  * or ESRCH when the owner of the uffd is gone. */
-static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
-                   int minor)
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor)
 {
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
@@ -446,7 +445,8 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
         if (b < x.end)
             nt->x[nt->n++] = (struct extent){b, x.end, x.off + (b - x.start), x.r};
         if (move)
-            nt->x[nt->n++] = (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
+            nt->x[nt->n++] =
+                (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
     }
     qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
     return nt;
@@ -614,7 +614,7 @@ static void *worker(void *arg)
 
 /* ---- the SIGBUS resolver's callback (sigbus.c) ---- */
 
-/* Runs in the SIGBUS handler of the faulting thread: serves addr if one of e's regions covers it. */
+/* Runs in the SIGBUS handler of the faulting thread: serves addr if a region of e covers it. */
 static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
 {
     struct engine *e = ctx;
@@ -737,8 +737,8 @@ static struct region *region_new(const struct region_params *p)
     if (p->kind == SRC_FILL) {
         uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
         r->fill_len = cap + p->base_len;
-        r->fill_block = mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        r->fill_block =
+            mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (r->fill_block == MAP_FAILED) {
             r->fill_block = NULL;
             goto fail;
@@ -766,7 +766,8 @@ int engine_add_region(struct engine *e, const struct region_params *p)
     const uint64_t g = p->page_size;
     if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
         p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
-        (p->kind == SRC_BYTES && p->base_len % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
+        (p->kind == SRC_BYTES && p->base_len % g) ||
+        (p->adaptive_min && p->adaptive_max < p->adaptive_min))
         return -EINVAL;
     struct region *r = region_new(p);
     if (!r)

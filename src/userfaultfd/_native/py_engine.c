@@ -9,13 +9,14 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "py_engine.h"
 #include "engine.h"
+#include "py_engine.h"
 #include "py_errors.h"
 #include "sigbus.h"
 
 typedef struct {
-    PyObject_HEAD struct engine *e;
+    PyObject_HEAD
+    struct engine *e;
     int started;
     pid_t owner;
 } EngineObject;
@@ -36,8 +37,8 @@ static int engine_check(EngineObject *o)
 
 static int engineobj_init(EngineObject *o, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"uffd", "mode", "workers", "remove_policy", "base_page", "spin_ns",
-                             NULL};
+    static char *kwlist[] = {"uffd",      "mode",    "workers", "remove_policy",
+                             "base_page", "spin_ns", NULL};
     int uffd, mode, workers, policy;
     unsigned long long base_page, spin_ns;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "i$iiiKK:Engine", kwlist, &uffd, &mode, &workers,
@@ -62,7 +63,9 @@ static void engine_shutdown(EngineObject *o)
         return;
     struct engine *e = o->e;
     o->e = NULL;
-    Py_BEGIN_ALLOW_THREADS if (o->started) engine_stop(e);
+    Py_BEGIN_ALLOW_THREADS
+    if (o->started)
+        engine_stop(e);
     engine_free(e);
     Py_END_ALLOW_THREADS
 }
@@ -91,8 +94,10 @@ static PyObject *engineobj_stop(EngineObject *o, PyObject *unused)
     if (engine_check(o) < 0)
         return NULL;
     if (o->started) {
-        Py_BEGIN_ALLOW_THREADS engine_stop(o->e);
-        Py_END_ALLOW_THREADS o->started = 0;
+        Py_BEGIN_ALLOW_THREADS
+        engine_stop(o->e);
+        Py_END_ALLOW_THREADS
+        o->started = 0;
     }
     Py_RETURN_NONE;
 }
@@ -107,8 +112,9 @@ static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
  *            adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
 static PyObject *engineobj_add_region(EngineObject *o, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"start", "length", "page_size", "kind", "base", "base_len", "tail",
-                             "can_zeropage", "readahead", "adaptive_min", "adaptive_max", NULL};
+    static char *kwlist[] = {"start",     "length",       "page_size",    "kind",
+                             "base",      "base_len",     "tail",         "can_zeropage",
+                             "readahead", "adaptive_min", "adaptive_max", NULL};
     struct region_params p;
     unsigned long long base, tail;
     int kind, can_zero;
@@ -122,8 +128,11 @@ static PyObject *engineobj_add_region(EngineObject *o, PyObject *args, PyObject 
     p.tail = (const char *)(uintptr_t)tail;
     p.can_zeropage = can_zero;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = engine_add_region(o->e, &p);
-    Py_END_ALLOW_THREADS if (rc < 0) return os_error(-rc, "engine_add_region");
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_add_region(o->e, &p);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "engine_add_region");
     return PyLong_FromLong(rc);
 }
 
@@ -132,8 +141,11 @@ static PyObject *engineobj_remove_region(EngineObject *o, PyObject *args)
     int id, rc;
     if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = engine_remove_region(o->e, id);
-    Py_END_ALLOW_THREADS if (rc < 0) return os_error(-rc, "engine_remove_region");
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_remove_region(o->e, id);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "engine_remove_region");
     Py_RETURN_NONE;
 }
 
@@ -143,8 +155,11 @@ static PyObject *engineobj_populate(EngineObject *o, PyObject *args)
     unsigned long long off, len;
     if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "iKK", &id, &off, &len))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = engine_populate(o->e, id, off, len);
-    Py_END_ALLOW_THREADS if (rc < 0) return os_error(-rc, "populate");
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_populate(o->e, id, off, len);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "populate");
     Py_RETURN_NONE;
 }
 
@@ -175,9 +190,9 @@ static PyObject *engineobj_pieces(EngineObject *o, PyObject *args)
         return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "pieces");
     PyObject *list = PyList_New((Py_ssize_t)n);
     for (size_t k = 0; list && k < n; k++) {
-        PyObject *t = Py_BuildValue("KKK", (unsigned long long)p[3 * k],
-                                    (unsigned long long)p[3 * k + 1],
-                                    (unsigned long long)p[3 * k + 2]);
+        PyObject *t =
+            Py_BuildValue("KKK", (unsigned long long)p[3 * k], (unsigned long long)p[3 * k + 1],
+                          (unsigned long long)p[3 * k + 2]);
         if (!t)
             Py_CLEAR(list);
         else
@@ -230,8 +245,7 @@ static PyMethodDef engine_methods[] = {
      "Stop and join the engine's threads; a populate running elsewhere returns ECANCELED."},
     {"close", (PyCFunction)engineobj_close, METH_NOARGS,
      "Stop the threads and free the engine (once; the uffd is the caller's)."},
-    {"add_region", (PyCFunction)(void (*)(void))engineobj_add_region,
-     METH_VARARGS | METH_KEYWORDS,
+    {"add_region", (PyCFunction)(void (*)(void))engineobj_add_region, METH_VARARGS | METH_KEYWORDS,
      "add_region(*, start, length, page_size, kind, base, base_len, tail, can_zeropage, "
      "readahead, adaptive_min, adaptive_max) -> id: serve faults in [start, start+length) from "
      "the source (SRC_*); the caller keeps base and tail alive. OSError EINVAL (bad parameters), "
@@ -258,15 +272,17 @@ static PyMethodDef engine_methods[] = {
     {NULL}};
 
 PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "userfaultfd._core.Engine",
+    .tp_name = "userfaultfd._core.Engine",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(uffd, *, mode, workers, remove_policy, base_page, spin_ns): native fault serving.",
+    .tp_doc =
+        "Engine(uffd, *, mode, workers, remove_policy, base_page, spin_ns): native fault serving.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)engineobj_init,
     .tp_dealloc = (destructor)engineobj_dealloc,
     .tp_methods = engine_methods,
-};
+    /* Last: the macro brings its own trailing comma, which clang-format cannot see. */
+    .ob_base = PyVarObject_HEAD_INIT(NULL, 0)};
 
 PyObject *py_sigbus_first(PyObject *self, PyObject *unused)
 {

@@ -5,10 +5,10 @@
 
 #include <errno.h>
 
+#include "py_errors.h"
 #include "py_handles.h"
 #include "seed.h"
 #include "watchdog.h"
-#include "py_errors.h"
 
 /* ---- the seed's handler thread ---- */
 
@@ -40,8 +40,10 @@ PyObject *py_seed_stop(PyObject *self, PyObject *cap)
         return NULL;
     if (PyCapsule_SetPointer(cap, (void *)1) < 0 || PyCapsule_SetDestructor(cap, NULL) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS err = seed_stop(h, &faults);
-    Py_END_ALLOW_THREADS return Py_BuildValue("ii", err, faults);
+    Py_BEGIN_ALLOW_THREADS
+    err = seed_stop(h, &faults);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ii", err, faults);
 }
 
 /* ---- the watchdog of an out-of-process handler ---- */
@@ -71,6 +73,8 @@ PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
     int fired;
     if (!w || PyCapsule_SetDestructor(cap, NULL) < 0 || PyCapsule_SetPointer(cap, (void *)1) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS fired = watchdog_stop(w);
-    Py_END_ALLOW_THREADS return PyBool_FromLong(fired);
+    Py_BEGIN_ALLOW_THREADS
+    fired = watchdog_stop(w);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(fired);
 }

@@ -9,11 +9,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "py_mapping.h"
 #include "py_errors.h"
+#include "py_mapping.h"
 
 typedef struct {
-    PyObject_HEAD char *addr;
+    PyObject_HEAD
+    char *addr;
     size_t length;
     Py_ssize_t exports;
 } MappingObject;
@@ -33,8 +34,8 @@ static void *map_aligned(size_t length, int prot, int flags, int fd, off_t offse
 {
     if (align <= (size_t)sysconf(_SC_PAGE_SIZE))
         return mmap(NULL, length, prot, flags, fd, offset);
-    char *area = mmap(NULL, length + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
+    char *area =
+        mmap(NULL, length + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (area == MAP_FAILED)
         return MAP_FAILED;
     char *start = (char *)(((uintptr_t)area + align - 1) & ~(uintptr_t)(align - 1));
@@ -110,8 +111,11 @@ static PyObject *mapping_close(MappingObject *m, PyObject *unused)
     }
     if (m->addr) {
         int rc;
-        Py_BEGIN_ALLOW_THREADS rc = munmap(m->addr, m->length);
-        Py_END_ALLOW_THREADS if (rc != 0) return os_error(errno, "munmap");
+        Py_BEGIN_ALLOW_THREADS
+        rc = munmap(m->addr, m->length);
+        Py_END_ALLOW_THREADS
+        if (rc != 0)
+            return os_error(errno, "munmap");
         m->addr = NULL;
     }
     Py_RETURN_NONE;
@@ -265,7 +269,8 @@ static int mapping_ass_subscript(MappingObject *m, PyObject *key, PyObject *valu
 
 static PyMethodDef mapping_methods[] = {
     {"close", (PyCFunction)mapping_close, METH_NOARGS, "Unmap the memory (once)."},
-    {"rebase", (PyCFunction)mapping_rebase, METH_VARARGS, "Follow the memory to a new address (0: forget it)."},
+    {"rebase", (PyCFunction)mapping_rebase, METH_VARARGS,
+     "Follow the memory to a new address (0: forget it)."},
     {"map_file", (PyCFunction)mapping_map_file, METH_VARARGS, "Map a file, zeros past its end."},
     {NULL}};
 
@@ -282,10 +287,11 @@ static PyBufferProcs mapping_as_buffer = {(getbufferproc)mapping_getbuffer,
                                           (releasebufferproc)mapping_releasebuffer};
 
 PyTypeObject MappingType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "userfaultfd._core.Mapping",
+    .tp_name = "userfaultfd._core.Mapping",
     .tp_basicsize = sizeof(MappingObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Mapping(length, flags, fd=-1, offset=0, prot=PROT_READ|PROT_WRITE, align=0): mmap'd memory.",
+    .tp_doc = "Mapping(length, flags, fd=-1, offset=0, prot=PROT_READ|PROT_WRITE, align=0): "
+              "mmap'd memory.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)mapping_init,
     .tp_dealloc = (destructor)mapping_dealloc,
@@ -293,4 +299,5 @@ PyTypeObject MappingType = {
     .tp_getset = mapping_getset,
     .tp_as_mapping = &mapping_as_mapping,
     .tp_as_buffer = &mapping_as_buffer,
-};
+    /* Last: the macro brings its own trailing comma, which clang-format cannot see. */
+    .ob_base = PyVarObject_HEAD_INIT(NULL, 0)};

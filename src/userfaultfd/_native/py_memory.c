@@ -8,8 +8,8 @@
 #include <sys/mman.h>
 #include <time.h>
 
-#include "py_memory.h"
 #include "py_errors.h"
+#include "py_memory.h"
 
 PyObject *py_buffer_address(PyObject *self, PyObject *obj)
 {
@@ -33,15 +33,16 @@ PyObject *py_touch(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "stride must be positive");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS for (unsigned long long o = 0; o < len; o += stride)
-    {
+    Py_BEGIN_ALLOW_THREADS
+    for (unsigned long long o = 0; o < len; o += stride) {
         volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(addr + o);
         if (write) /* a locked add faults as a write, and increments */
             __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
         else
             sum += *p;
     }
-    Py_END_ALLOW_THREADS return PyLong_FromLong(sum);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(sum);
 }
 
 /* munmap(addr, length) without the GIL: unmapping registered memory waits for its UNMAP event to
@@ -52,8 +53,11 @@ PyObject *py_munmap(PyObject *self, PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "KK", &addr, &len))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = munmap((void *)(uintptr_t)addr, len);
-    Py_END_ALLOW_THREADS if (rc != 0) return os_error(errno, "munmap");
+    Py_BEGIN_ALLOW_THREADS
+    rc = munmap((void *)(uintptr_t)addr, len);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return os_error(errno, "munmap");
     Py_RETURN_NONE;
 }
 
@@ -65,8 +69,11 @@ PyObject *py_madvise(PyObject *self, PyObject *args)
     int advice, rc;
     if (!PyArg_ParseTuple(args, "KKi", &addr, &len, &advice))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = madvise((void *)(uintptr_t)addr, len, advice);
-    Py_END_ALLOW_THREADS if (rc != 0) return os_error(errno, "madvise");
+    Py_BEGIN_ALLOW_THREADS
+    rc = madvise((void *)(uintptr_t)addr, len, advice);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return os_error(errno, "madvise");
     Py_RETURN_NONE;
 }
 
@@ -82,7 +89,8 @@ PyObject *py_touch_pages(PyObject *self, PyObject *args)
     const uint32_t *idx = order.buf;
     size_t n = (size_t)order.len / sizeof(uint32_t);
     struct timespec a, b;
-    Py_BEGIN_ALLOW_THREADS clock_gettime(CLOCK_MONOTONIC, &a);
+    Py_BEGIN_ALLOW_THREADS
+    clock_gettime(CLOCK_MONOTONIC, &a);
     for (size_t k = 0; k < n; k++) {
         volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(addr + idx[k] * page);
         if (write)
@@ -91,7 +99,8 @@ PyObject *py_touch_pages(PyObject *self, PyObject *args)
             (void)*p;
     }
     clock_gettime(CLOCK_MONOTONIC, &b);
-    Py_END_ALLOW_THREADS PyBuffer_Release(&order);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&order);
     return PyLong_FromLongLong((long long)(b.tv_sec - a.tv_sec) * 1000000000LL +
                                (b.tv_nsec - a.tv_nsec));
 }

@@ -14,9 +14,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "py_uffd.h"
 #include "abi.h"
 #include "py_errors.h"
+#include "py_uffd.h"
 
 /* ---- creating and initialising a uffd ---- */
 
@@ -66,7 +66,8 @@ PyObject *py_register(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKKK", &fd, &start, &len, &mode))
         return NULL;
     struct uffdio_register r = {{start, len}, mode, 0};
-    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, UFFDIO_REGISTER, &r);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, UFFDIO_REGISTER, &r);
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return os_error(errno, "UFFDIO_REGISTER");
@@ -80,7 +81,8 @@ static PyObject *range_call(PyObject *args, unsigned long req, const char *name)
     if (!PyArg_ParseTuple(args, "iKK", &fd, &start, &len))
         return NULL;
     struct uffdio_range r = {start, len};
-    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, req, &r);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, req, &r);
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return os_error(errno, name);
@@ -104,7 +106,8 @@ PyObject *py_writeprotect(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKKK", &fd, &start, &len, &mode))
         return NULL;
     struct uffdio_writeprotect w = {{start, len}, mode};
-    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, UFFDIO_WRITEPROTECT, &w);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, UFFDIO_WRITEPROTECT, &w);
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return os_error(errno, "UFFDIO_WRITEPROTECT");
@@ -119,7 +122,8 @@ static PyObject *copy_call(PyObject *args, unsigned long req)
     if (!PyArg_ParseTuple(args, "iKKKK", &fd, &dst, &src, &len, &mode))
         return NULL;
     struct uffdio_copy c = {dst, src, len, mode, 0};
-    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, req, &c);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, req, &c);
     if (rc != 0)
         err = errno;
     Py_END_ALLOW_THREADS
@@ -137,7 +141,8 @@ static PyObject *rangeop_call(PyObject *args, unsigned long req)
     if (!PyArg_ParseTuple(args, "iKKK", &fd, &start, &len, &mode))
         return NULL;
     struct uffdio_rangeop o = {{start, len}, mode, 0};
-    Py_BEGIN_ALLOW_THREADS rc = ioctl(fd, req, &o);
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, req, &o);
     if (rc != 0)
         err = errno;
     Py_END_ALLOW_THREADS
@@ -152,10 +157,7 @@ PyObject *py_continue(PyObject *self, PyObject *args)
 {
     return rangeop_call(args, UFFDIO_CONTINUE);
 }
-PyObject *py_poison(PyObject *self, PyObject *args)
-{
-    return rangeop_call(args, UFFDIO_POISON);
-}
+PyObject *py_poison(PyObject *self, PyObject *args) { return rangeop_call(args, UFFDIO_POISON); }
 
 /* ---- reading messages ---- */
 
@@ -245,13 +247,20 @@ int add_abi_dict(PyObject *module)
         const char *name;
         unsigned long long value;
     } abi[] = {
-        {"NR_userfaultfd", UFFD_NR_userfaultfd}, {"USERFAULTFD_IOC_NEW", USERFAULTFD_IOC_NEW},
-        {"UFFDIO_API", UFFDIO_API},              {"UFFDIO_REGISTER", UFFDIO_REGISTER},
-        {"UFFDIO_UNREGISTER", UFFDIO_UNREGISTER}, {"UFFDIO_WAKE", UFFDIO_WAKE},
-        {"UFFDIO_COPY", UFFDIO_COPY},            {"UFFDIO_ZEROPAGE", UFFDIO_ZEROPAGE},
-        {"UFFDIO_MOVE", UFFDIO_MOVE},            {"UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT},
-        {"UFFDIO_CONTINUE", UFFDIO_CONTINUE},    {"UFFDIO_POISON", UFFDIO_POISON},
-        {"UFFD_API", UFFD_API},                  {"sizeof_uffd_msg", sizeof(struct uffd_msg)},
+        {"NR_userfaultfd", UFFD_NR_userfaultfd},
+        {"USERFAULTFD_IOC_NEW", USERFAULTFD_IOC_NEW},
+        {"UFFDIO_API", UFFDIO_API},
+        {"UFFDIO_REGISTER", UFFDIO_REGISTER},
+        {"UFFDIO_UNREGISTER", UFFDIO_UNREGISTER},
+        {"UFFDIO_WAKE", UFFDIO_WAKE},
+        {"UFFDIO_COPY", UFFDIO_COPY},
+        {"UFFDIO_ZEROPAGE", UFFDIO_ZEROPAGE},
+        {"UFFDIO_MOVE", UFFDIO_MOVE},
+        {"UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT},
+        {"UFFDIO_CONTINUE", UFFDIO_CONTINUE},
+        {"UFFDIO_POISON", UFFDIO_POISON},
+        {"UFFD_API", UFFD_API},
+        {"sizeof_uffd_msg", sizeof(struct uffd_msg)},
     };
     PyObject *d = PyDict_New();
     for (size_t k = 0; d && k < sizeof(abi) / sizeof(abi[0]); k++) {

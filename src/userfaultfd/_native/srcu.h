@@ -20,7 +20,10 @@ static inline unsigned srcu_enter(struct srcu *s)
     return idx;
 }
 
-static inline void srcu_exit(struct srcu *s, unsigned idx) { atomic_fetch_sub(&s->readers[idx], 1); }
+static inline void srcu_exit(struct srcu *s, unsigned idx)
+{
+    atomic_fetch_sub(&s->readers[idx], 1);
+}
 
 static inline void srcu_wait_idx(struct srcu *s, unsigned idx)
 {
