@@ -1,4 +1,4 @@
-"""Type stubs of the native core (_native/module.c)."""
+"""Type stubs of the native core (_native/module.c and the py_*.c bindings it lists)."""
 
 from typing import Any
 
