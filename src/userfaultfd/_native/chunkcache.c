@@ -279,8 +279,8 @@ int cache_evict(struct chunk_cache *c, uint64_t chunk)
     do {
         if ((w & STATE_MASK) != CHUNK_PRESENT)
             return -ENOENT;
-    } while (!atomic_compare_exchange_weak(&c->word[chunk], &w,
-                                           (w & ~STATE_MASK) | CHUNK_EVICTING));
+    } while (
+        !atomic_compare_exchange_weak(&c->word[chunk], &w, (w & ~STATE_MASK) | CHUNK_EVICTING));
     /* A copier that pinned before the change copies on; one that pins after sees EVICTING and
      * treats the chunk as missing. Once the pins drain, nobody reads the memory. */
     while (atomic_load(&c->word[chunk]) >= PIN)

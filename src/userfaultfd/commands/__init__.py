@@ -1,2 +1,2 @@
-"""The command line's subcommands, one module each: each exposes ``add_parser(sub)`` and the
-handler it sets as ``func``."""
+"""The command line's subcommands (``userfaultfd demo|info|serve|bench|snapshot``). They use the
+library; the library never imports them."""

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from .. import _core
 from ..handoff import GuestRegion, send_uffd
-from ..server import MADV_DONTFORK
 from ..uffd import PAGE_SIZE, Userfaultfd
 from .store import SnapshotStore
 
@@ -99,7 +98,7 @@ class _Handler:
 
     def attach(self, region: _core.Mapping) -> None:
         self.uffd = Userfaultfd()
-        _core.madvise(region.address, len(region), MADV_DONTFORK)
+        _core.madvise(region.address, len(region), mmap.MADV_DONTFORK)
         self.uffd.register(region.address, len(region))
         # From here on, faults on the region raise SIGBUS if the handler dies, never hang.
         self.watchdog = _core.watchdog_start(self.pidfd, self.uffd.fileno())

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import _core
-from ..sources import SRC_CACHE, Prepared, Source
+from .._core import SRC_CACHE
+from ..sources import Prepared, Source
 from .errors import ChunkError
 from .store import Snapshot
 

@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from userfaultfd import _core
+from userfaultfd.page_server import PageServer
+from userfaultfd.sources import File
+from userfaultfd.store import SnapshotStore, localserver
+from userfaultfd.store.serving import StoreCache
+from userfaultfd.uffd import PAGE_SIZE
+
 from .bench import HANDLER_CPU, TOUCH_CPU, Extra, Measure, Workload, _on_cpu, _rate
-from .server import PageServer
-from .sources import File
-from .store import SnapshotStore, localserver
-from .store.serving import StoreCache
-from .uffd import PAGE_SIZE
 
 RUN = 1 << 20  # working-set runs
 WORKING_SET = 0.10

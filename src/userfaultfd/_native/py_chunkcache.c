@@ -2,15 +2,16 @@
  * Every call that may wait (the cache's lock, a fill's copy and wake-ups, an eviction waiting
  * for copies to finish) releases the GIL. */
 #define PY_SSIZE_T_CLEAN
-#include "chunkcache_py.h"
+#include "py_chunkcache.h"
 
 #include <errno.h>
-#include <string.h>
 
 #include "chunkcache.h"
+#include "py_errors.h"
 
 typedef struct {
-    PyObject_HEAD struct chunk_cache *c;
+    PyObject_HEAD
+    struct chunk_cache *c;
 } CacheObject;
 
 static int cache_check(CacheObject *o, unsigned long long chunk)
@@ -27,20 +28,6 @@ static int cache_check(CacheObject *o, unsigned long long chunk)
     return 0;
 }
 
-static PyObject *errno_error(int err, const char *call)
-{
-    PyObject *msg = PyUnicode_FromFormat("%s (%s)", strerror(err), call);
-    if (msg) {
-        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iO", err, msg);
-        Py_DECREF(msg);
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-    }
-    return NULL;
-}
-
 static int cacheobj_init(CacheObject *o, PyObject *args, PyObject *kw)
 {
     unsigned long long size, chunk_size;
@@ -52,7 +39,7 @@ static int cacheobj_init(CacheObject *o, PyObject *args, PyObject *kw)
     }
     o->c = cache_new(size, chunk_size);
     if (!o->c) {
-        errno_error(errno, "cache_new");
+        os_error(errno, "cache_new");
         return -1;
     }
     return 0;
@@ -87,11 +74,13 @@ static PyObject *cacheobj_take(CacheObject *o, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "take: max %d is not in 1..4096", max);
     uint64_t chunks[4096];
     uint8_t urgent[4096];
-    Py_BEGIN_ALLOW_THREADS n = cache_take(o->c, chunks, urgent, max);
-    Py_END_ALLOW_THREADS PyObject *out = PyList_New(n);
+    Py_BEGIN_ALLOW_THREADS
+    n = cache_take(o->c, chunks, urgent, max);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(n);
     for (int k = 0; out && k < n; k++) {
-        PyObject *t = Py_BuildValue("(KO)", (unsigned long long)chunks[k],
-                                    urgent[k] ? Py_True : Py_False);
+        PyObject *t =
+            Py_BuildValue("(KO)", (unsigned long long)chunks[k], urgent[k] ? Py_True : Py_False);
         if (!t) {
             Py_CLEAR(out);
             break;
@@ -115,12 +104,14 @@ static PyObject *cacheobj_fill(CacheObject *o, PyObject *args)
     struct chunk_cache *c = o->c;
     const void *data = view.buf;
     uint64_t len = (uint64_t)view.len;
-    Py_BEGIN_ALLOW_THREADS rc = cache_fill(c, chunk, data, len);
-    Py_END_ALLOW_THREADS PyBuffer_Release(&view);
+    Py_BEGIN_ALLOW_THREADS
+    rc = cache_fill(c, chunk, data, len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
     if (rc == -EEXIST)
         Py_RETURN_FALSE; /* present already */
     if (rc < 0)
-        return errno_error(-rc, "cache_fill");
+        return os_error(-rc, "cache_fill");
     Py_RETURN_TRUE;
 }
 
@@ -130,10 +121,13 @@ static PyObject *cacheobj_settle(CacheObject *o, PyObject *args)
     int state, rc;
     if (!PyArg_ParseTuple(args, "Ki", &chunk, &state) || cache_check(o, chunk) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = cache_settle(o->c, chunk, state);
-    Py_END_ALLOW_THREADS if (rc == -EEXIST) Py_RETURN_FALSE;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cache_settle(o->c, chunk, state);
+    Py_END_ALLOW_THREADS
+    if (rc == -EEXIST)
+        Py_RETURN_FALSE;
     if (rc < 0)
-        return errno_error(-rc, "cache_settle");
+        return os_error(-rc, "cache_settle");
     Py_RETURN_TRUE;
 }
 
@@ -143,8 +137,10 @@ static PyObject *cacheobj_evict(CacheObject *o, PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "K", &chunk) || cache_check(o, chunk) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = cache_evict(o->c, chunk);
-    Py_END_ALLOW_THREADS return PyBool_FromLong(rc == 0);
+    Py_BEGIN_ALLOW_THREADS
+    rc = cache_evict(o->c, chunk);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == 0);
 }
 
 static PyObject *cacheobj_request(CacheObject *o, PyObject *args)
@@ -153,8 +149,10 @@ static PyObject *cacheobj_request(CacheObject *o, PyObject *args)
     int rc;
     if (!PyArg_ParseTuple(args, "K", &chunk) || cache_check(o, chunk) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = cache_request(o->c, chunk);
-    Py_END_ALLOW_THREADS return PyBool_FromLong(rc);
+    Py_BEGIN_ALLOW_THREADS
+    rc = cache_request(o->c, chunk);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc);
 }
 
 static PyObject *cacheobj_state(CacheObject *o, PyObject *args)

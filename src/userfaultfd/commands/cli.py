@@ -73,7 +73,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import snapshot
+    from . import snapshot
 
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -1,6 +1,6 @@
 /* The Python type over the chunk cache (chunkcache.h): _core.ChunkCache. */
-#ifndef UFFD_CHUNKCACHE_PY_H
-#define UFFD_CHUNKCACHE_PY_H
+#ifndef UFFD_PY_CHUNKCACHE_H
+#define UFFD_PY_CHUNKCACHE_H
 
 #include <Python.h>
 
