@@ -19,6 +19,7 @@ from userfaultfd.store import SnapshotStore
 from userfaultfd.store.manifest import chunk_key
 from userfaultfd.store.serving import StoreCache
 
+from .conftest import run_child
 from .test_serve import CLIENT, Server
 from .test_store import realistic
 
@@ -212,3 +213,28 @@ def test_an_application_maps_a_stored_snapshot_as_a_buffer(pushed) -> None:
 def test_mapping_a_missing_snapshot_names_it(store_url: str) -> None:
     with pytest.raises(FileNotFoundError, match="no snapshot 'ghost'"):
         SnapshotStore(store_url).map("ghost")
+
+
+CLOSED = r"""
+import sys
+import userfaultfd as u
+from userfaultfd import _core
+from userfaultfd.store import SnapshotStore
+from userfaultfd.store.serving import StoreCache
+store, name = SnapshotStore.at(sys.argv[1])
+snap = store.open(name)
+cache = StoreCache(snap)
+server = u.PageServer("thread")
+region = server.map(snap.size, cache.source())
+cache.close()
+print("closed", flush=True)
+_core.touch(region.address + int(sys.argv[2]) * 65536, 4096, 4096, False)
+print("served after close: wrong", flush=True)
+"""
+
+
+def test_a_closed_cache_poisons_what_it_has_not_got_instead_of_hanging(pushed) -> None:
+    address, _, _ = pushed
+    proc = run_child(CLOSED, address, str(data_chunks(address)[0]))
+    assert proc.returncode == -7, proc.stdout + proc.stderr
+    assert proc.stdout == "closed\n"

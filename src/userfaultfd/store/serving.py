@@ -129,7 +129,8 @@ class StoreCache:
             if self.closed or time.monotonic() + delay > deadline:
                 self._poison(chunk, f"not fetched within {self.fetch_timeout:g} s: {cause}")
                 return
-            self.retries += 1
+            with self.lock:
+                self.retries += 1
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
         if self.closed:
@@ -144,12 +145,13 @@ class StoreCache:
             while excess > 0 and self.present:
                 victims.append(self.present.popitem(last=False)[0])
                 excess -= self.chunk_size
-        for victim in victims:
-            if self.cache.evict(victim):
-                self.evicted += 1
+        evicted = sum(1 for victim in victims if self.cache.evict(victim))
+        with self.lock:
+            self.evicted += evicted
 
     def _poison(self, chunk: int, cause: str) -> None:
-        self.poisoned += 1
+        with self.lock:
+            self.poisoned += 1
         start = chunk * self.chunk_size
         self.on_poison(chunk, start, min(start + self.chunk_size, self.snapshot.size), cause)
         self.cache.settle(chunk, _core.CHUNK_POISONED)
@@ -180,7 +182,9 @@ class StoreCache:
         }
 
     def close(self) -> None:
-        """Stop fetching. Every engine serving from the cache must be closed first."""
+        """Stop fetching. A region still served from the cache then gets SIGBUS, never a hang,
+        on a chunk it has not got: every chunk not present is poisoned. The cache's memory is
+        freed with the last region that uses it (each holds a reference)."""
         if self.closed:
             return
         self.closed = True
@@ -189,7 +193,10 @@ class StoreCache:
         self.pool.shutdown(wait=True, cancel_futures=True)
         os.close(self._stop_r)
         os.close(self._stop_w)
-        self.cache.close()
+        served = (_core.CHUNK_PRESENT, _core.CHUNK_ZERO, _core.CHUNK_POISONED)
+        for i in range(self.chunks):
+            if self.cache.state(i) not in served:
+                self.cache.settle(i, _core.CHUNK_POISONED)
 
     def __enter__(self) -> StoreCache:
         return self
