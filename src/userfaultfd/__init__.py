@@ -5,6 +5,8 @@ serves regions from native sources in GIL-free threads or in the faulting thread
 Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and
 :class:`PythonSourceServer`."""
 
+from typing import TYPE_CHECKING
+
 from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
 from .events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .flags import EventCode, Feature, Ioctl, PageFaultFlag, RegisterMode
@@ -50,6 +52,9 @@ __all__ += [
     "receive_uffd",
     "send_uffd",
 ]
+
+if TYPE_CHECKING:
+    from .store import SnapshotStore as SnapshotStore
 
 
 def __getattr__(name: str) -> object:
