@@ -3,10 +3,15 @@ push, info, pull, layers, sparse diff import, rm, gc (also racing pushes), and e
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -332,3 +337,30 @@ def test_the_cli_gives_one_clear_line_for_bad_input(args: list[str], message: st
     proc = cli(*args)
     assert proc.returncode in (1, 2)
     assert message in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("store_url", ["s3"], indirect=True)
+def test_a_missing_bucket_is_one_line_naming_the_store(store_url: str) -> None:
+    missing = store_url.replace("s3://", "s3://no-such-").rsplit("/", 1)[0]
+    proc = cli("ls", missing)
+    assert proc.returncode == 1
+    assert proc.stderr == f"userfaultfd snapshot: error: {missing}: the bucket does not exist\n"
+
+
+def test_push_on_a_terminal_shows_a_progress_bar(tmp_path: Path, memfile) -> None:
+    path, _ = memfile
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real size
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "userfaultfd", "snapshot", "push", str(path),
+         f"file://{tmp_path}/store/vm"],
+        stdin=child, stdout=child, stderr=child,
+    )  # fmt: skip
+    os.close(child)
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the child has gone
+        while chunk := os.read(main, 4096):
+            out += chunk
+    os.close(main)
+    assert proc.wait(60) == 0
+    assert b"push: 100%" in out and b"pushed file://" in out

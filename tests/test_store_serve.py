@@ -19,7 +19,7 @@ from userfaultfd.store import SnapshotStore
 from userfaultfd.store.manifest import chunk_key
 from userfaultfd.store.serving import StoreCache
 
-from .conftest import run_child
+from .conftest import MADV_DONTNEED, libc, run_child
 from .test_serve import CLIENT, Server
 from .test_store import realistic
 
@@ -238,3 +238,33 @@ def test_a_closed_cache_poisons_what_it_has_not_got_instead_of_hanging(pushed) -
     proc = run_child(CLOSED, address, str(data_chunks(address)[0]))
     assert proc.returncode == -7, proc.stdout + proc.stderr
     assert proc.stdout == "closed\n"
+
+
+def test_racing_faults_refaults_and_evictions_always_see_the_right_bytes(tmp_path: Path) -> None:
+    """A bounce in the spirit of uffd-stress: 4 KiB chunks, a cache of the least size (most
+    chunks are evicted and fetched again), threads faulting over each other, the region dropped
+    (MADV_DONTNEED: served again) between rounds, every byte checked after each round."""
+    data = realistic(1 << 20, seed=9)
+    (tmp_path / "mem").write_bytes(data)
+    store = SnapshotStore(f"file://{tmp_path}/store")
+    store.push(tmp_path / "mem", "vm", chunk_size=PAGE)
+    with (
+        StoreCache(store.open("vm"), budget=0, fetchers=4) as cache,
+        u.PageServer("thread", workers=2) as server,
+    ):
+        region = server.map(len(data), cache.source(), readahead=3)
+        for _ in range(4):
+            threads = [
+                threading.Thread(target=_core.touch, args=(region.address + k * PAGE,
+                                 len(data) - k * PAGE, 3 * PAGE, False), daemon=True)
+                for k in range(3)
+            ]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not any(t.is_alive() for t in threads)
+            assert bytes(region[:]) == bytes(data)
+            assert libc.madvise(region.address, len(data), MADV_DONTNEED) == 0
+        assert cache.evicted > 0 and cache.fetched > cache.chunks
+        region.close()

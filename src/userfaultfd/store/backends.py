@@ -7,7 +7,9 @@ modification time on the store's own clock."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .address import split_store_url
+from .errors import StoreError
 
 # obstore retries on its own for up to this long before a call fails: our callers (push, the
 # fetchers) add their own retries and deadlines on top.
@@ -122,36 +125,59 @@ class S3Backend:
             },
         )
 
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str) -> Iterator[None]:
+        """obstore's errors, as one line naming the store, the operation and the S3 error code
+        (obstore's own messages run to dozens of lines). A missing object stays
+        FileNotFoundError; a missing bucket is a StoreError saying so."""
+        from obstore.exceptions import BaseError
+
+        try:
+            yield
+        except (BaseError, OSError) as e:
+            text = str(e)
+            code = re.search(r"<Code>(\w+)</Code>", text)
+            if code and code.group(1) == "NoSuchBucket":
+                raise StoreError(errno.ENOENT, f"{self.url}: the bucket does not exist") from None
+            if isinstance(e, FileNotFoundError):
+                raise
+            why = code.group(1) if code else text.split("\n", 1)[0][:300]
+            raise StoreError(errno.EIO, f"{self.url}: {op} {key!r} failed: {why}") from None
+
     def get(self, key: str) -> bytes:
         import obstore
 
-        return bytes(obstore.get(self.store, key).bytes())
+        with self._errors("GET", key):
+            return bytes(obstore.get(self.store, key).bytes())
 
     def put(self, key: str, data: bytes) -> None:
         import obstore
 
-        obstore.put(self.store, key, data)
+        with self._errors("PUT", key):
+            obstore.put(self.store, key, data)
 
     def size(self, key: str) -> int | None:
         import obstore
 
         try:
-            return int(obstore.head(self.store, key)["size"])
+            with self._errors("HEAD", key):
+                return int(obstore.head(self.store, key)["size"])
         except FileNotFoundError:
             return None
 
     def delete(self, key: str) -> None:
         import obstore
 
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), self._errors("DELETE", key):
             obstore.delete(self.store, key)
 
     def list(self, prefix: str) -> Iterator[tuple[str, float, int]]:
         import obstore
 
-        for batch in obstore.list(self.store, prefix):
-            for meta in batch:
-                yield meta["path"], meta["last_modified"].timestamp(), int(meta["size"])
+        with self._errors("LIST", prefix):
+            for batch in obstore.list(self.store, prefix):
+                for meta in batch:
+                    yield meta["path"], meta["last_modified"].timestamp(), int(meta["size"])
 
 
 def open_backend(url: str, timeout: float = 30.0) -> Backend:
