@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -32,7 +33,7 @@ from userfaultfd.handoff import (
 )
 from userfaultfd.serve import _listen
 
-from .conftest import loop_device
+from .conftest import Toucher, loop_device
 
 pytestmark = pytest.mark.needs_uffd
 CLIENT = str(Path(__file__).with_name("fc_client.py"))
@@ -216,6 +217,55 @@ def test_a_hand_off_sent_slowly_in_pieces_is_accepted_and_served(
         assert bytes(region) == memory.read_bytes()[: 2 * MIB]  # served by the server
         sock.close()
         server.expect("disconnect client 1")
+    region.close()
+
+
+def test_a_client_that_unmaps_part_of_its_memory_is_still_served(
+    server: Server, memory: Path
+) -> None:
+    """Firecracker asks for no UNMAP event: the server still believes in the hole, and readahead
+    over it fails with ENOENT. Before the fix the faulter next to the hole never returned."""
+    region = _core.Mapping(2 * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    data = memory.read_bytes()[: 2 * MIB]
+    with u.Userfaultfd(u.Feature.EVENT_REMOVE) as uffd:
+        uffd.register(region.address, 2 * MIB)
+        payload = json.dumps([GuestRegion(region.address, 2 * MIB, 0, PAGE).to_json()]).encode()
+        sock = raw_client(server, payload, [uffd.fileno()])
+        server.expect("connect client 1")
+        hole = region.address + MIB + 8 * PAGE
+        _core.munmap(hole, 8 * PAGE)  # inside the adaptive readahead of the page at 1 MiB
+        spans = ((MIB, MIB + 8 * PAGE), (MIB - 16 * PAGE, MIB), (MIB + 16 * PAGE, 2 * MIB))
+        for start, end in spans:
+            toucher = Toucher(region.address + start, end - start)
+            assert toucher.finish() == sum(data[start:end:PAGE])
+            assert ctypes.string_at(region.address + start, end - start) == data[start:end]
+        sock.close()
+        line = server.expect("disconnect client 1")
+        assert "errors 0" in line
+    region.close()  # the hole in it is fine for munmap
+
+
+def test_a_client_that_forks_leaks_no_fd_in_the_server(server: Server, memory: Path) -> None:
+    """With EVENT_FORK the kernel installs a uffd for each child in the server's fd table.
+    Before the fix the engine counted the event as unknown and kept the fd open."""
+    region = _core.Mapping(MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    with u.Userfaultfd(u.Feature.EVENT_FORK) as uffd:
+        uffd.register(region.address, MIB)
+        payload = json.dumps([GuestRegion(region.address, MIB, 0, PAGE).to_json()]).encode()
+        sock = raw_client(server, payload, [uffd.fileno()])
+        server.expect("connect client 1")
+        before = len(list(fds.iterdir()))
+        for _ in range(5):
+            pid = os.fork()  # returns once the server has read the FORK event
+            if pid == 0:
+                os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert len(list(fds.iterdir())) == before
+        assert Toucher(region.address, MIB).finish() == sum(memory.read_bytes()[:MIB:PAGE])
+        sock.close()
+        line = server.expect("disconnect client 1")
+        assert "errors 0" in line and "forks 5" in line
     region.close()
 
 

@@ -490,6 +490,51 @@ def test_mremap_inside_a_unit_then_populate_installs_every_piece(server: u.PageS
     region.close()
 
 
+# ---- VMA splits: one fill must lie in one VMA ----
+
+SPLIT_CHILD = textwrap.dedent(
+    """
+    import array, ctypes, mmap, sys
+    import userfaultfd as u
+    from userfaultfd import _core
+    P = u.PAGE_SIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    data = b"".join(bytes([k]) * P for k in range(32))
+    with u.PageServer(sys.argv[1]) as server:
+        # readahead 2..9 crosses the split at 4 (and at 8): each piece is filled on its own
+        a = server.map(32 * P, u.Buffer(data), readahead=7)
+        _core.madvise(a.address + 4 * P, 4 * P, mmap.MADV_DONTDUMP)
+        assert _core.touch(a.address + 2 * P, 8 * P, P, False) == sum(range(2, 10))
+        assert a[:] == data
+        # adaptive readahead running backwards over a split
+        b = server.map(32 * P, u.Buffer(data), readahead="adaptive")
+        assert libc.mprotect(b.address + 13 * P, 3 * P, mmap.PROT_READ) == 0
+        order = array.array("I", reversed(range(32)))
+        _core.touch_pages(b.address, P, order.tobytes())
+        assert b[:] == data
+        # populate crosses the splits too, and installs every page
+        c = server.map(32 * P, u.Buffer(data))
+        assert libc.mprotect(c.address + 10 * P, 3 * P, mmap.PROT_READ) == 0
+        _core.madvise(c.address + 20 * P, P, mmap.MADV_DONTDUMP)
+        c.populate()
+        assert c.stats().pages_installed == 32 and c.stats().faults == 0, c.stats()
+        assert c[:] == data
+    print("OK", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fill_crossing_a_vma_split_installs_each_piece(mode: str) -> None:
+    """mprotect or madvise(MADV_DONTDUMP) on part of a region splits its VMA; a COPY must lie
+    in one VMA (ENOENT otherwise). Before the fix the faulter looped forever."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_CHILD, mode], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0 and proc.stdout == "OK\n", proc.stderr
+
+
 # ---- errors: never wrong data ----
 
 

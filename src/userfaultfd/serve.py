@@ -239,13 +239,14 @@ class Handler:
             if client.prefetcher:
                 client.prefetcher.join()
             total = Stats.from_engine(client.engine.stats(-1))
+            forks = client.engine.info()[5]  # their uffds were closed: children are not served
             client.engine.close()
             if not refused:
                 log.info(
                     "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                    "removes %d",
+                    "removes %d, forks %d",
                     client.name(), why, total.faults, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes,
+                    total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                 )  # fmt: skip
         client.reader.close()
         if client.uffd >= 0:

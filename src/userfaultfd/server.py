@@ -289,8 +289,8 @@ class PageServer:
 
     def events(self) -> dict[str, int]:
         """Non-cooperative events handled so far."""
-        _, remove, unmap, remap, unknown = self._engine.info()
-        return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown}
+        _, remove, unmap, remap, unknown, fork = self._engine.info()
+        return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown, "fork": fork}
 
     def errors(self) -> list[tuple[int, int, int, int, str]]:
         """Every source failure since the last call: (errno, region id, address, offset, op)."""

@@ -112,7 +112,7 @@ struct engine {
         atomic_uint_fast64_t seq; /* n + 1 once error n is written: readers stop before it */
     } errors[ERR_RING];
     atomic_int gone, stopping;
-    atomic_uint_fast64_t events[4];
+    atomic_uint_fast64_t events[5]; /* remove, unmap, remap, unknown, fork */
 };
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
@@ -290,10 +290,11 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
 
 /* Installs the part of [addr, addr + len) (granule aligned) inside extent x from its source: a
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
- * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
- * or ESRCH when the owner of the uffd is gone. */
+ * present, poisoned, or gone (see ENOENT below). Returns 0, EAGAIN when an event is pending (the
+ * rest was not attempted), ESRCH when the owner of the uffd is gone, or ENOENT when the unit at
+ * `fault` (UINT64_MAX: none) is gone. */
 static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
-                   int minor)
+                   int minor, uint64_t fault)
 {
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
@@ -306,10 +307,12 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == ENGINE_SIGBUS;
+    uint64_t cap = UINT64_MAX; /* the longest next op: halved on ENOENT, doubled on success */
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
-        unsigned long req = plan_op(r, off, hole ? unit : end - pos, minor && !hole, &src, &seg);
+        uint64_t want = hole ? unit : end - pos;
+        unsigned long req = plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg);
         hole = 0;
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. It is
          * counted before, so that the stats never trail a toucher who has resumed. */
@@ -330,8 +333,10 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
                 bits_set(r, gi, gj - gi, 1);
             pos += done;
         }
-        if (err == 0 || (err == EAGAIN && done))
+        if (err == 0 || (err == EAGAIN && done)) {
+            cap = cap > UINT64_MAX / 2 ? UINT64_MAX : cap * 2;
             continue;
+        }
         if (err == EAGAIN) {
             ret = EAGAIN;
             break;
@@ -343,8 +348,23 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             need_wake = 1;
             continue;
         }
-        if (err == ENOENT) /* no longer registered or mapped: the wake lets the faulter retry */
-            break;
+        if (err == ENOENT && seg - done > unit) {
+            /* Part of the op is in no VMA registered with us: a split (mprotect, mlock,
+             * madvise(MADV_DONTDUMP) on part of the region) ends inside it, and a COPY must lie
+             * in one VMA; or pages went away. Halving finds the boundary in a few ops. */
+            cap = ((seg - done) / 2) & ~(unit - 1);
+            continue;
+        }
+        if (err == ENOENT) {
+            /* This unit alone is not ours any more: unmapped by a client that asked for no UNMAP
+             * event, or being unregistered. Marked filled, so that neither readahead nor
+             * populate tries it again; the wake lets a faulter retry (and fault elsewhere). */
+            bits_set(r, (off + done) >> r->shift, 1, 1);
+            if (fault >= pos && fault < pos + unit)
+                ret = ENOENT;
+            pos += unit;
+            continue;
+        }
         if (err == ESRCH) {
             atomic_store(&e->gone, 1);
             ret = ESRCH;
@@ -436,7 +456,8 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor,
+                     addr & ~(e->base_page - 1));
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -523,6 +544,13 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
     case UFFD_EVENT_REMAP:
         ADD(e->events[2], 1);
         nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
+        break;
+    case UFFD_EVENT_FORK:
+        /* The kernel put a uffd for the child in our fd table. Nobody serves children here: it
+         * is closed, which unregisters the child's copy of the regions (it reads them as plain
+         * memory, as without EVENT_FORK). */
+        ADD(e->events[4], 1);
+        close((int)m->arg.fork.ufd);
         break;
     default:
         ADD(e->events[3], 1);
@@ -720,9 +748,12 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
             const struct extent *x = lookup(t, addr);
             /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
             int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
-            if (ours)
-                while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
+            int rc = EAGAIN;
+            while (ours && rc == EAGAIN) /* EAGAIN: an event is being read */
+                if ((rc = resolve(e, t, addr, 0, t0)) == EAGAIN)
                     sched_yield();
+            if (rc == ENOENT) /* not registered with us after all: retrying would loop */
+                ours = 0;
             srcu_exit(&e->srcu, idx);
             if (ours) {
                 srcu_exit(&sig_srcu, gidx);
@@ -1050,7 +1081,7 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         upto = upto < xend ? upto : xend;
         if (n) /* the granule may also start before the extent: install keeps to it */
             rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
-                         r->p.kind == SRC_CONTINUE);
+                         r->p.kind == SRC_CONTINUE, UINT64_MAX);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
@@ -1127,8 +1158,8 @@ int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, 
 
 int engine_client_gone(struct engine *e) { return atomic_load(&e->gone); }
 
-void engine_event_counts(struct engine *e, uint64_t out[4])
+void engine_event_counts(struct engine *e, uint64_t out[5])
 {
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
         out[k] = atomic_load(&e->events[k]);
 }

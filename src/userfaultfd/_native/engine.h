@@ -66,6 +66,7 @@ int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH)
 /* Whether SIGBUS goes to the engines' resolver first. A handler installed later (faulthandler
  * enabled after a sigbus-mode engine started) sees userfaults first and treats them as fatal. */
 int engine_sigbus_first(void);
-void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
+/* remove, unmap, remap, unknown, fork */
+void engine_event_counts(struct engine *e, uint64_t out[5]);
 
 #endif

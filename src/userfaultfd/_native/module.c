@@ -829,11 +829,11 @@ static PyObject *engineobj_errors(EngineObject *o, PyObject *args)
 
 static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
 {
-    uint64_t ev[4];
+    uint64_t ev[5];
     if (engine_check(o) < 0)
         return NULL;
     engine_event_counts(o->e, ev);
-    return Py_BuildValue("iKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3]);
+    return Py_BuildValue("iKKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3], ev[4]);
 }
 
 static PyMethodDef engine_methods[] = {
@@ -846,7 +846,7 @@ static PyMethodDef engine_methods[] = {
     {"stats", (PyCFunction)engineobj_stats, METH_VARARGS, NULL},
     {"pieces", (PyCFunction)engineobj_pieces, METH_VARARGS, "[(start, end, offset)] mapped now"},
     {"errors", (PyCFunction)engineobj_errors, METH_VARARGS, NULL},
-    {"info", (PyCFunction)engineobj_info, METH_NOARGS, "(client_gone, remove, unmap, remap, unknown)"},
+    {"info", (PyCFunction)engineobj_info, METH_NOARGS, "(client_gone, remove, unmap, remap, unknown, fork)"},
     {NULL}};
 
 static PyTypeObject EngineType = {
