@@ -233,6 +233,66 @@ def test_kernel_access_in_sigbus_mode_needs_populate() -> None:
         os.close(r), os.close(w)
 
 
+INTERRUPT_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import userfaultfd as u
+    with u.PageServer(sys.argv[1]) as server:
+        region = server.map(96 << 30)  # zero pages: seconds to install, no memory used
+        print("populating", flush=True)
+        try:
+            region.populate()
+        except KeyboardInterrupt:
+            print(time.monotonic(), flush=True)
+        done = region.stats().pages_installed
+        assert 0 < done < len(region) // u.PAGE_SIZE, done  # what was installed stays
+        region.populate(0, 1 << 30)  # and the server is still usable
+    print("OK", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_interrupts_populate_promptly(mode: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPT_CHILD, mode], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "populating\n"
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.endswith("OK\n"), err
+    latency = float(out.split()[0]) - sent  # CLOCK_MONOTONIC is the same in both processes
+    assert latency < 0.3, f"KeyboardInterrupt came {latency:.3f} s after SIGINT"
+
+
+def test_populate_shows_progress_when_asked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain stderr line
+    with u.PageServer("thread") as server:
+        region = server.map(3 << 30)
+        region.populate(progress=True)
+        region.populate(0, 1 << 20)  # quiet unless asked
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "populate: 3072 of 3072 MiB (100%)", lines
+    assert all(line.startswith("populate: ") for line in lines)
+
+
+def test_populate_progress_uses_tqdm_when_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    with u.PageServer("thread") as server:
+        server.map(64 << 20).populate(progress=True)
+    last = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert last.startswith("populate: 100%") and "64.0M/64.0M" in last, last
+
+
 @pytest.mark.kernel_faults
 def test_kernel_access_in_thread_mode_is_served() -> None:
     with u.PageServer("thread") as server:

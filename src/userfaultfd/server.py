@@ -21,6 +21,7 @@ from typing import Any, Literal
 from . import _core
 from .errors import SourceError
 from .flags import Feature, RegisterMode
+from .progress import populate_in_slices
 from .sources import SRC_CONTINUE, Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
@@ -62,15 +63,23 @@ class Region(_core.Mapping):
         self._prepared: Prepared | None = None
         self._served = True  # False once detached: plain memory
 
-    def populate(self, offset: int = 0, length: int | None = None) -> None:
-        """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
+    def populate(
+        self, offset: int = 0, length: int | None = None, *, progress: bool = False
+    ) -> None:
+        """Install every page of ``[offset, offset + length)`` now (the GIL is released).
+        Ctrl-C interrupts it within tens of milliseconds (KeyboardInterrupt; what was installed
+        stays). ``progress``: show a tqdm bar (``pip install 'userfaultfd[progress]'``), or a
+        plain stderr line without tqdm."""
         length = len(self) - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > len(self):
             raise ValueError(
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
             )
         self.server._check()
-        self.server._engine.populate(self.id, offset, length)
+        engine = self.server._engine
+        populate_in_slices(
+            lambda at, n: engine.populate(self.id, at, n), offset, length, self.page_size, progress
+        )
         self.server._check()
 
     def stats(self) -> Stats:
