@@ -204,6 +204,10 @@ def test_toucher_of_a_failed_page_gets_sigbus() -> None:
     proc = run_child(TOUCH_CHILD)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
+    # the handler printed the source's traceback when it failed, the application one line
+    assert "Traceback (most recent call last)" in proc.stderr and "\nKeyError: 0\n" in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "offset 0x0" in line and "KeyError(0)" in line, line
 
 
 def test_region_lifecycle_and_validation() -> None:
@@ -281,3 +285,5 @@ def test_a_fault_pending_when_the_handler_dies_gets_sigbus() -> None:
     proc = run_child(HANG_CHILD)
     assert proc.stdout == "killing the handler\n"
     assert proc.returncode == -signal.SIGBUS
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "the handler process of a PythonSourceServer has died" in line, line

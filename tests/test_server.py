@@ -644,6 +644,10 @@ def test_toucher_of_a_lost_page_gets_sigbus(mode: str, tmp_path: Path) -> None:
     proc = run_child(SHRINK_CHILD, str(path), mode)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
+    # one line before the process dies: where, which region and offset, what failed
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd:")]
+    assert "fatal SIGBUS at 0x" in line and f"region 0 File({str(path)!r}, offset=0)" in line
+    assert "offset 0x8000" in line and "EFAULT" in line and "UFFDIO_COPY" in line, line
 
 
 REMAP_RACE_CHILD = textwrap.dedent(
@@ -716,6 +720,41 @@ def test_a_sigbus_handler_installed_after_the_server_is_reported() -> None:
     first, message = proc.stdout.splitlines()
     assert first == "f" and "another SIGBUS handler was installed after this server" in message
     assert "faulthandler.enable()" in message
+
+
+LATE_HANDLER_FAULT_CHILD = textwrap.dedent(
+    """
+    import faulthandler, signal, sys, time
+    import userfaultfd as u
+    faulthandler.disable()
+    with u.PageServer("sigbus") as server:
+        region = server.map(4 * u.PAGE_SIZE, u.Fill(b"f"))
+        print(chr(region[0]), flush=True)
+        if sys.argv[1] == "python":
+            signal.signal(signal.SIGBUS, lambda *_: print("python handler", flush=True))
+        else:
+            faulthandler.enable()
+            time.sleep(0.5)  # the server notices it within 100 ms
+        region[u.PAGE_SIZE]  # the main thread, holding the GIL: the Python handler never runs
+        print("read the page", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("late", ["python", "faulthandler"])
+def test_a_sigbus_handler_installed_after_map_fails_the_next_fault_loudly(late: str) -> None:
+    """Before the fix a Python handler made the next fault spin at 100% CPU for ever (it returns
+    and the access faults again); faulthandler reported a plain fatal Bus error."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LATE_HANDLER_FAULT_CHILD, late], capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.stdout == "f\n" and proc.returncode == -signal.SIGBUS
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "a SIGBUS handler installed after the sigbus-mode PageServer started" in line
+    assert "region 0 Fill(b'f') at offset 0x1000" in line and "mode='thread'" in line, line
+    if late == "faulthandler":
+        assert "Fatal Python error: Bus error" in proc.stderr  # its traceback comes too
 
 
 CHAIN_CHILD = textwrap.dedent(

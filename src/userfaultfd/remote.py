@@ -17,6 +17,7 @@ import pickle
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -35,6 +36,9 @@ from .uffd import PAGE_SIZE, Userfaultfd
 REPLY_TIMEOUT = 10.0
 OPEN_TIMEOUT = 60.0  # the source's open() may connect to a remote store
 SPIN_NS = 50_000
+# A notice slot (_native/notice.h): seq (odd while written), start, end, NUL-terminated text.
+NOTICE_SLOT = struct.Struct(f"<QQQ{_core.NOTICE_TEXT}s")
+NOTICE_BOARD_SIZE = NOTICE_SLOT.size * _core.NOTICE_BOARD_SLOTS
 
 
 @runtime_checkable
@@ -65,8 +69,9 @@ class _Function:
 
 
 class _Handler:
-    def __init__(self, sock: socket.socket, source: PageSource) -> None:
-        self.sock, self.source = sock, source
+    def __init__(self, sock: socket.socket, source: PageSource, board: mmap.mmap) -> None:
+        self.sock, self.source, self.board = sock, source, board
+        self.notices = 0
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
@@ -188,6 +193,11 @@ class _Handler:
         """Never serve wrong data: poison the page (the toucher gets SIGBUS) and report."""
         assert self.uffd is not None
         self.errors += 1
+        # The toucher may die of the SIGBUS before the application reads any report: its line
+        # (said by the application's SIGBUS handler) and the traceback are written first.
+        self.notice(start, length, f"a PythonSourceServer page was poisoned: {message}")
+        sys.stderr.write(f"userfaultfd: the page at {start:#x} was poisoned: {message}\n{tb}")
+        sys.stderr.flush()
         # The report goes first: once the toucher is woken, the application may look for it.
         self.reply({"error": message, "address": start, "traceback": tb})
         try:
@@ -195,20 +205,31 @@ class _Handler:
         except OSError:
             self.uffd.wake(start, length)
 
+    def notice(self, start: int, length: int, text: str) -> None:
+        """Writes the notice slot the application's SIGBUS handler finds for this range."""
+        n, self.notices = self.notices, self.notices + 1
+        at = n % _core.NOTICE_BOARD_SLOTS * NOTICE_SLOT.size
+        data = text.encode(errors="replace")[: _core.NOTICE_TEXT - 1]
+        struct.pack_into("<Q", self.board, at, 2 * n + 1)  # odd: being written
+        NOTICE_SLOT.pack_into(self.board, at, 2 * n + 1, start, start + length, data)
+        struct.pack_into("<Q", self.board, at, 2 * n + 2)
+
 
 # The application ends of every live server's socket. A handler process closes its copies, or
 # the application closing one would not reach that server's handler as EOF.
 _app_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
-def _handler_main(sock: socket.socket, source: PageSource) -> None:
+def _handler_main(sock: socket.socket, source: PageSource, board_fd: int) -> None:
     """The handler process's life; it ends the process, with status 0 after a clean stop."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
         for inherited in list(_app_sockets):
             inherited.close()
-        _Handler(sock, source).run()
+        board = mmap.mmap(board_fd, NOTICE_BOARD_SIZE)
+        os.close(board_fd)
+        _Handler(sock, source, board).run()
         code = 0
     except BaseException:  # noqa: BLE001 - the process ends here either way
         traceback.print_exc()
@@ -217,8 +238,8 @@ def _handler_main(sock: socket.socket, source: PageSource) -> None:
 
 
 def _spawned() -> None:
-    """The entry point of a spawned handler: the socket's fd is the argument, and the pickled
-    source arrives on standard input."""
+    """The entry point of a spawned handler: the socket's and the notice board's fds are the
+    arguments, and the pickled source arrives on standard input."""
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
         source = pickle.load(sys.stdin.buffer)
@@ -229,7 +250,7 @@ def _spawned() -> None:
         )
         sock.send(json.dumps({"error": message, "traceback": traceback.format_exc()}).encode())
         os._exit(1)
-    _handler_main(sock, source)
+    _handler_main(sock, source, int(sys.argv[2]))
 
 
 class _HandlerProcess:
@@ -239,18 +260,18 @@ class _HandlerProcess:
     process it knows, and it runs in a plain os.fork() child of the application too, which
     would kill the parent's handler when that child exits."""
 
-    def __init__(self, sock: socket.socket, source: PageSource, start: str) -> None:
+    def __init__(self, sock: socket.socket, source: PageSource, start: str, board: int) -> None:
         self._exitcode: int | None = None
         if start == "spawn":
-            self.pid = self._spawn(sock, source)
+            self.pid = self._spawn(sock, source, board)
         else:
             self.pid = os.fork()
             if self.pid == 0:
-                _handler_main(sock, source)
+                _handler_main(sock, source, board)
         self.pidfd = os.pidfd_open(self.pid)
 
     @staticmethod
-    def _spawn(sock: socket.socket, source: PageSource) -> int:
+    def _spawn(sock: socket.socket, source: PageSource, board: int) -> int:
         try:
             payload = pickle.dumps(source)
         except Exception as e:
@@ -261,16 +282,19 @@ class _HandlerProcess:
         code = "from userfaultfd.remote import _spawned; _spawned()"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         r, w = os.pipe()
-        os.set_inheritable(sock.fileno(), True)
+        inherited = (sock.fileno(), board)
+        for fd in inherited:
+            os.set_inheritable(fd, True)
         try:
             pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-c", code, str(sock.fileno())],
+                [sys.executable, "-c", code, str(sock.fileno()), str(board)],
                 env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
             )
         finally:
-            os.set_inheritable(sock.fileno(), False)
+            for fd in inherited:
+                os.set_inheritable(fd, False)
             os.close(r)
         with open(w, "wb") as pipe:  # the child reads it at once: no deadlock past the buffer
             pipe.write(payload)
@@ -351,14 +375,22 @@ class PythonSourceServer:
         _app_sockets.add(self._sock)
         self._errors: list[dict[str, Any]] = []
         self._regions: set[RemoteRegion] = set()
+        # Where the handler writes what failed before it poisons a page: a toucher that dies of
+        # the SIGBUS leaves that line (our SIGBUS handler reads it, async-signal-safe).
+        board = os.memfd_create("userfaultfd-notices", os.MFD_CLOEXEC)
         try:
-            self._process = _HandlerProcess(theirs, self._source, start)
+            os.ftruncate(board, NOTICE_BOARD_SIZE)
+            self._board = _core.Mapping(NOTICE_BOARD_SIZE, mmap.MAP_SHARED, board)
+            _core.notice_board(self._board.address)
+            self._process = _HandlerProcess(theirs, self._source, start, board)
         except BaseException:
+            self._forget_board()
             self._sock.close()
             self._uffd.close()
             raise
         finally:
             theirs.close()
+            os.close(board)
         self._pidfd = self._process.pidfd
         # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
         self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
@@ -461,6 +493,7 @@ class PythonSourceServer:
             _core.watchdog_stop(self._watchdog)  # leaves the parent's watchdog alone
             self._sock.close()
             os.close(self._pidfd)
+            self._forget_board()
             self._uffd.close()
             return
         try:
@@ -475,9 +508,16 @@ class PythonSourceServer:
                 self._process.join(REPLY_TIMEOUT)
             _core.watchdog_stop(self._watchdog)
             os.close(self._pidfd)
+            self._forget_board()
             self._uffd.close()
         if self._errors:
             self._check()
+
+    def _forget_board(self) -> None:
+        board = getattr(self, "_board", None)
+        if board is not None and not board.closed:
+            _core.notice_board_remove(board.address)
+            board.close()
 
     def __enter__(self) -> PythonSourceServer:
         return self

@@ -284,6 +284,7 @@ class PageServer:
                 region.id = self._engine.add_region(
                     region.address, length, page_size, prepared.kind, prepared.base,
                     prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
+                    repr(source),
                 )  # fmt: skip
                 self._regions[region.id] = region
             except BaseException:

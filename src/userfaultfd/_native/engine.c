@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "notice.h"
 
 #define MAX_WORKERS 64
 #define BATCH 64
@@ -76,6 +77,7 @@ struct region {
     atomic_uint_fast64_t poisoned[MAX_POISONED];
     atomic_uint npoisoned;
     atomic_int poison_overflow;
+    char label[160]; /* "region ID SOURCE", for notices */
     struct region_stats st; /* updated with relaxed atomics */
 };
 
@@ -254,6 +256,19 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
                    int err, const char *op)
 {
     uint64_t done;
+    /* The toucher dies of this SIGBUS unless it handles it: the line it leaves is written now. */
+    char text[NOTICE_TEXT];
+    struct fmt f = {text, text + sizeof(text)};
+    fmt_str(&f, r ? r->label : "an address in no region");
+    if (r) {
+        fmt_str(&f, " at offset ");
+        fmt_hex(&f, off);
+    }
+    fmt_str(&f, " could not be produced and was poisoned: ");
+    fmt_errno(&f, err);
+    fmt_str(&f, " in ");
+    fmt_str(&f, op);
+    notice_record(addr, addr + len, text);
     if (r) {
         unsigned k = atomic_fetch_add(&r->npoisoned, 1);
         if (k < MAX_POISONED)
@@ -375,8 +390,11 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             continue;
         }
         /* The source could not produce this page: never install wrong data. */
+        /* EFAULT on a COPY: reading the source's memory faulted (a mapped file shrank) */
         poison(e, r, pos, unit, off + done, err,
-               req == UFFDIO_COPY       ? "UFFDIO_COPY"
+               req == UFFDIO_COPY && err == EFAULT
+                   ? "UFFDIO_COPY, reading the source (a file that shrank?)"
+               : req == UFFDIO_COPY     ? "UFFDIO_COPY"
                : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
                                         : "UFFDIO_ZEROPAGE");
         bits_set(r, (off + done) >> r->shift, 1, 1);
@@ -617,6 +635,9 @@ static int serve_faults(struct engine *e, const struct uffd_msg *msgs, int count
     return marked;
 }
 
+#define GUARD_MS 100
+static void sigbus_guard(void);
+
 static void *worker(void *arg)
 {
     struct engine *e = arg;
@@ -636,7 +657,13 @@ static void *worker(void *arg)
                 continue;
             }
         } else {
-            if (poll(pf, 2, -1) < 0 && errno != EINTR) {
+            int sigbus = e->mode == ENGINE_SIGBUS; /* the only thread: it guards the handler */
+            if (sigbus)
+                sigbus_guard();
+            int ready = poll(pf, 2, sigbus ? GUARD_MS : -1);
+            if (ready == 0)
+                continue;
+            if (ready < 0 && errno != EINTR) {
                 record_error(e, errno, -1, 0, 0, "poll");
                 break;
             }
@@ -718,17 +745,33 @@ static int is_retired(uint64_t addr, uint64_t now)
 static struct sigaction sig_previous;
 static int sig_installed;
 static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Handlers installed after ours, in front of which sigbus_guard put on_sigbus_late. */
+#define DISPLACERS 8
+static struct sigaction displacers[DISPLACERS];
+static atomic_uint displacer_now;
 
-static void chain_sigbus(int sig, siginfo_t *si, void *uc)
+static void chain_to(const struct sigaction *prev, int sig, siginfo_t *si, void *uc)
 {
-    if (sig_previous.sa_flags & SA_SIGINFO) {
-        sig_previous.sa_sigaction(sig, si, uc);
-    } else if (sig_previous.sa_handler == SIG_DFL) {
+    if (prev->sa_flags & SA_SIGINFO) {
+        prev->sa_sigaction(sig, si, uc);
+    } else if (prev->sa_handler == SIG_DFL) {
         signal(sig, SIG_DFL);
         raise(sig); /* delivered when this handler returns: the default action */
-    } else if (sig_previous.sa_handler != SIG_IGN) {
-        sig_previous.sa_handler(sig);
+    } else if (prev->sa_handler != SIG_IGN) {
+        prev->sa_handler(sig);
     }
+}
+
+static void chain_sigbus(int sig, siginfo_t *si, void *uc) { chain_to(&sig_previous, sig, si, uc); }
+
+/* The notice of a poisoned page of ours, once: a previous handler that returns makes the access
+ * fault again, and the line would repeat for ever. */
+static void say_once(const siginfo_t *si)
+{
+    static atomic_uint_fast64_t last = UINT64_MAX;
+    uint64_t addr = (uint64_t)(uintptr_t)si->si_addr;
+    if (si->si_code > 0 && atomic_exchange(&last, addr) != addr) /* si_addr: kernel signals */
+        notice_say(addr);
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -769,8 +812,84 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
             return;
         }
     }
+    say_once(si);
     chain_sigbus(sig, si, uc);
     errno = saved;
+}
+
+/* "region ID SOURCE at offset OFF" for an address a sigbus-mode engine serves (not poisoned);
+ * 0 if none does. */
+static int sigbus_region_at(uint64_t addr, struct fmt *f)
+{
+    int found = 0;
+    unsigned gidx = srcu_enter(&sig_srcu);
+    for (int k = 0; k < MAX_SIGBUS_ENGINES && !found; k++) {
+        struct engine *e = atomic_load(&sig_engines[k]);
+        if (!e)
+            continue;
+        unsigned idx = srcu_enter(&e->srcu);
+        const struct extent *x = lookup(atomic_load(&e->table), addr);
+        uint64_t off = x ? x->off + (addr - x->start) : 0;
+        if (x && !is_poisoned(x->r, off >> x->r->shift)) {
+            fmt_str(f, x->r->label);
+            fmt_str(f, " at offset ");
+            fmt_hex(f, off);
+            found = 1;
+        }
+        srcu_exit(&e->srcu, idx);
+    }
+    srcu_exit(&sig_srcu, gidx);
+    return found;
+}
+
+/* In front of a handler that displaced ours (see sigbus_guard). Everything goes on to that
+ * handler, but a userfault on a sigbus-mode region ends the process with a line saying why:
+ * passed on alone, it would return to an access that faults again, for ever. */
+static void on_sigbus_late(int sig, siginfo_t *si, void *uc)
+{
+    int saved = errno;
+    const struct sigaction *displacer = &displacers[atomic_load(&displacer_now) % DISPLACERS];
+    char text[560];
+    struct fmt f = {text, text + sizeof(text)};
+    fmt_str(&f, "a SIGBUS handler installed after the sigbus-mode PageServer started "
+                "(faulthandler.enable(), signal.signal(SIGBUS, ...)) takes the faults of ");
+    if (si->si_code == BUS_ADRERR && sigbus_region_at((uint64_t)(uintptr_t)si->si_addr, &f)) {
+        fmt_str(&f, " and they would never end: install such handlers before creating the "
+                    "server, or use mode='thread'");
+        notice_write((uint64_t)(uintptr_t)si->si_addr, text);
+        chain_to(displacer, sig, si, uc); /* faulthandler prints its traceback */
+        signal(sig, SIG_DFL);
+        raise(sig); /* blocked in this handler: delivered, fatally, when it returns */
+    } else {
+        say_once(si);
+        chain_to(displacer, sig, si, uc);
+    }
+    errno = saved;
+}
+
+/* Called by a sigbus-mode engine's event thread every GUARD_MS. A handler installed after ours
+ * sees our userfaults first, and returns: the access faults again at once, for ever, at 100% CPU
+ * (a Python handler can never even run if the faulting thread holds the GIL). Put
+ * on_sigbus_late in front of it. Default and ignore dispositions already end the process. */
+static void sigbus_guard(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) != 0)
+        return;
+    if (cur.sa_flags & SA_SIGINFO ? cur.sa_sigaction == on_sigbus || cur.sa_sigaction == on_sigbus_late
+                                  : cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)
+        return;
+    pthread_mutex_lock(&sig_lock);
+    unsigned k = (atomic_load(&displacer_now) + 1) % DISPLACERS;
+    displacers[k] = cur; /* ready before on_sigbus_late can run */
+    atomic_store(&displacer_now, k);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus_late;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+    pthread_mutex_unlock(&sig_lock);
 }
 
 /* In a forked child no engine serves: its threads are the parent's and its regions are not
@@ -785,10 +904,9 @@ static void sigbus_forget_all(void)
     atomic_store(&sig_srcu.readers[1], 0);
 }
 
-static int sigbus_attach(struct engine *e)
+static int sigbus_install_locked(void)
 {
     int rc = 0;
-    pthread_mutex_lock(&sig_lock);
     if (!sig_installed) {
         struct sigaction sa;
         memset(&sa, 0, sizeof(sa));
@@ -800,6 +918,21 @@ static int sigbus_attach(struct engine *e)
             rc = errno;
         sig_installed = !rc;
     }
+    return rc;
+}
+
+int engine_sigbus_install(void)
+{
+    pthread_mutex_lock(&sig_lock);
+    int rc = sigbus_install_locked();
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+static int sigbus_attach(struct engine *e)
+{
+    pthread_mutex_lock(&sig_lock);
+    int rc = sigbus_install_locked();
     int k = 0;
     while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k]))
         k++;
@@ -861,8 +994,9 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
 int engine_start(struct engine *e)
 {
     sigset_t all, old;
-    int rc = 0;
-    if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
+    /* sigbus mode: the handler resolves faults; thread mode: it leaves a poisoned page's notice */
+    int rc = e->mode == ENGINE_SIGBUS ? sigbus_attach(e) : engine_sigbus_install();
+    if (rc)
         return -rc;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
@@ -993,6 +1127,14 @@ int engine_add_region(struct engine *e, const struct region_params *p)
         return rc;
     }
     r->id = e->next_id++;
+    struct fmt f = {r->label, r->label + sizeof(r->label)};
+    fmt_str(&f, "region ");
+    fmt_dec(&f, (uint64_t)r->id);
+    if (p->label) {
+        fmt_str(&f, " ");
+        fmt_str(&f, p->label);
+    }
+    r->p.label = NULL; /* the caller's string */
     e->regions[e->nregions++] = r;
     if (n)
         memcpy(nt->x, t->x, n * sizeof(struct extent));

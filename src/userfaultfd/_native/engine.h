@@ -21,6 +21,7 @@ struct region_params {
     uint64_t readahead;       /* fixed: granules installed after the faulting one */
     uint64_t adaptive_min;    /* bytes; 0 disables adaptive readahead */
     uint64_t adaptive_max;
+    const char *label;        /* NULL, or what the region serves (copied): for failure notices */
 };
 
 #define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */
@@ -66,6 +67,9 @@ int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH)
 /* Whether SIGBUS goes to the engines' resolver first. A handler installed later (faulthandler
  * enabled after a sigbus-mode engine started) sees userfaults first and treats them as fatal. */
 int engine_sigbus_first(void);
+/* Installs the SIGBUS handler without serving faults in it: it writes the failure notice of a
+ * poisoned page before the process dies (notice.h). 0 or errno. */
+int engine_sigbus_install(void);
 /* remove, unmap, remap, unknown, fork */
 void engine_event_counts(struct engine *e, uint64_t out[5]);
 

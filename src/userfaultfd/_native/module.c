@@ -17,6 +17,7 @@
 
 #include "abi.h"
 #include "engine.h"
+#include "notice.h"
 #include "seed.h"
 #include "watchdog.h"
 
@@ -721,16 +722,18 @@ static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
 }
 
 /* add_region(start, length, page_size, kind, base_addr, base_len, tail_addr, can_zeropage,
- *            readahead, adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
+ *            readahead, adaptive_min, adaptive_max[, label]) -> id. The caller keeps base and tail
+ * alive; label (what the region serves) goes into the line a poisoned page's toucher leaves. */
 static PyObject *engineobj_add_region(EngineObject *o, PyObject *args)
 {
     struct region_params p;
     unsigned long long base, tail;
     int kind, can_zero;
+    p.label = NULL;
     if (engine_check(o) < 0 ||
-        !PyArg_ParseTuple(args, "KKKiKKKiKKK", &p.start, &p.length, &p.page_size, &kind, &base,
+        !PyArg_ParseTuple(args, "KKKiKKKiKKK|s", &p.start, &p.length, &p.page_size, &kind, &base,
                           &p.base_len, &tail, &can_zero, &p.readahead, &p.adaptive_min,
-                          &p.adaptive_max))
+                          &p.adaptive_max, &p.label))
         return NULL;
     p.kind = kind;
     p.base = (const char *)(uintptr_t)base;
@@ -908,6 +911,9 @@ static PyObject *py_watchdog_start(PyObject *self, PyObject *args)
     int pidfd, uffd;
     if (!PyArg_ParseTuple(args, "ii", &pidfd, &uffd))
         return NULL;
+    int rc = engine_sigbus_install(); /* for the notice of a page it poisons */
+    if (rc)
+        return os_error(rc, "sigaction");
     struct watchdog *w = watchdog_start(pidfd, uffd);
     if (!w)
         return os_error(errno, "pthread_create");
@@ -923,6 +929,33 @@ static PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
         return NULL;
     Py_BEGIN_ALLOW_THREADS fired = watchdog_stop(w);
     Py_END_ALLOW_THREADS return PyBool_FromLong(fired);
+}
+
+/* ---- notice boards: failure lines written by a handler process ---- */
+
+/* notice_board(address): watch the NOTICE_BOARD_SLOTS notice slots at address (shared memory
+ * a handler process writes before it poisons a page); installs the SIGBUS handler that says
+ * them. */
+static PyObject *py_notice_board(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr))
+        return NULL;
+    int rc = engine_sigbus_install();
+    if (rc)
+        return os_error(rc, "sigaction");
+    if (notice_board_add((const struct notice_slot *)(uintptr_t)addr) < 0)
+        return os_error(EMFILE, "notice_board");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_notice_board_remove(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr))
+        return NULL;
+    notice_board_remove((const struct notice_slot *)(uintptr_t)addr);
+    Py_RETURN_NONE;
 }
 
 /* ---- module ---- */
@@ -951,6 +984,8 @@ static PyMethodDef core_methods[] = {
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
     {"watchdog_start", py_watchdog_start, METH_VARARGS, "poison faults once pidfd's process dies"},
     {"watchdog_stop", py_watchdog_stop, METH_O, "stop it -> whether it fired"},
+    {"notice_board", py_notice_board, METH_VARARGS, "say the failure notices at address"},
+    {"notice_board_remove", py_notice_board_remove, METH_VARARGS, "stop saying them"},
     {NULL}};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -1, core_methods};
@@ -991,7 +1026,8 @@ PyMODINIT_FUNC PyInit__core(void)
         Py_DECREF(v);
     }
     if (!d || PyModule_AddObject(m, "ABI", d) < 0 ||
-        PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0)
+        PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0 ||
+        PyModule_AddIntMacro(m, NOTICE_TEXT) < 0 || PyModule_AddIntMacro(m, NOTICE_BOARD_SLOTS) < 0)
         return NULL;
     return m;
 }
