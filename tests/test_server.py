@@ -30,6 +30,7 @@ from .conftest import (
     PAGE,
     Caller,
     Toucher,
+    anon,
     libc,
     loop_device,
     move,
@@ -291,6 +292,32 @@ def test_populate_progress_uses_tqdm_when_installed(capsys: pytest.CaptureFixtur
         server.map(64 << 20).populate(progress=True)
     last = capsys.readouterr().err.rstrip().split("\r")[-1]
     assert last.startswith("populate: 100%") and "64.0M/64.0M" in last, last
+
+
+def test_readme_pattern_for_system_calls_on_sigbus_regions_works() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- example: sigbus-syscalls")[1].split("```python\n")[1]
+    proc = run_child(block.split("```")[0])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_efault_from_an_unpopulated_sigbus_region_names_the_fix() -> None:
+    """A COPY whose source is an unpopulated sigbus-mode region: the kernel reads it, no fault."""
+    with u.PageServer("sigbus") as server, u.Userfaultfd() as uffd:
+        source = server.map(PAGE, u.Fill(b"s"))
+        target = anon(1)
+        uffd.register(target.address, PAGE)
+        with pytest.raises(OSError, match=r"sigbus-mode region, populate\(\) that range") as e:
+            uffd.copy(target.address, source, PAGE)
+        assert e.value.errno == errno.EFAULT
+        source.populate()
+        assert uffd.copy(target.address, source, PAGE) == PAGE
+        assert target[:] == b"s" * PAGE
+        target.close()
+        # the engine says the same when a Buffer source is such a region
+        copy = server.map(PAGE, u.Buffer(server.map(PAGE, u.Fill(b"t"))))
+        with pytest.raises(u.SourceError, match="unpopulated sigbus-mode region"):
+            copy.populate()
 
 
 @pytest.mark.kernel_faults

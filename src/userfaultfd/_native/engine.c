@@ -393,7 +393,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         /* EFAULT on a COPY: reading the source's memory faulted (a mapped file shrank) */
         poison(e, r, pos, unit, off + done, err,
                req == UFFDIO_COPY && err == EFAULT
-                   ? "UFFDIO_COPY, reading the source (a file that shrank?)"
+                   ? "UFFDIO_COPY, reading the source (a file that shrank, or an unpopulated "
+                     "sigbus-mode region?)"
                : req == UFFDIO_COPY     ? "UFFDIO_COPY"
                : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
                                         : "UFFDIO_ZEROPAGE");
