@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -184,6 +185,33 @@ def test_short_data_is_an_error_not_wrong_data() -> None:
         os.close(r), os.close(w)
         with pytest.raises(u.SourceError, match="returned 1 bytes for 4096"):
             server.map(PAGE)
+
+
+SPLIT_CHILD = textwrap.dedent(
+    """
+    import mmap
+    import userfaultfd as u
+    from userfaultfd import _core
+    P = u.PAGE_SIZE
+    def page_number(offset, length):
+        return b"".join(bytes([offset // P + k]) * P for k in range(length // P))
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(16 * P, readahead=7)
+        _core.madvise(region.address + 4 * P, 4 * P, mmap.MADV_DONTDUMP)
+        assert _core.touch(region.address + 2 * P, 8 * P, P, False) == sum(range(2, 10))
+        assert region[:] == page_number(0, 16 * P) and server.stats()["errors"] == 0
+    print("OK", flush=True)
+    """
+)
+
+
+def test_a_fill_crossing_a_vma_split_is_served_in_pieces() -> None:
+    """madvise(MADV_DONTDUMP) on part of a region splits its VMA, and a COPY must lie in one VMA:
+    before the fix the handler's readahead COPY failed with ENOENT for ever."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_CHILD], capture_output=True, text=True, timeout=30
+    )
+    assert proc.stdout == "OK\n", proc.stderr
 
 
 TOUCH_CHILD = textwrap.dedent(

@@ -269,6 +269,34 @@ def test_a_client_that_forks_leaks_no_fd_in_the_server(server: Server, memory: P
     region.close()
 
 
+@pytest.mark.kernel_faults
+def test_a_page_poisoned_for_a_client_is_logged_as_it_happens(tmp_path: Path) -> None:
+    """The client's thread dies of the SIGBUS and cannot say why: the server's log says it."""
+    path = tmp_path / "shrinks.mem"
+    path.write_bytes(os.urandom(2 * MIB))
+    s = Server(tmp_path, path)
+    region = _core.Mapping(2 * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with u.Userfaultfd(u.Feature.EVENT_REMOVE) as uffd:
+            uffd.register(region.address, 2 * MIB)
+            payload = json.dumps([GuestRegion(region.address, 2 * MIB, 0, PAGE).to_json()])
+            sock = raw_client(s, payload.encode(), [uffd.fileno()])
+            s.expect("connect client 1")
+            os.truncate(path, MIB)
+            r, w = os.pipe()
+            with pytest.raises(OSError):  # a kernel access: EFAULT from the poison
+                os.write(w, memoryview(region)[MIB + PAGE : MIB + 2 * PAGE])
+            os.close(r), os.close(w)
+            line = s.expect("poisoned the page", timeout=10)  # before the client goes
+            assert f"at {region.address + MIB + PAGE:#x} (memory file offset 0x101000)" in line
+            assert "client 1" in line and "Bad address" in line
+            sock.close()
+            s.expect("disconnect client 1")
+    finally:
+        assert s.stop() == 0
+        region.close()
+
+
 def regions_json(*items: dict[str, object]) -> bytes:
     return json.dumps(list(items)).encode()
 

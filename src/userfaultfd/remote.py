@@ -176,17 +176,16 @@ class _Handler:
             done = e.done
         except FileExistsError:  # a duplicate fault, or a readahead race
             done = page
-        except FileNotFoundError:  # unregistered meanwhile
-            self.uffd.wake(start, length)
-            return
+        except FileNotFoundError:
+            # A COPY must lie in one VMA: the range crosses a split (mprotect or madvise on
+            # part of the region), or was unregistered meanwhile. Page by page tells which.
+            done = 0
         for pos in range(done, length, page):  # the rest page by page, skipping present ones
             try:
                 self.uffd.copy(start + pos, data[pos : pos + page], page, dontwake=True)
                 self.pages += page // PAGE_SIZE
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):  # present, or this page is gone
                 pass
-            except FileNotFoundError:
-                break
         self.uffd.wake(start, length)
 
     def fail(self, start: int, length: int, message: str, tb: str = "") -> None:

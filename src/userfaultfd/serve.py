@@ -62,6 +62,7 @@ class Client:
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
+    error_cursor: int = 0  # the engine's failure records logged so far
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -222,8 +223,23 @@ class Handler:
             if now - client.connected > HANDSHAKE_TIMEOUT:
                 self._drop(client, "refused: no hand-off message in time", refused=True)
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info()[0]:
-                self._drop(client, "its process exited")
+            if client.engine is not None:
+                self._log_failures(client)
+                if client.engine.info()[0]:
+                    self._drop(client, "its process exited")
+
+    def _log_failures(self, client: Client) -> None:
+        """A page that could not be produced is poisoned: the guest thread touching it dies of
+        SIGBUS in the client, which cannot say why. The server says it, as it happens."""
+        assert client.engine is not None
+        client.error_cursor, errs = client.engine.errors(client.error_cursor)
+        regions = dict(zip(client.ids, client.regions, strict=True))
+        for err, rid, address, offset, op in errs:
+            base = regions[rid].offset if rid in regions else 0
+            log.error(
+                "%s: poisoned the page at %#x (memory file offset %#x): %s (%s)",
+                client.name(), address, base + offset, os.strerror(err), op,
+            )  # fmt: skip
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
         fileno = client.conn.fileno()
@@ -238,6 +254,7 @@ class Handler:
             client.engine.stop()
             if client.prefetcher:
                 client.prefetcher.join()
+            self._log_failures(client)
             total = Stats.from_engine(client.engine.stats(-1))
             forks = client.engine.info()[5]  # their uffds were closed: children are not served
             client.engine.close()
