@@ -23,6 +23,7 @@ import pytest
 
 import userfaultfd as u
 from userfaultfd import _core
+from userfaultfd.commands.serve import _listen
 from userfaultfd.handoff import (
     GuestRegion,
     HandoffError,
@@ -31,7 +32,6 @@ from userfaultfd.handoff import (
     receive_uffd,
     send_uffd,
 )
-from userfaultfd.serve import _listen
 
 from .conftest import Toucher, loop_device
 
