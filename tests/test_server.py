@@ -768,7 +768,7 @@ LATE_HANDLER_FAULT_CHILD = textwrap.dedent(
             signal.signal(signal.SIGBUS, lambda *_: print("python handler", flush=True))
         else:
             faulthandler.enable()
-            time.sleep(0.5)  # the server notices it within 100 ms
+            time.sleep(1.0)  # the server notices it within 100 ms
         region[u.PAGE_SIZE]  # the main thread, holding the GIL: the Python handler never runs
         print("read the page", flush=True)
     """
