@@ -14,8 +14,9 @@ import numpy
 import pytest
 
 import userfaultfd as u
+from userfaultfd import _core
 
-from .conftest import PAGE, Caller, run_child
+from .conftest import PAGE, Caller, anon, run_child
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -212,6 +213,21 @@ def test_a_fill_crossing_a_vma_split_is_served_in_pieces() -> None:
         [sys.executable, "-c", SPLIT_CHILD], capture_output=True, text=True, timeout=30
     )
     assert proc.stdout == "OK\n", proc.stderr
+
+
+def test_notice_boards_past_the_table_are_refused_quietly() -> None:
+    """Each PythonSourceServer registers a notice board; past the table's 64 its notices go
+    unsaid, and the server is still created and serves."""
+    boards = [anon(1, shared=True) for _ in range(70)]
+    taken = [_core.notice_board(b.address) for b in boards]
+    try:
+        assert taken[-1] is False and taken.count(True) <= 64
+        with u.PythonSourceServer(page_number) as server:
+            assert server.map(PAGE)[0] == 0
+    finally:
+        for b in boards:
+            _core.notice_board_remove(b.address)
+            b.close()
 
 
 TOUCH_CHILD = textwrap.dedent(

@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #define RING 128
-#define BOARDS 32
+#define BOARDS 64
 
 static struct notice_slot ring[RING]; /* seq accessed atomically */
 static atomic_uint_fast64_t ring_next;

@@ -86,9 +86,10 @@ PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
 
 /* ---- notice boards: failure lines written by a handler process ---- */
 
-/* notice_board(address): say the NOTICE_BOARD_SLOTS notice slots at address (shared memory a
- * handler process writes before it poisons a page) when a toucher dies of it; installs the SIGBUS
- * handler that says them. */
+/* notice_board(address) -> bool: say the NOTICE_BOARD_SLOTS notice slots at address (shared
+ * memory a handler process writes before it poisons a page) when a toucher dies of it; installs
+ * the SIGBUS handler that says them. False when every board slot is taken: the notices of this
+ * one are not said, which is no reason to refuse serving. */
 PyObject *py_notice_board(PyObject *self, PyObject *args)
 {
     unsigned long long addr;
@@ -97,9 +98,7 @@ PyObject *py_notice_board(PyObject *self, PyObject *args)
     int rc = sigbus_install();
     if (rc)
         return os_error(rc, "sigaction");
-    if (notice_board_add((const struct notice_slot *)(uintptr_t)addr) < 0)
-        return os_error(EMFILE, "notice_board");
-    Py_RETURN_NONE;
+    return PyBool_FromLong(notice_board_add((const struct notice_slot *)(uintptr_t)addr) == 0);
 }
 
 PyObject *py_notice_board_remove(PyObject *self, PyObject *args)

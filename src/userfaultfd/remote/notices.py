@@ -30,6 +30,7 @@ class Board:
         except BaseException:
             os.close(self.fd)
             raise
+        # False past 64 boards at once: those servers' notices go unsaid, they still serve.
         _core.notice_board(self._memory.address)
 
     def close(self) -> None:
