@@ -164,7 +164,7 @@ int cache_wait(struct chunk_cache *c, uint64_t chunk, int uffd, uint64_t addr, u
         struct waiter *grown = realloc(c->waiters, cap * sizeof(*grown));
         if (!grown) {
             pthread_mutex_unlock(&c->lock);
-            return 1; /* the fault is answered with a wake-up: it comes again */
+            return -ENOMEM;
         }
         c->waiters = grown;
         c->wcap = cap;

@@ -39,7 +39,8 @@ int cache_plan(struct chunk_cache *c, uint64_t off, uint64_t want, uint64_t *src
                uint64_t *chunk);
 void cache_unpin(struct chunk_cache *c, uint64_t chunk);
 /* A fault on [addr, addr + len) of uffd waits for `chunk`, which is queued first in line for a
- * fetch unless it already is. Returns 0, or 1 if the chunk is no longer missing (plan again). */
+ * fetch unless it already is. Returns 0, 1 if the chunk is no longer missing (plan again), or
+ * -ENOMEM when the waiter cannot be recorded (the caller wakes the fault: it comes again). */
 int cache_wait(struct chunk_cache *c, uint64_t chunk, int uffd, uint64_t addr, uint64_t len);
 /* Queues a chunk not present for a fetch (at the back: prefetch). 1 if queued now. */
 int cache_request(struct chunk_cache *c, uint64_t chunk);

@@ -330,10 +330,13 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         if (req == PLAN_WAIT) {
             /* Not in the cache yet: the fault waits, the fetchers are told, and the fill wakes
              * it. What was installed before is woken now; the rest of the run goes on. */
-            if (cache_wait(r->p.cache, chunk, e->uffd, pos, seg))
+            int waiting = cache_wait(r->p.cache, chunk, e->uffd, pos, seg);
+            if (waiting == 1)
                 continue; /* it arrived meanwhile */
             if (need_wake && pos > wake_from && !sigbus)
                 range_ioctl(e->uffd, UFFDIO_WAKE, wake_from, pos - wake_from);
+            if (waiting < 0) /* no memory to wait in: the fault comes again, and is served then */
+                range_ioctl(e->uffd, UFFDIO_WAKE, pos, seg);
             need_wake = 0;
             pos += seg;
             wake_from = pos;

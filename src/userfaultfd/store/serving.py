@@ -113,6 +113,14 @@ class StoreCache:
                 self.cache.request(nxt)
 
     def _fetch(self, chunk: int) -> None:
+        """Fetch, verify and fill one chunk; whatever goes wrong ends in a poisoned chunk, never
+        in one left fetching (its faults would wait forever)."""
+        try:
+            self._fetch_or_poison(chunk)
+        except Exception as e:  # noqa: BLE001 - reported with the chunk, which is poisoned
+            self._poison(chunk, f"fetcher failed: {e!r}")
+
+    def _fetch_or_poison(self, chunk: int) -> None:
         deadline = time.monotonic() + self.fetch_timeout
         delay = 0.05
         while True:
