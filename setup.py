@@ -22,7 +22,6 @@ if os.environ.get("UFFD_SANITIZE"):
     ldflags += ["-fsanitize=address,undefined"]
 
 native = "src/userfaultfd/_native"
-units = ("engine", "seed", "watchdog", "chunkcache", "chunkcache_py")  # each with its header
 setup(
     ext_modules=[
         Extension(
