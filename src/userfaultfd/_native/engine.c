@@ -327,9 +327,24 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         unsigned long req =
             plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg, &chunk, &pinned);
         hole = 0;
+        if (req == PLAN_WAIT && !(fault >= pos && fault < pos + seg)) {
+            /* Readahead into a chunk not in the cache: it is fetched in the background (fetches
+             * cost more than copies, so the run stops there once past the fault). */
+            cache_request(r->p.cache, chunk);
+            if (need_wake && pos > wake_from && !sigbus)
+                range_ioctl(e->uffd, UFFDIO_WAKE, wake_from, pos - wake_from);
+            need_wake = 0;
+            pos += seg;
+            wake_from = pos;
+            ret = ret ? ret : ENODATA;
+            if (fault < pos - seg)
+                break;
+            continue;
+        }
         if (req == PLAN_WAIT) {
-            /* Not in the cache yet: the fault waits, the fetchers are told, and the fill wakes
-             * it. What was installed before is woken now; the rest of the run goes on. */
+            /* The faulting unit's chunk is not in the cache yet: the fault waits, the fetchers
+             * are told (it goes first), and the fill wakes it. What was installed before is
+             * woken now; the rest of the run goes on. */
             int waiting = cache_wait(r->p.cache, chunk, e->uffd, pos, seg);
             if (waiting == 1)
                 continue; /* it arrived meanwhile */

@@ -143,10 +143,11 @@ class StoreCache:
             delay = min(delay * 2, BACKOFF_MAX)
         if self.closed:
             return
-        self.cache.fill(chunk, data)
-        with self.lock:
+        with self.lock:  # counted before the fill wakes the faults: stats never trail them
             self.fetched += 1
             self.fetched_bytes += len(data)
+        self.cache.fill(chunk, data)
+        with self.lock:
             self.present[chunk] = None
             excess = len(self.present) * self.chunk_size - self.budget
             victims = []
