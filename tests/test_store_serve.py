@@ -5,6 +5,7 @@ Python API that maps a stored snapshot."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -267,4 +268,24 @@ def test_racing_faults_refaults_and_evictions_always_see_the_right_bytes(tmp_pat
             assert bytes(region[:]) == bytes(data)
             assert libc.madvise(region.address, len(data), MADV_DONTNEED) == 0
         assert cache.evicted > 0 and cache.fetched > cache.chunks
+        region.close()
+
+
+def test_sequential_misses_prefetch_the_next_chunks_and_a_jump_does_not(tmp_path: Path) -> None:
+    (tmp_path / "mem").write_bytes(os.urandom(16 * CHUNK))
+    store = SnapshotStore(f"file://{tmp_path}/store")
+    store.push(tmp_path / "mem", "vm", chunk_size=CHUNK)
+    with StoreCache(store.open("vm"), prefetch=4) as cache, u.PageServer("thread") as server:
+        region = server.map(16 * CHUNK, cache.source())  # no readahead: only the cache's
+        state = cache.cache.state
+        touch(region.address, PAGE)
+        touch(region.address + CHUNK, PAGE)  # right after the chunk before: a stream
+        deadline = time.monotonic() + 10
+        while state(5) != _core.CHUNK_PRESENT:
+            assert time.monotonic() < deadline, "chunks 2-5 were not prefetched"
+            time.sleep(0.01)
+        assert state(6) == _core.CHUNK_ABSENT
+        touch(region.address + 10 * CHUNK, PAGE)  # a jump: no prefetch
+        time.sleep(0.2)
+        assert state(11) == _core.CHUNK_ABSENT and cache.fetched == 7
         region.close()
