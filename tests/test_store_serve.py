@@ -289,3 +289,25 @@ def test_sequential_misses_prefetch_the_next_chunks_and_a_jump_does_not(tmp_path
         time.sleep(0.2)
         assert state(11) == _core.CHUNK_ABSENT and cache.fetched == 7
         region.close()
+
+
+def test_serve_logs_a_poisoned_chunk_with_the_client_addresses(pushed, tmp_path: Path) -> None:
+    address, _, local = pushed
+    store, name = SnapshotStore.at(address)
+    snap = store.open(name)
+    bad = data_chunks(address)[1]
+    victim = snap.table[bad] or ""
+    store.backend.put(chunk_key(victim), b"not a zstd frame")
+    server = Server(tmp_path, address)  # type: ignore[arg-type]  # a path or an address
+    try:
+        proc = subprocess.run(
+            [sys.executable, CLIENT, str(server.socket), str(local), f"{SIZE}@0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == -7, proc.stdout + proc.stderr  # SIGBUS on the poisoned page
+        line = server.expect(f"chunk {bad} (snapshot offsets {bad * CHUNK:#x}-")
+        assert "does not decompress" in line and "pages at: client 1 (pid" in line, line
+        start, end = (int(x, 16) for x in line.rsplit(" ", 1)[1].split("-"))
+        assert end - start == CHUNK  # the chunk's pages in the client
+    finally:
+        assert server.stop() == 0
