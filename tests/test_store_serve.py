@@ -311,3 +311,30 @@ def test_serve_logs_a_poisoned_chunk_with_the_client_addresses(pushed, tmp_path:
         assert end - start == CHUNK  # the chunk's pages in the client
     finally:
         assert server.stop() == 0
+
+
+MAPPED = r"""
+import sys
+from userfaultfd import _core
+from userfaultfd.store import SnapshotStore
+store, name = SnapshotStore.at(sys.argv[1])
+mem = store.map(name)
+print(mem[:16] == open(sys.argv[3], "rb").read(16), flush=True)
+_core.touch(mem.address + int(sys.argv[2]) * 65536, 4096, 4096, False)
+print("poisoned chunk served: wrong", flush=True)
+"""
+
+
+def test_a_mapped_snapshot_reports_a_poisoned_chunk_on_the_applications_stderr(
+    pushed,
+) -> None:
+    address, _, local = pushed
+    store, name = SnapshotStore.at(address)
+    snap = store.open(name)
+    bad = data_chunks(address)[1]
+    store.backend.put(chunk_key(snap.table[bad] or ""), b"garbage")
+    proc = run_child(MAPPED, address, str(bad), str(local))
+    assert proc.returncode == -7, proc.stdout + proc.stderr  # SIGBUS
+    assert proc.stdout == "True\n"
+    assert f"chunk {bad} (snapshot offsets {bad * CHUNK:#x}-" in proc.stderr
+    assert "connect" not in proc.stderr and "listening" not in proc.stderr

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from ..uffd import PAGE_SIZE, Userfaultfd
 from .store import SnapshotStore
 
 START_TIMEOUT = 60.0
+# The daemon's own comings and goings: not the application's business.
+ROUTINE = re.compile(r"userfaultfd serve: (listening on|connect |disconnect |stopped)")
 STOP_TIMEOUT = 10.0
 
 
@@ -77,12 +80,13 @@ class _Handler:
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def _pump(self) -> None:
-        """The handler's log, passed on to our stderr (where poisoned chunks are reported)."""
+        """The handler's log, passed on to our stderr (where poisoned chunks are reported), but
+        for its routine lines."""
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             if len(self.lines) < 20:
                 self.lines.append(line.rstrip("\n"))
-            if "listening on" not in line:
+            if not ROUTINE.match(line):
                 sys.stderr.write(line)
 
     def wait_listening(self) -> None:
