@@ -88,6 +88,7 @@ class Daemon:
             raise
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
+        self.exit_with, self.parent_fd = 0, -1
         self.pending: dict[int, Client] = {}  # connected, handshake not yet received
         self.clients: dict[int, Client] = {}
         self.counter = 0
@@ -131,9 +132,19 @@ class Daemon:
             for key, _ in self.selector.select(timeout=0.2):
                 if key.fileobj is self.listener:
                     self._accept()
+                elif key.data is None:  # the process we serve for has ended (--exit-with)
+                    log.info("process %d has ended: stopping", self.exit_with)
+                    self.stopping = True
                 else:
                     self._readable(key.data)
             self._reap()
+
+    def end_with(self, pid: int) -> None:
+        """Stop once process pid has ended (SnapshotStore.map: a handler must not outlive its
+        application, which may die of the very SIGBUS a poisoned chunk raises)."""
+        self.exit_with = pid
+        self.parent_fd = os.pidfd_open(pid)
+        self.selector.register(self.parent_fd, selectors.EVENT_READ, None)
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -142,6 +153,8 @@ class Daemon:
         for client in [*self.pending.values(), *self.clients.values()]:
             self._drop(client, "server stopping")
         self.selector.close()
+        if self.parent_fd >= 0:
+            os.close(self.parent_fd)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -331,7 +344,8 @@ def _open_snapshot(address: str, budget: int, fetch_timeout: float, daemon: Daem
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="userfaultfd serve: %(message)s")
     stored = "://" in args.memory
     if not (stored or Path(args.memory).is_file() or Path(args.memory).is_block_device()):
         raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
@@ -345,6 +359,8 @@ def main(args: argparse.Namespace) -> int:
         cache_bytes=args.cache_size,
         fetch_timeout=args.fetch_timeout,
     )
+    if getattr(args, "exit_with", None) is not None:
+        daemon.end_with(args.exit_with)
     previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
     try:

@@ -76,7 +76,8 @@ def add_parser(sub: Any) -> None:
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
-    """`serve --memory ADDRESS`: the chunk cache's bound and the fetches' deadline."""
+    """`serve --memory ADDRESS`: the chunk cache's bound and the fetches' deadline; and for a
+    handler process started by an application (SnapshotStore.map): --quiet, --exit-with."""
     p.add_argument(
         "--cache-size",
         type=size,
@@ -91,6 +92,10 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a chunk not fetched by then (retries included) is poisoned (default 30)",
     )
+    p.add_argument(
+        "--quiet", action="store_true", help="log problems only (not clients coming and going)"
+    )
+    p.add_argument("--exit-with", type=int, metavar="PID", help="stop once this process has ended")
 
 
 @contextmanager

@@ -14,13 +14,11 @@ import contextlib
 import errno
 import mmap
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,8 +28,6 @@ from ..uffd import PAGE_SIZE, Userfaultfd
 from .store import SnapshotStore
 
 START_TIMEOUT = 60.0
-# The daemon's own comings and goings: not the application's business.
-ROUTINE = re.compile(r"userfaultfd serve: (listening on|connect |disconnect |stopped)")
 STOP_TIMEOUT = 10.0
 
 
@@ -59,7 +55,9 @@ class SnapshotMapping(_core.Mapping):
 
 
 class _Handler:
-    """`userfaultfd serve` for one mapping, in its own process."""
+    """`userfaultfd serve --quiet` for one mapping, in its own process, which ends with ours. It
+    writes to our stderr itself: a chunk's failure is reported before its pages are poisoned, so
+    the report is there even when the SIGBUS ends this process."""
 
     def __init__(self, address: str, cache_size: int, fetch_timeout: float) -> None:
         self.dir = tempfile.mkdtemp(prefix="uffd-snapshot-")
@@ -67,35 +65,23 @@ class _Handler:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(self.socket_path),
              "--memory", address, "--cache-size", str(cache_size),
-             "--fetch-timeout", str(fetch_timeout)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
+             "--fetch-timeout", str(fetch_timeout), "--quiet", "--exit-with", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        self.lines: list[str] = []
-        self.pump = threading.Thread(target=self._pump, daemon=True)
-        self.pump.start()
         self.uffd: Userfaultfd | None = None
         self.sock: socket.socket | None = None
         self.watchdog: object | None = None
         self.pidfd = os.pidfd_open(self.proc.pid)
 
-    def _pump(self) -> None:
-        """The handler's log, passed on to our stderr (where poisoned chunks are reported), but
-        for its routine lines."""
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            if len(self.lines) < 20:
-                self.lines.append(line.rstrip("\n"))
-            if not ROUTINE.match(line):
-                sys.stderr.write(line)
-
     def wait_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while not self.socket_path.exists():
             if self.proc.poll() is not None:
-                self.pump.join(5)
-                why = "; ".join(self.lines) or f"exit status {self.proc.returncode}"
-                raise OSError(errno.EIO, f"the snapshot's handler process failed: {why}")
+                raise OSError(
+                    errno.EIO,
+                    f"the snapshot's handler process exited with status {self.proc.returncode} "
+                    "(its error is on stderr)",
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(errno.ETIMEDOUT, "the snapshot's handler process did not start")
             time.sleep(0.01)
@@ -122,7 +108,6 @@ class _Handler:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(STOP_TIMEOUT)
-        self.pump.join(STOP_TIMEOUT)
         if self.watchdog is not None:
             _core.watchdog_stop(self.watchdog)
         os.close(self.pidfd)
