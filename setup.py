@@ -21,12 +21,13 @@ if os.environ.get("UFFD_SANITIZE"):
     ldflags += ["-fsanitize=address,undefined"]
 
 native = "src/userfaultfd/_native"
+units = ("module", "engine", "seed", "watchdog", "tracking", "tracking_py")
 setup(
     ext_modules=[
         Extension(
             "userfaultfd._core",
-            sources=[f"{native}/{name}.c" for name in ("module", "engine", "seed", "watchdog")],
-            depends=[f"{native}/{name}.h" for name in ("abi", "engine", "seed", "watchdog")],
+            sources=[f"{native}/{name}.c" for name in units],
+            depends=[f"{native}/{name}.h" for name in ("abi", *units[1:])],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             libraries=["pthread"],

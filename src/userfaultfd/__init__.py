@@ -50,3 +50,6 @@ __all__ += [
     "receive_uffd",
     "send_uffd",
 ]
+from .tracking import Snapshot, WriteTracker, read_snapshot, snapshot, track_writes  # noqa: E402
+
+__all__ += ["Snapshot", "WriteTracker", "read_snapshot", "snapshot", "track_writes"]

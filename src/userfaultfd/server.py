@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from .errors import SourceError
@@ -24,6 +24,9 @@ from .flags import Feature, RegisterMode
 from .sources import SRC_CONTINUE, Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
+
+if TYPE_CHECKING:
+    from .tracking import Snapshot, WriteTracker
 
 MAP_HUGETLB = 0x40000
 MAP_NORESERVE = 0x4000
@@ -72,6 +75,23 @@ class Region(_core.Mapping):
         self.server._check()
         self.server._engine.populate(self.id, offset, length)
         self.server._check()
+
+    def track_writes(self) -> WriteTracker:
+        """Track writes to this region (see :func:`userfaultfd.track_writes`): the engine serves
+        its WP faults natively beside its missing pages, and pages it installs to serve a read
+        are installed write-protected, so they do not count as written."""
+        from .tracking import track_writes
+
+        return track_writes(self)
+
+    def snapshot(
+        self, dest: str | os.PathLike[str], *, parent: Snapshot | None = None, wait: bool = True
+    ) -> Snapshot:
+        """A live snapshot of this region (see :func:`userfaultfd.snapshot`); pages not served
+        yet are served from the source as the copy reaches them."""
+        from .tracking import snapshot
+
+        return snapshot(self, dest, parent=parent, wait=wait)
 
     def stats(self) -> Stats:
         """What this region has served so far. A page is counted before its toucher resumes;
@@ -163,6 +183,8 @@ class PageServer:
         self.mode = mode
         wanted = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP | Feature.POISON
         wanted |= available_features() & (Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS)
+        # Write protection on demand (Region.track_writes, Region.snapshot), served by the engine
+        wanted |= available_features() & (Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM)
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
         self._uffd = Userfaultfd(wanted)

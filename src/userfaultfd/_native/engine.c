@@ -18,6 +18,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include "abi.h"
@@ -76,6 +77,11 @@ struct region {
     atomic_uint_fast64_t poisoned[MAX_POISONED];
     atomic_uint npoisoned;
     atomic_int poison_overflow;
+    /* Write protection (engine_region_set_wp): installs are write-protected, and WP faults go to
+     * wp_fn, which copies, records and unprotects. Read under the engine's srcu. */
+    atomic_int wp_mode;
+    engine_wp_fn _Atomic wp_fn;
+    void *_Atomic wp_ctx;
     struct region_stats st; /* updated with relaxed atomics */
 };
 
@@ -232,8 +238,8 @@ static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want
             *len = p->page_size;
         return UFFDIO_COPY;
     }
-    /* Everything else reads as zeros. */
-    if (p->can_zeropage)
+    /* Everything else reads as zeros. ZEROPAGE cannot install write-protected: copy zeros then. */
+    if (p->can_zeropage && !atomic_load_explicit(&r->wp_mode, memory_order_relaxed))
         return UFFDIO_ZEROPAGE;
     *src = (uint64_t)(uintptr_t)r->zero_block;
     if (*len > p->page_size)
@@ -306,6 +312,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == ENGINE_SIGBUS;
+    /* Pages installed to serve a read must not count as written: protect them as they land. */
+    const uint64_t wp = atomic_load(&r->wp_mode) ? UFFDIO_COPY_MODE_WP : 0;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
@@ -316,7 +324,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         int single = !need_wake && seg == end - pos && !sigbus;
         if (single)
             count_installed(e, r, req, seg, 1);
-        int err = fill_ioctl(e->uffd, req, pos, src, seg, single ? 0 : UFFDIO_MODE_DONTWAKE, &done);
+        uint64_t mode = (single ? 0 : UFFDIO_MODE_DONTWAKE) | wp; /* COPY/CONTINUE_MODE_WP */
+        int err = fill_ioctl(e->uffd, req, pos, src, seg, mode, &done);
         if (!single || err)
             need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
         if (single && done < seg)
@@ -425,10 +434,18 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
     uint64_t gaddr = addr - (off - goff);
     int rc;
 
-    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+    /* In sigbus mode a WP fault comes as a SIGBUS on a write to a page already installed. */
+    int is_wp = (flags & UFFD_PAGEFAULT_FLAG_WP) ||
+                (e->mode == ENGINE_SIGBUS && (flags & UFFD_PAGEFAULT_FLAG_WRITE) &&
+                 atomic_load(&r->wp_mode) && bit_test(r, goff >> r->shift));
+    if (is_wp) {
         struct uffdio_writeprotect wp = {{gaddr, g}, 0};
+        engine_wp_fn fn = atomic_load(&r->wp_fn);
         ADD(r->st.faults_wp, 1);
-        rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+        if (fn)
+            rc = fn(atomic_load(&r->wp_ctx), gaddr, g);
+        else
+            rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
     } else {
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
                     (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
@@ -707,7 +724,11 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
     int saved = errno;
     if (si->si_code == BUS_ADRERR) { /* a userfault; poisoned pages come as BUS_MCEERR_AR */
-        uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr;
+        uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr, flags = 0;
+#ifdef __x86_64__
+        if (((ucontext_t *)uc)->uc_mcontext.gregs[REG_ERR] & 2) /* the page fault's W bit */
+            flags = UFFD_PAGEFAULT_FLAG_WRITE;
+#endif
         unsigned gidx = srcu_enter(&sig_srcu);
         for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
             struct engine *e = atomic_load(&sig_engines[k]);
@@ -721,7 +742,7 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
             /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
             int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
             if (ours)
-                while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
+                while (resolve(e, t, addr, flags, t0) == EAGAIN) /* an event is being read */
                     sched_yield();
             srcu_exit(&e->srcu, idx);
             if (ours) {
@@ -914,7 +935,7 @@ static struct region *region_new(const struct region_params *p)
             memcpy(r->fill_block + k, p->base, n);
         }
     }
-    if (!p->can_zeropage) {
+    { /* also where ZEROPAGE is allowed: write-protected installs copy zeros from it */
         r->zero_block = mmap(NULL, p->page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (r->zero_block == MAP_FAILED) {
             r->zero_block = NULL;
@@ -1131,4 +1152,19 @@ void engine_event_counts(struct engine *e, uint64_t out[4])
 {
     for (int k = 0; k < 4; k++)
         out[k] = atomic_load(&e->events[k]);
+}
+
+int engine_region_set_wp(struct engine *e, int id, engine_wp_fn fn, void *ctx)
+{
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    if (k >= 0) {
+        struct region *r = e->regions[k];
+        atomic_store(&r->wp_ctx, ctx);
+        atomic_store(&r->wp_fn, fn);
+        atomic_store(&r->wp_mode, fn != NULL);
+    }
+    pthread_mutex_unlock(&e->lock);
+    srcu_synchronize(&e->srcu); /* no fault is still inside the previous wp_fn */
+    return k < 0 ? -ENOENT : 0;
 }

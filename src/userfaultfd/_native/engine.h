@@ -41,6 +41,7 @@ struct engine_error {
 };
 
 struct engine;
+typedef int (*engine_wp_fn)(void *ctx, uint64_t addr, uint64_t len);
 
 /* Returns NULL with errno set. The engine does not own uffd. A worker that served a batch keeps
  * polling without sleeping for spin_ns (0: never spins). */
@@ -67,5 +68,9 @@ int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH)
  * enabled after a sigbus-mode engine started) sees userfaults first and treats them as fatal. */
 int engine_sigbus_first(void);
 void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
+/* A region's WP faults go to fn(ctx, address, length), which must unprotect (and wake); its pages
+ * are then installed write-protected (the uffd must be registered MODE_WP there). fn NULL: back
+ * to plain installs. Returns once no fault is inside the previous fn. 0 or -ENOENT. */
+int engine_region_set_wp(struct engine *e, int id, engine_wp_fn fn, void *ctx);
 
 #endif

@@ -18,6 +18,8 @@
 #include "abi.h"
 #include "engine.h"
 #include "seed.h"
+#include "tracking.h"
+#include "tracking_py.h"
 #include "watchdog.h"
 
 /* OSError (its errno subclass) whose message names the failing call. */
@@ -836,7 +838,24 @@ static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
     return Py_BuildValue("iKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3]);
 }
 
+/* set_wp(id, capsule or None): the region's WP faults go to a WpContext (tracking.c). The caller
+ * keeps the context alive until set_wp(id, None) has returned. */
+static PyObject *engineobj_set_wp(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    PyObject *cap;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "iO", &id, &cap))
+        return NULL;
+    void *ctx = cap == Py_None ? NULL : PyCapsule_GetPointer(cap, "wpc");
+    if (cap != Py_None && !ctx)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS rc = engine_region_set_wp(o->e, id, ctx ? wpc_fault : NULL, ctx);
+    Py_END_ALLOW_THREADS if (rc < 0) return os_error(-rc, "engine_region_set_wp");
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef engine_methods[] = {
+    {"set_wp", (PyCFunction)engineobj_set_wp, METH_VARARGS, "set_wp(id, WpContext capsule|None)"},
     {"start", (PyCFunction)engineobj_start, METH_NOARGS, NULL},
     {"stop", (PyCFunction)engineobj_stop, METH_NOARGS, "stop the threads; populate calls return"},
     {"close", (PyCFunction)engineobj_close, METH_NOARGS, NULL},
@@ -991,7 +1010,7 @@ PyMODINIT_FUNC PyInit__core(void)
         Py_DECREF(v);
     }
     if (!d || PyModule_AddObject(m, "ABI", d) < 0 ||
-        PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0)
+        PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0 || tracking_init(m) < 0)
         return NULL;
     return m;
 }
