@@ -459,3 +459,58 @@ def read_snapshot(path: str | os.PathLike[str]) -> bytes:
             lo, hi = max(a, 0), min(a + page, length)
             image[lo:hi] = block[lo - a : hi - a]
         return bytes(image)
+
+
+def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str, str]:
+    """Whether synchronous WP, WP_ASYNC and PAGEMAP_SCAN work on a small mapping of ``memory``
+    ("file": a regular file in the temporary directory): "yes", or "no (why)"."""
+    import mmap
+    import tempfile
+
+    size = 2 << 20 if memory == "hugetlb" else PAGE_SIZE
+    flags = {
+        "anonymous": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        "shmem": mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+        "hugetlb": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000,  # MAP_HUGETLB
+        "file": mmap.MAP_SHARED,
+    }[memory]
+    result: dict[str, str] = {}
+    with tempfile.TemporaryFile() as f:
+        fd = -1
+        if memory == "file":
+            f.truncate(size)
+            fd = f.fileno()
+        try:
+            mapping = _core.Mapping(size, flags, fd)
+        except OSError as e:
+            return dict.fromkeys(("wp", "wp_async", "pagemap_scan"), f"no ({e.strerror})")
+        try:
+            for key, extra in (("wp", Feature(0)), ("wp_async", Feature.WP_ASYNC)):
+                try:
+                    wanted = Feature.PAGEFAULT_FLAG_WP | extra
+                    with Userfaultfd(wanted | (available_features() & _WP_FEATURES)) as uffd:
+                        uffd.register(mapping.address, size, RegisterMode.WP)
+                        uffd.writeprotect(mapping.address, size)
+                        result[key] = "yes"
+                        if extra:
+                            result["pagemap_scan"] = _scan_probe(mapping.address, size)
+                except OSError as e:
+                    result[key] = f"no ({e.strerror})"
+        finally:
+            mapping.close()
+    result.setdefault("pagemap_scan", "no (needs WP_ASYNC)")
+    return result
+
+
+def _scan_probe(address: int, size: int) -> str:
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return f"no ({e.strerror})"
+    try:
+        _core.pagemap_scan(fd, address, address + size, True)
+        return "yes"
+    except OSError as e:
+        return f"no ({e.strerror})"
+    finally:
+        os.close(fd)
