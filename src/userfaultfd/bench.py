@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from . import _core, bench_tracking
 from .flags import Feature
 from .handoff import GuestRegion, send_uffd
 from .server import PageServer
@@ -168,7 +168,7 @@ def _rate(amount: float, ns: int) -> float:
 
 Measure = Callable[[], float]
 # An extra figure beside a scenario: measured by fn, and reported as ours / it ("reference") or
-# as it / the reference ("variant" of ours).
+# as it / the reference ("variant" of ours), or as a figure of its own ("figure").
 Extra = tuple[str, Measure]
 
 
@@ -318,6 +318,21 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "faulting threads",
         _fault("thread", 2, 2),
     ),
+    "dirty-scan": (
+        "1% of the pages of tracked memory written at random places, collected and re-armed: "
+        "WP_ASYNC + PAGEMAP_SCAN vs soft-dirty (/proc/self/pagemap + clear_refs) in C",
+        bench_tracking.dirty_scan,
+    ),
+    "write-cost": (
+        "the first write to each page after arming, random order: WP_ASYNC vs an mprotect + "
+        "SIGSEGV tracker in C",
+        bench_tracking.write_cost,
+    ),
+    "live-snapshot": (
+        "a writer thread's rate while a live snapshot of the memory is taken vs without; "
+        "stall_fraction: the snapshot's start vs a stop-the-world copy",
+        bench_tracking.live_snapshot,
+    ),
 }
 
 
@@ -348,6 +363,9 @@ def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
     }
     for key, (kind, _) in extra.items():
         value, _ = _summary(got[key])
+        if kind == "figure":  # a figure of its own, beside the ratio
+            result[key] = value
+            continue
         result[key] = {"value": value, "ratio": o / value if kind == "reference" else value / r}
     return result
 
@@ -388,6 +406,8 @@ def render(report: dict[str, Any]) -> str:
             f"{name:14} {s['ours']:>10,.0f} {unit:5} {s['reference']:>10,.0f} {unit:5} "
             f"{s['ratio']:6.2f}x  {spread:15}  {s['runs']}"
         )
+        if "stall_fraction" in s:
+            lines.append(f"{'':14} stall to start / stop-the-world copy: {s['stall_fraction']:.4f}")
         if "c_sigbus_resolver" in s:
             c = s["c_sigbus_resolver"]
             lines.append(
