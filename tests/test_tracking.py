@@ -42,8 +42,8 @@ def _pages(runs: list[tuple[int, int]]) -> set[int]:
 @pytest.fixture(params=["plain", "thread", "sigbus"])
 def memory(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Anonymous memory: a plain mmap, or a PageServer region in either mode."""
-    if request.param == "plain":
-        m = mmap.mmap(-1, 512 * PAGE)
+    if request.param == "plain":  # large enough that write-protecting it takes a while
+        m = mmap.mmap(-1, 4096 * PAGE)
         yield m
         m.close()
         return

@@ -408,6 +408,12 @@ def render(report: dict[str, Any]) -> str:
         )
         if "stall_fraction" in s:
             lines.append(f"{'':14} stall to start / stop-the-world copy: {s['stall_fraction']:.4f}")
+        if "sigbus_region" in s:
+            c = s["sigbus_region"]
+            lines.append(
+                f"{'':14} in a sigbus-mode PageServer region: {c['value']:,.0f} {unit}, "
+                f"{c['ratio']:.2f}x the rate without"
+            )
         if "c_sigbus_resolver" in s:
             c = s["c_sigbus_resolver"]
             lines.append(

@@ -121,7 +121,8 @@ class _Attachment:
             self.ctx = _core.WpContext(
                 self.uffd.fileno(), span.start, span.end - span.start, span.page, True
             )
-            self.ctx.arm(keep)
+            if keep:  # a snapshot write-protects everything itself when it starts
+                self.ctx.arm(True)
 
     def _attach_engine(self, keep: bool) -> None:
         region = self.span.region
@@ -142,7 +143,8 @@ class _Attachment:
             server.uffd.fileno(), region.address, len(region), self.span.page, False
         )
         server._engine.set_wp(region.id, self.ctx.capsule())
-        self.ctx.arm(keep)
+        if keep:
+            self.ctx.arm(True)
 
     def _engine_mode(self) -> RegisterMode:
         region = self.span.region
@@ -299,8 +301,8 @@ def track_writes(obj: Any, *, mechanism: Mechanism | None = None) -> WriteTracke
     if mechanism is not None and att.mechanism != mechanism:
         att.maybe_release()
         raise ValueError(f"track_writes: {att.span.name} is already tracked with {att.mechanism}")
-    if att.ctx is not None:
-        att.ctx.set_keep(True)
+    if att.ctx is not None and att.trackers == 0:
+        att.ctx.arm(True)  # tracking starts now; a snapshot's copier keeps pages protected
     att.trackers += 1
     return WriteTracker(att)
 

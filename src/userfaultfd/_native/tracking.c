@@ -428,7 +428,10 @@ int wpc_snapshot_begin(struct wpc *c, int fd, int64_t file_base, uint64_t lo, ui
     }
     memset(c->since_snap, 0, (c->npages + 63) / 64 * sizeof(uint64_t));
     atomic_store(&c->snap_active, 1);
-    /* The instant: from here every first write to a page faults and waits for its copy. */
+    /* The instant. The walk is not atomic, but a writer that faults on a page already protected
+     * waits in wpc_fault for this lock until the walk is over: no write that follows it can land
+     * on a page not yet protected, so what the copy holds is a consistent cut (every write that
+     * completed before the end of the walk, none after). Writers are held for the walk only. */
     int rc = writeprotect(c->uffd, c->start, c->length, 1);
     unlock(c);
     if (!rc && (rc = spawn(&c->copier, copier, c)) == 0)
