@@ -1,6 +1,7 @@
 """Builds the native core. UFFD_DEBUG=1 builds with -O0 -g; UFFD_SANITIZE=1 with ASan and UBSan."""
 
 import os
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -21,13 +22,12 @@ if os.environ.get("UFFD_SANITIZE"):
     ldflags += ["-fsanitize=address,undefined"]
 
 native = "src/userfaultfd/_native"
-units = ("module", "engine", "seed", "watchdog", "tracking", "tracking_py")
 setup(
     ext_modules=[
         Extension(
             "userfaultfd._core",
-            sources=[f"{native}/{name}.c" for name in units],
-            depends=[f"{native}/{name}.h" for name in ("abi", *units[1:])],
+            sources=sorted(str(path) for path in Path(native).glob("*.c")),
+            depends=sorted(str(path) for path in Path(native).glob("*.h")),
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             libraries=["pthread"],

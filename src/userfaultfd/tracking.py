@@ -47,7 +47,7 @@ class _Span:
     """The whole pages an object spans, and the object's own bytes inside them."""
 
     def __init__(self, obj: Any, what: str) -> None:
-        from .server import Region
+        from .page_server import Region
 
         self.region: Region | None = None
         if isinstance(obj, Region):
@@ -142,14 +142,14 @@ class _Attachment:
         self.ctx = _core.WpContext(
             server.uffd.fileno(), region.address, len(region), self.span.page, False
         )
-        server._engine.set_wp(region.id, self.ctx.capsule())
+        server._engine.set_wp(region.id, self.ctx)
         if keep:
             self.ctx.arm(True)
 
     def _engine_mode(self) -> RegisterMode:
         region = self.span.region
         assert region is not None
-        minor = region._prepared is not None and region._prepared.kind == _SRC_CONTINUE
+        minor = region._prepared is not None and region._prepared.kind == _core.SRC_CONTINUE
         return RegisterMode.MISSING | (RegisterMode.MINOR if minor else RegisterMode(0))
 
     def written(self, reset: bool) -> list[tuple[int, int]]:
@@ -188,7 +188,6 @@ class _Attachment:
             self._release()
 
 
-_SRC_CONTINUE = 3  # sources.SRC_CONTINUE, without importing the sources layer here
 _lock = threading.Lock()
 _attached: dict[int, _Attachment] = {}
 

@@ -29,8 +29,8 @@ int wpt_scan(int pagemap_fd, uint64_t start, uint64_t end, int rearm, struct run
  * PageServer engine owning the uffd calls wpc_fault. */
 struct wpc;
 struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, int own_thread);
-int wpc_start(struct wpc *c);  /* own_thread: starts the fault thread. 0 or -errno */
-void wpc_free(struct wpc *c);  /* stops and joins every thread (a copy in progress finishes) */
+int wpc_start(struct wpc *c); /* own_thread: starts the fault thread. 0 or -errno */
+void wpc_free(struct wpc *c); /* stops and joins every thread (a copy in progress finishes) */
 /* A WP fault on [addr, addr + len): copy first (a snapshot in progress), record, unprotect and
  * wake. Async-signal-safe (the engine's SIGBUS resolver calls it). 0 or errno. */
 int wpc_fault(void *c, uint64_t addr, uint64_t len);

@@ -19,21 +19,21 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _core
-from .server import PageServer
-from .sources import Fill
-from .tracking import snapshot, track_writes
-from .uffd import PAGE_SIZE
+from userfaultfd import _core
+from userfaultfd.page_server import PageServer
+from userfaultfd.sources import Fill
+from userfaultfd.tracking import snapshot, track_writes
+from userfaultfd.uffd import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .bench import Extra, Measure, Reference, Workload
+    from userfaultfd.commands.bench import Extra, Measure, Reference, Workload
 
 
 class TrackingReference:
     """benchmarks/tracking_reference.c, compiled once per run."""
 
     def __init__(self, workdir: Path) -> None:
-        from .bench import BenchError, find_compiler
+        from userfaultfd.commands.bench import BenchError, find_compiler
 
         source = resources.files("userfaultfd") / "benchmarks" / "tracking_reference.c"
         self.path = workdir / "tracking_reference"
@@ -45,7 +45,7 @@ class TrackingReference:
             raise BenchError(f"{cc} could not build the tracking reference: {proc.stderr.strip()}")
 
     def run(self, *args: object) -> list[int]:
-        from .bench import BenchError
+        from userfaultfd.commands.bench import BenchError
 
         proc = subprocess.run(
             [str(self.path), *map(str, args)], capture_output=True, text=True, timeout=600

@@ -1,4 +1,4 @@
-/* The Python face of tracking.c: pagemap_scan() and the WpContext type. Every call that walks page
+/* The bindings of tracking.c: pagemap_scan() and the WpContext type. Every call that walks page
  * tables, waits or copies releases the GIL. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -7,22 +7,9 @@
 #include <string.h>
 
 #include "abi.h"
+#include "py_errors.h"
+#include "py_tracking.h"
 #include "tracking.h"
-#include "tracking_py.h"
-
-static PyObject *tr_error(int err, const char *call)
-{
-    PyObject *msg = PyUnicode_FromFormat("%s (%s)", strerror(err), call);
-    if (msg) {
-        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iO", err, msg);
-        Py_DECREF(msg);
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-    }
-    return NULL;
-}
 
 static PyObject *runs_list(struct runs *r)
 {
@@ -47,17 +34,19 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKKp", &fd, &start, &end, &rearm))
         return NULL;
     struct runs r = {0};
-    Py_BEGIN_ALLOW_THREADS rc = wpt_scan(fd, start, end, rearm, &r);
-    Py_END_ALLOW_THREADS if (rc < 0)
-    {
+    Py_BEGIN_ALLOW_THREADS
+    rc = wpt_scan(fd, start, end, rearm, &r);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
         runs_free(&r);
-        return tr_error(-rc, "PAGEMAP_SCAN");
+        return os_error(-rc, "PAGEMAP_SCAN");
     }
     return runs_list(&r);
 }
 
 typedef struct {
-    PyObject_HEAD struct wpc *c;
+    PyObject_HEAD
+    struct wpc *c;
 } WpObject;
 
 static int wp_check(WpObject *o)
@@ -81,14 +70,14 @@ static int wp_init(WpObject *o, PyObject *args, PyObject *kw)
     }
     o->c = wpc_new(uffd, start, length, page, own);
     if (!o->c) {
-        tr_error(errno, "wpc_new");
+        os_error(errno, "wpc_new");
         return -1;
     }
     int rc = wpc_start(o->c);
     if (rc < 0) {
         wpc_free(o->c);
         o->c = NULL;
-        tr_error(-rc, "pthread_create");
+        os_error(-rc, "pthread_create");
         return -1;
     }
     return 0;
@@ -99,7 +88,8 @@ static void wp_close_ctx(WpObject *o)
     struct wpc *c = o->c;
     o->c = NULL;
     if (c) {
-        Py_BEGIN_ALLOW_THREADS wpc_free(c);
+        Py_BEGIN_ALLOW_THREADS
+        wpc_free(c);
         Py_END_ALLOW_THREADS
     }
 }
@@ -121,8 +111,11 @@ static PyObject *wp_arm(WpObject *o, PyObject *args)
     int keep, rc;
     if (wp_check(o) < 0 || !PyArg_ParseTuple(args, "p", &keep))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS rc = wpc_arm(o->c, keep);
-    Py_END_ALLOW_THREADS if (rc < 0) return tr_error(-rc, "UFFDIO_WRITEPROTECT");
+    Py_BEGIN_ALLOW_THREADS
+    rc = wpc_arm(o->c, keep);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "UFFDIO_WRITEPROTECT");
     Py_RETURN_NONE;
 }
 
@@ -141,11 +134,12 @@ static PyObject *wp_written(WpObject *o, PyObject *args)
     if (wp_check(o) < 0 || !PyArg_ParseTuple(args, "p", &reset))
         return NULL;
     struct runs r = {0};
-    Py_BEGIN_ALLOW_THREADS rc = wpc_written(o->c, reset, &r);
-    Py_END_ALLOW_THREADS if (rc < 0)
-    {
+    Py_BEGIN_ALLOW_THREADS
+    rc = wpc_written(o->c, reset, &r);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
         runs_free(&r);
-        return tr_error(-rc, rc == -ENOMEM ? "written" : "UFFDIO_WRITEPROTECT");
+        return os_error(-rc, rc == -ENOMEM ? "written" : "UFFDIO_WRITEPROTECT");
     }
     return runs_list(&r);
 }
@@ -160,8 +154,11 @@ static PyObject *wp_snapshot_begin(WpObject *o, PyObject *args)
         return NULL;
     uint32_t *pages;
     size_t n;
-    Py_BEGIN_ALLOW_THREADS rc = wpc_snapshot_begin(o->c, fd, base, lo, hi, diff, &pages, &n);
-    Py_END_ALLOW_THREADS if (rc < 0) return tr_error(-rc, "snapshot");
+    Py_BEGIN_ALLOW_THREADS
+    rc = wpc_snapshot_begin(o->c, fd, base, lo, hi, diff, &pages, &n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "snapshot");
     PyObject *r = PyBytes_FromStringAndSize(pages ? (const char *)pages : "",
                                             (Py_ssize_t)(n * sizeof(uint32_t)));
     free(pages);
@@ -176,8 +173,11 @@ static PyObject *wp_snapshot_wait(WpObject *o, PyObject *args)
         return NULL;
     for (;;) { /* in slices, so that Ctrl-C gets through */
         int slice = timeout < 0 || timeout > 200 ? 200 : timeout;
-        Py_BEGIN_ALLOW_THREADS done = wpc_snapshot_wait(o->c, slice);
-        Py_END_ALLOW_THREADS if (done || timeout == slice) break;
+        Py_BEGIN_ALLOW_THREADS
+        done = wpc_snapshot_wait(o->c, slice);
+        Py_END_ALLOW_THREADS
+        if (done || timeout == slice)
+            break;
         if (timeout > 0)
             timeout -= slice;
         if (PyErr_CheckSignals() < 0)

@@ -1,6 +1,6 @@
 /* Adds pagemap_scan(), WpContext and their ABI numbers to the _core module. */
-#ifndef UFFD_TRACKING_PY_H
-#define UFFD_TRACKING_PY_H
+#ifndef UFFD_PY_TRACKING_H
+#define UFFD_PY_TRACKING_H
 
 #include <Python.h>
 
