@@ -153,10 +153,12 @@ class _Attachment:
         return RegisterMode.MISSING | (RegisterMode.MINOR if minor else RegisterMode(0))
 
     def written(self, reset: bool) -> list[tuple[int, int]]:
+        """(offset, length) runs relative to the object, clipped to it."""
+        span = self.span
         if self.mechanism == "async":
-            return _core.pagemap_scan(self.pagemap, self.span.start, self.span.end, reset)
+            return _core.pagemap_scan(self.pagemap, span.start, span.end, reset, span.lo, span.hi)
         assert self.ctx is not None
-        return self.ctx.written(reset)
+        return self.ctx.written(reset, span.lo, span.hi)
 
     def _release(self) -> None:
         region = self.span.region
@@ -256,13 +258,7 @@ class WriteTracker:
         (async: PAGEMAP_SCAN with PM_SCAN_WP_MATCHING; sync: under the fault path's lock)."""
         if self._att is None:
             raise ValueError("the tracker is closed")
-        runs = []
-        lo, hi = self._att.span.lo, self._att.span.hi
-        for a, b in self._att.written(reset):
-            a, b = max(a, lo), min(b, hi)
-            if a < b:
-                runs.append((a - lo, b - a))
-        return runs
+        return self._att.written(reset)
 
     def close(self) -> None:
         """Stop tracking (the memory is write-protected no more, unless a snapshot runs)."""
@@ -509,7 +505,7 @@ def _scan_probe(address: int, size: int) -> str:
     except OSError as e:
         return f"no ({e.strerror})"
     try:
-        _core.pagemap_scan(fd, address, address + size, True)
+        _core.pagemap_scan(fd, address, address + size, True, address, address + size)
         return "yes"
     except OSError as e:
         return f"no ({e.strerror})"

@@ -11,27 +11,32 @@
 #include "py_tracking.h"
 #include "tracking.h"
 
-static PyObject *runs_list(struct runs *r)
+/* The runs as [(offset, length)] relative to lo, clipped to [lo, hi): what the tracker returns. */
+static PyObject *runs_list(struct runs *r, uint64_t lo, uint64_t hi)
 {
-    PyObject *list = PyList_New((Py_ssize_t)r->n);
+    PyObject *list = PyList_New(0);
     for (size_t k = 0; list && k < r->n; k++) {
-        PyObject *t = Py_BuildValue("KK", (unsigned long long)r->v[2 * k],
-                                    (unsigned long long)r->v[2 * k + 1]);
-        if (!t)
+        uint64_t a = r->v[2 * k] > lo ? r->v[2 * k] : lo;
+        uint64_t b = r->v[2 * k + 1] < hi ? r->v[2 * k + 1] : hi;
+        if (a >= b)
+            continue;
+        PyObject *t =
+            Py_BuildValue("KK", (unsigned long long)(a - lo), (unsigned long long)(b - a));
+        if (!t || PyList_Append(list, t) < 0)
             Py_CLEAR(list);
-        else
-            PyList_SET_ITEM(list, (Py_ssize_t)k, t);
+        Py_XDECREF(t);
     }
     runs_free(r);
     return list;
 }
 
-/* pagemap_scan(pagemap_fd, start, end, rearm) -> [(start, end), ...] written */
+/* pagemap_scan(pagemap_fd, start, end, rearm, lo, hi) -> [(offset, length)] written, relative to
+ * lo and clipped to [lo, hi) */
 static PyObject *py_pagemap_scan(PyObject *self, PyObject *args)
 {
     int fd, rearm, rc;
-    unsigned long long start, end;
-    if (!PyArg_ParseTuple(args, "iKKp", &fd, &start, &end, &rearm))
+    unsigned long long start, end, lo, hi;
+    if (!PyArg_ParseTuple(args, "iKKpKK", &fd, &start, &end, &rearm, &lo, &hi))
         return NULL;
     struct runs r = {0};
     Py_BEGIN_ALLOW_THREADS
@@ -41,7 +46,7 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args)
         runs_free(&r);
         return os_error(-rc, "PAGEMAP_SCAN");
     }
-    return runs_list(&r);
+    return runs_list(&r, lo, hi);
 }
 
 typedef struct {
@@ -131,7 +136,8 @@ static PyObject *wp_set_keep(WpObject *o, PyObject *args)
 static PyObject *wp_written(WpObject *o, PyObject *args)
 {
     int reset, rc;
-    if (wp_check(o) < 0 || !PyArg_ParseTuple(args, "p", &reset))
+    unsigned long long lo, hi;
+    if (wp_check(o) < 0 || !PyArg_ParseTuple(args, "pKK", &reset, &lo, &hi))
         return NULL;
     struct runs r = {0};
     Py_BEGIN_ALLOW_THREADS
@@ -141,7 +147,7 @@ static PyObject *wp_written(WpObject *o, PyObject *args)
         runs_free(&r);
         return os_error(-rc, rc == -ENOMEM ? "written" : "UFFDIO_WRITEPROTECT");
     }
-    return runs_list(&r);
+    return runs_list(&r, lo, hi);
 }
 
 /* snapshot_begin(fd, file_base, lo, hi, diff) -> bytes of native uint32 page indices (diff) */
@@ -202,7 +208,8 @@ static PyMethodDef wp_methods[] = {
     {"close", (PyCFunction)wp_close, METH_NOARGS, "stop the threads, free the context"},
     {"arm", (PyCFunction)wp_arm, METH_VARARGS, "arm(keep): protect every page"},
     {"set_keep", (PyCFunction)wp_set_keep, METH_VARARGS, "set_keep(keep)"},
-    {"written", (PyCFunction)wp_written, METH_VARARGS, "written(reset) -> [(start, end)]"},
+    {"written", (PyCFunction)wp_written, METH_VARARGS,
+     "written(reset, lo, hi) -> [(offset, length)]"},
     {"snapshot_begin", (PyCFunction)wp_snapshot_begin, METH_VARARGS, NULL},
     {"snapshot_wait", (PyCFunction)wp_snapshot_wait, METH_VARARGS, NULL},
     {"capsule", (PyCFunction)wp_capsule, METH_NOARGS, "the context for Engine.set_wp"},
@@ -221,7 +228,7 @@ static PyTypeObject WpType = {
 
 static PyMethodDef tracking_functions[] = {
     {"pagemap_scan", py_pagemap_scan, METH_VARARGS,
-     "pagemap_scan(fd, start, end, rearm) -> [(start, end)] written"},
+     "pagemap_scan(fd, start, end, rearm, lo, hi) -> [(offset, length)] written"},
     {NULL}};
 
 int tracking_init(PyObject *m)

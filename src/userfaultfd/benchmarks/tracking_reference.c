@@ -68,6 +68,7 @@ static char *populated(size_t bytes)
         perror("mmap");
         exit(1);
     }
+    madvise(p, bytes, MADV_NOHUGEPAGE); /* 4 KiB pages on both sides (see bench_tracking.py) */
     for (size_t o = 0; o < bytes; o += (size_t)page)
         p[o] = 1;
     return p;

@@ -64,7 +64,10 @@ def _reference(w: Workload) -> TrackingReference:
 
 
 def _populated(size: int) -> mmap.mmap:
+    """Populated memory in 4 KiB pages on both sides: a transparent huge page would be tracked by
+    soft-dirty as one 2 MiB unit, and split by write protection."""
     m = mmap.mmap(-1, size)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
     _core.touch(_core.buffer_address(m)[0], size, PAGE_SIZE, True)
     return m
 
