@@ -4,6 +4,7 @@ released) while the tracker scans and re-arms, or while a snapshot is copied."""
 from __future__ import annotations
 
 import array
+import errno
 import mmap
 import os
 import random
@@ -314,3 +315,52 @@ def test_snapshot_errors_name_the_problem(tmp_path: Path) -> None:
         u.snapshot(m, tmp_path / "x", parent="x")  # type: ignore[arg-type]
     u.snapshot(m, tmp_path / "x")  # nothing was left attached by the failures
     m.close()
+
+
+def test_a_snapshot_that_cannot_be_written_says_so_and_lets_go(tmp_path: Path) -> None:
+    m = mmap.mmap(-1, 64 * PAGE)
+    snap = u.snapshot(m, "/dev/full", wait=False)  # every write fails with ENOSPC
+    with pytest.raises(OSError, match="writing the snapshot /dev/full") as e:
+        snap.wait(TIMEOUT)
+    assert e.value.errno == errno.ENOSPC
+    m[0] = 1  # released: plain memory again
+    m.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "sigbus"])
+def test_pages_not_served_yet_are_snapshotted_from_the_source(mode: str, tmp_path: Path) -> None:
+    with u.PageServer(mode) as server:
+        region = server.map(64 * PAGE, u.Fill(b"snap"))
+        _core.touch(region.address + 5 * PAGE, 1, 1, True)
+        u.snapshot(region, tmp_path / "img")
+        expect = bytearray(b"snap" * (16 * PAGE))
+        expect[5 * PAGE] += 1
+        assert (tmp_path / "img").read_bytes() == expect
+        assert region.stats().pages_installed == 64
+        region.close()
+
+
+def test_closing_the_tracker_during_a_snapshot_leaves_the_copy_intact(tmp_path: Path) -> None:
+    m = mmap.mmap(-1, 4096 * PAGE)
+    m[:] = os.urandom(len(m))
+    before = m[:]
+    tracker = u.track_writes(m, mechanism="sync")
+    snap = u.snapshot(m, tmp_path / "img", wait=False)
+    tracker.close()
+    writer = _writer(m, list(range(0, 4096, 3)))
+    snap.wait(TIMEOUT)
+    writer.join(TIMEOUT)
+    assert (tmp_path / "img").read_bytes() == before
+    m[0] = 1  # nothing protects it any more
+    m.close()
+
+
+def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
+    server = u.PageServer()
+    region = server.map(16 * PAGE, u.Fill(b"z"))
+    tracker = region.track_writes()
+    with pytest.warns(ResourceWarning, match="still exported"):
+        server.close()
+    assert region[0] == ord("z")  # detached: every page installed
+    tracker.close()
+    region.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import threading
 import time
@@ -402,7 +403,8 @@ def _start(att: _Attachment, path: str, parent: Snapshot | None, wait: bool) -> 
     try:
         npages = (span.end - span.start) // span.page
         if parent is None:
-            os.ftruncate(fd, span.length)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, span.length)
             pages = ctx.snapshot_begin(fd, span.start - span.lo, span.lo, span.hi, False)
             count = npages
         else:
