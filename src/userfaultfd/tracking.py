@@ -89,6 +89,7 @@ class _Attachment:
         self.uffd: Userfaultfd | None = None
         self.ctx: _core.WpContext | None = None  # sync
         self.pagemap = -1  # async
+        self.users = 0  # trackers and snapshots holding it (under _lock)
         self.trackers = 0
         self.snapshot: Snapshot | None = None  # in progress
         self.last: Snapshot | None = None  # the latest, taken while a tracker ran
@@ -184,11 +185,14 @@ class _Attachment:
             self.uffd = None
         self.span.view.release()
 
-    def maybe_release(self) -> None:
-        if self.trackers == 0 and self.snapshot is None:
-            with _lock:
-                _attached.pop(self.span.start, None)
-            self._release()
+    def leave(self) -> None:
+        """One user fewer; the last one takes the write protection away."""
+        with _lock:
+            self.users -= 1
+            if self.users:
+                return
+            _attached.pop(self.span.start, None)
+        self._release()
 
 
 _lock = threading.Lock()
@@ -215,6 +219,7 @@ def _attach(obj: Any, what: str, mechanism: Mechanism | None, keep: bool) -> _At
             same = (att.span.start, att.span.end) == (span.start, span.end)
             if same:
                 span.view.release()
+                att.users += 1
                 return att
             if att.span.start < span.end and span.start < att.span.end:
                 span.view.release()
@@ -231,6 +236,7 @@ def _attach(obj: Any, what: str, mechanism: Mechanism | None, keep: bool) -> _At
                 "serves missing pages too, so the kernel cannot resolve its WP faults itself"
             )
         att = _Attachment(span, mechanism, keep)
+        att.users = 1
         _attached[span.start] = att
         return att
 
@@ -266,11 +272,13 @@ class WriteTracker:
         att, self._att = self._att, None
         if att is None:
             return
-        att.trackers -= 1
-        att.tracked_since_last = att.tracked_since_last and att.trackers > 0
-        if att.ctx is not None and att.trackers == 0:
+        with _lock:
+            att.trackers -= 1
+            last = att.trackers == 0
+            att.tracked_since_last = att.tracked_since_last and not last
+        if att.ctx is not None and last:
             att.ctx.set_keep(False)
-        att.maybe_release()
+        att.leave()
 
     def __enter__(self) -> WriteTracker:
         return self
@@ -295,11 +303,13 @@ def track_writes(obj: Any, *, mechanism: Mechanism | None = None) -> WriteTracke
         raise OSError(errno.EOPNOTSUPP, "this kernel lacks WP_ASYNC or PAGEMAP_SCAN (6.7+)")
     att = _attach(obj, "track_writes", mechanism, keep=True)
     if mechanism is not None and att.mechanism != mechanism:
-        att.maybe_release()
+        att.leave()
         raise ValueError(f"track_writes: {att.span.name} is already tracked with {att.mechanism}")
-    if att.ctx is not None and att.trackers == 0:
+    with _lock:
+        first = att.trackers == 0
+        att.trackers += 1
+    if att.ctx is not None and first:
         att.ctx.arm(True)  # tracking starts now; a snapshot's copier keeps pages protected
-    att.trackers += 1
     return WriteTracker(att)
 
 
@@ -342,9 +352,10 @@ class Snapshot:
             try:
                 os.close(self._fd)
             finally:
-                if self._taken_while_tracked and att.trackers:
-                    att.last, att.tracked_since_last = self, True
-                att.maybe_release()
+                with _lock:
+                    if self._taken_while_tracked and att.trackers:
+                        att.last, att.tracked_since_last = self, True
+                att.leave()
             if err:
                 self._error = OSError(err, f"writing the snapshot {self.path}: {os.strerror(err)}")
         if self._error is not None:
@@ -392,7 +403,7 @@ def snapshot(
                 )
         return _start(att, path, parent, wait)
     except BaseException:
-        att.maybe_release()
+        att.leave()
         raise
 
 
