@@ -326,7 +326,8 @@ class Snapshot:
         self.pages = pages  # pages the file holds
         self.copied_by_faults = 0  # pages a writer's fault copied ahead of the copier
         self.started = time.monotonic()
-        self.seconds: float | None = None
+        self.seconds: float | None = None  # the copy's duration
+        self.stall = 0.0  # seconds writers could be held at the instant
         self._fd = fd
         self._error: OSError | None = None
         self._taken_while_tracked = att.trackers > 0
@@ -416,11 +417,11 @@ def _start(att: _Attachment, path: str, parent: Snapshot | None, wait: bool) -> 
         if parent is None:
             if stat.S_ISREG(os.fstat(fd).st_mode):
                 os.ftruncate(fd, span.length)
-            pages = ctx.snapshot_begin(fd, span.start - span.lo, span.lo, span.hi, False)
+            pages, stall = ctx.snapshot_begin(fd, span.start - span.lo, span.lo, span.hi, False)
             count = npages
         else:
             data = -(-(_HEADER_AREA + 4 * npages) // span.page) * span.page
-            pages = ctx.snapshot_begin(fd, data, span.start, span.end, True)
+            pages, stall = ctx.snapshot_begin(fd, data, span.start, span.end, True)
             count = len(pages) // 4
             parent_path = os.path.relpath(
                 os.path.abspath(parent.path), os.path.dirname(os.path.abspath(path))
@@ -436,6 +437,7 @@ def _start(att: _Attachment, path: str, parent: Snapshot | None, wait: bool) -> 
         os.close(fd)
         raise
     snap = Snapshot(att, path, fd, parent, count)
+    snap.stall = stall / 1e9
     att.snapshot = snap
     if wait:
         snap.wait()

@@ -150,7 +150,8 @@ static PyObject *wp_written(WpObject *o, PyObject *args)
     return runs_list(&r, lo, hi);
 }
 
-/* snapshot_begin(fd, file_base, lo, hi, diff) -> bytes of native uint32 page indices (diff) */
+/* snapshot_begin(fd, file_base, lo, hi, diff) -> (bytes of native uint32 page indices (diff),
+ * nanoseconds writers could be held) */
 static PyObject *wp_snapshot_begin(WpObject *o, PyObject *args)
 {
     int fd, diff, rc;
@@ -160,13 +161,14 @@ static PyObject *wp_snapshot_begin(WpObject *o, PyObject *args)
         return NULL;
     uint32_t *pages;
     size_t n;
+    uint64_t stall;
     Py_BEGIN_ALLOW_THREADS
-    rc = wpc_snapshot_begin(o->c, fd, base, lo, hi, diff, &pages, &n);
+    rc = wpc_snapshot_begin(o->c, fd, base, lo, hi, diff, &pages, &n, &stall);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return os_error(-rc, "snapshot");
-    PyObject *r = PyBytes_FromStringAndSize(pages ? (const char *)pages : "",
-                                            (Py_ssize_t)(n * sizeof(uint32_t)));
+    PyObject *r = Py_BuildValue("y#K", pages ? (const char *)pages : "",
+                                (Py_ssize_t)(n * sizeof(uint32_t)), (unsigned long long)stall);
     free(pages);
     return r;
 }

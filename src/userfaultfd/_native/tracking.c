@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "clock.h"
 
 #define SCAN_VEC 512
 #define COPY_RUN 64 /* pages the copier claims and writes with one pwrite */
@@ -99,6 +100,7 @@ struct wpc {
     atomic_flag lock;
     uint64_t *written;    /* since the user's last reset */
     uint64_t *since_snap; /* since the last snapshot's instant */
+    uint64_t *dirty;      /* unprotected since the last protection of everything */
     atomic_int keep;      /* a tracker runs: copied pages stay protected */
     /* The snapshot in progress */
     atomic_int snap_active;
@@ -209,6 +211,7 @@ int wpc_fault(void *arg, uint64_t addr, uint64_t len)
     for (uint64_t k = i; k < j; k++) {
         bit_set(c->written, k);
         bit_set(c->since_snap, k);
+        bit_set(c->dirty, k);
     }
     int rc = writeprotect(c->uffd, c->start + (i << c->shift), (j - i) << c->shift, 0);
     unlock(c);
@@ -265,12 +268,13 @@ struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, in
     size_t words = (c->npages + 63) / 64;
     c->written = calloc(words, sizeof(uint64_t));
     c->since_snap = calloc(words, sizeof(uint64_t));
+    c->dirty = calloc(words, sizeof(uint64_t));
     c->state = calloc(c->npages, 1);
     c->slot = calloc(c->npages, sizeof(uint32_t));
     if (own_thread)
         c->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (!c->written || !c->since_snap || !c->state || !c->slot || (own_thread && c->stop_fd < 0) ||
-        c->npages > UINT32_MAX) {
+    if (!c->written || !c->since_snap || !c->dirty || !c->state || !c->slot ||
+        (own_thread && c->stop_fd < 0) || c->npages > UINT32_MAX) {
         wpc_free(c);
         errno = ENOMEM;
         return NULL;
@@ -318,6 +322,7 @@ void wpc_free(struct wpc *c)
     pthread_cond_destroy(&c->done_cond);
     free(c->written);
     free(c->since_snap);
+    free(c->dirty);
     free(c->state);
     free(c->slot);
     free(c);
@@ -328,6 +333,8 @@ int wpc_arm(struct wpc *c, int keep)
     lock(c);
     atomic_store(&c->keep, keep);
     int rc = writeprotect(c->uffd, c->start, c->length, 1);
+    if (!rc)
+        memset(c->dirty, 0, (c->npages + 63) / 64 * sizeof(uint64_t));
     unlock(c);
     return -rc;
 }
@@ -354,8 +361,10 @@ int wpc_written(struct wpc *c, int reset, struct runs *out)
         rc = runs_add(out, a, b);
         if (reset && !rc) {
             rc = -writeprotect(c->uffd, a, b - a, 1);
-            for (uint64_t k = i; k < j; k++)
+            for (uint64_t k = i; k < j; k++) {
                 c->written[k >> 6] &= ~(1ull << (k & 63u));
+                c->dirty[k >> 6] &= ~(1ull << (k & 63u));
+            }
         }
         i = j;
     }
@@ -384,19 +393,46 @@ static void *copier(void *arg)
         for (uint64_t k = i; k < i + n; k++)
             atomic_store(&c->state[k], DONE);
         atomic_fetch_add(&c->copied, n);
-        if (!atomic_load(&c->keep)) /* no tracker: later writes need not fault any more */
+        lock(c); /* a tracker that starts now finds these pages protected, or dirty */
+        if (!atomic_load(&c->keep)) { /* no tracker: later writes need not fault any more */
             writeprotect(c->uffd, c->start + (i << c->shift), n << c->shift, 0);
+            for (uint64_t k = i; k < i + n; k++)
+                bit_set(c->dirty, k);
+        }
+        unlock(c);
         i += n;
     }
     finish(c);
     return NULL;
 }
 
+/* Protects every run of set bits of map (clearing them): 0 or errno. */
+static int protect_marked(struct wpc *c, uint64_t *map)
+{
+    for (uint64_t i = 0; i < c->npages;) {
+        uint64_t word = map[i >> 6] >> (i & 63u);
+        if (!word) {
+            i = (i | 63u) + 1;
+            continue;
+        }
+        i += (uint64_t)__builtin_ctzll(word);
+        uint64_t j = i;
+        while (j < c->npages && bit(map, j))
+            map[j >> 6] &= ~(1ull << (j & 63u)), j++;
+        int rc = writeprotect(c->uffd, c->start + (i << c->shift), (j - i) << c->shift, 1);
+        if (rc)
+            return rc;
+        i = j;
+    }
+    return 0;
+}
+
 int wpc_snapshot_begin(struct wpc *c, int fd, int64_t file_base, uint64_t lo, uint64_t hi, int diff,
-                       uint32_t **pages, size_t *npages)
+                       uint32_t **pages, size_t *npages, uint64_t *stall_ns)
 {
     *pages = NULL;
     *npages = 0;
+    *stall_ns = 0;
     if (atomic_load(&c->snap_active))
         return -EBUSY;
     if (c->copier_started) { /* the previous copier has finished: reap it */
@@ -406,7 +442,18 @@ int wpc_snapshot_begin(struct wpc *c, int fd, int64_t file_base, uint64_t lo, ui
     uint32_t *list = diff ? malloc(c->npages * sizeof(uint32_t)) : NULL;
     if (diff && !list)
         return -ENOMEM;
+    int rc = 0;
+    if (!atomic_load(&c->keep)) {
+        /* Nothing keeps the pages protected: protect them all first, without holding writers (a
+         * write meanwhile faults, is recorded dirty and goes on). The instant below then only
+         * protects again what was written since, which is what writers wait for. */
+        lock(c);
+        memset(c->dirty, 0, (c->npages + 63) / 64 * sizeof(uint64_t));
+        unlock(c);
+        rc = writeprotect(c->uffd, c->start, c->length, 1);
+    }
     lock(c);
+    uint64_t t0 = now_ns();
     c->fd = fd;
     c->file_base = file_base;
     c->lo = lo;
@@ -416,23 +463,30 @@ int wpc_snapshot_begin(struct wpc *c, int fd, int64_t file_base, uint64_t lo, ui
     atomic_store(&c->copied, 0);
     atomic_store(&c->by_faults, 0);
     c->done = 0;
-    size_t n = 0;
-    for (uint64_t i = 0; i < c->npages; i++) {
-        int take = !diff || bit(c->since_snap, i);
-        if (take && diff) {
-            c->slot[i] = (uint32_t)n;
-            list[n] = (uint32_t)i;
+    /* Nobody reads state before snap_active is set (the fault path, under this lock). */
+    memset((void *)c->state, diff ? DONE : TODO, c->npages);
+    size_t n = diff ? 0 : c->npages;
+    for (uint64_t i = 0; diff && i < c->npages;) {
+        uint64_t word = c->since_snap[i >> 6] >> (i & 63u);
+        if (!word) {
+            i = (i | 63u) + 1;
+            continue;
         }
-        n += take;
-        atomic_store_explicit(&c->state[i], take ? TODO : DONE, memory_order_relaxed);
+        i += (uint64_t)__builtin_ctzll(word);
+        c->slot[i] = (uint32_t)n;
+        list[n++] = (uint32_t)i;
+        atomic_store_explicit(&c->state[i], TODO, memory_order_relaxed);
+        i++;
     }
     memset(c->since_snap, 0, (c->npages + 63) / 64 * sizeof(uint64_t));
     atomic_store(&c->snap_active, 1);
-    /* The instant. The walk is not atomic, but a writer that faults on a page already protected
-     * waits in wpc_fault for this lock until the walk is over: no write that follows it can land
-     * on a page not yet protected, so what the copy holds is a consistent cut (every write that
-     * completed before the end of the walk, none after). Writers are held for the walk only. */
-    int rc = writeprotect(c->uffd, c->start, c->length, 1);
+    /* The instant: every page protected again. The walk is not atomic, but a writer that faults on
+     * a page already protected waits in wpc_fault for this lock until the walk is over: no write
+     * that follows it can land on a page not yet protected, so what the copy holds is a consistent
+     * cut (every write that completed before the end of the walk, none after). */
+    if (!rc)
+        rc = protect_marked(c, c->dirty);
+    *stall_ns = now_ns() - t0;
     unlock(c);
     if (!rc && (rc = spawn(&c->copier, copier, c)) == 0)
         c->copier_started = 1;

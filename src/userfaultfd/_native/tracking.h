@@ -47,9 +47,11 @@ int wpc_written(struct wpc *c, int reset, struct runs *out);
  * file_base + slot * page + (a - page address), clipped to [lo, hi) (a = max(page, lo)). diff: only
  * pages written since the previous snapshot are copied, in slots 0, 1, ... in address order, and
  * *pages lists them (page indices, malloc'ed); else slot = page index and *pages is NULL.
- * 0 or -errno (-EBUSY: a snapshot is in progress). */
+ * *stall_ns: how long writers could be held (the instant); without a tracker the bulk of the
+ * protection happens before it, with writers running. 0 or -errno (-EBUSY: a snapshot is in
+ * progress). */
 int wpc_snapshot_begin(struct wpc *c, int fd, int64_t file_base, uint64_t lo, uint64_t hi, int diff,
-                       uint32_t **pages, size_t *npages);
+                       uint32_t **pages, size_t *npages, uint64_t *stall_ns);
 /* 1 once the copy is complete, 0 if timeout_ms passed first (-1: wait for ever). */
 int wpc_snapshot_wait(struct wpc *c, int timeout_ms);
 /* After completion: the first errno a write to fd failed with (0: none); pages copied by the

@@ -176,8 +176,8 @@ class _Writer:
 def live_snapshot(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
     """A writer thread writes random pages (64 at a time, then 1 ms of other work) while a
     snapshot of file_bytes is taken: its write rate during the snapshot against its rate without;
-    stall_fraction: the time the snapshot takes to start (every page write-protected) against a
-    stop-the-world copy of the same memory to the same file."""
+    stall_fraction: the time writers can be held at the snapshot's instant (Snapshot.stall)
+    against a stop-the-world copy of the same memory to the same file."""
     size = w.size.file_bytes
     pages = size // PAGE_SIZE
     memory = _populated(size)
@@ -210,11 +210,10 @@ def live_snapshot(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, d
             time.sleep(0.05)
             start = time.perf_counter_ns()
             snap = snapshot(obj, dest / "snap", wait=False)
-            started = time.perf_counter_ns()
             snap.wait()
             end = time.perf_counter_ns()
         (dest / "snap").unlink()
-        return writer.rate(start, end), started - start
+        return writer.rate(start, end), int(snap.stall * 1e9)
 
     def ours() -> float:
         stw = stop_the_world()
