@@ -135,7 +135,8 @@ def write_cost(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict
 
 
 class _Writer:
-    """A native writer thread: batches of random page writes, each batch timed."""
+    """A native writer thread: batches of pages drawn at random from the whole memory, each batch
+    timed."""
 
     BATCH = 64
 
@@ -143,19 +144,14 @@ class _Writer:
         self.address, self.pages, self.pause = address, pages, pause
         self.log: list[tuple[int, int]] = []  # (end time ns, writes)
         self._stop = threading.Event()
-        rng = random.Random(3)
-        self._orders = [
-            array.array("I", [rng.randrange(pages) for _ in range(self.BATCH)]).tobytes()
-            for _ in range(64)
-        ]
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        k = 0
+        rng = random.Random(3)
         while not self._stop.is_set():
-            _core.touch_pages(self.address, PAGE_SIZE, self._orders[k % 64], True)
+            batch = array.array("I", [rng.randrange(self.pages) for _ in range(self.BATCH)])
+            _core.touch_pages(self.address, PAGE_SIZE, batch.tobytes(), True)
             self.log.append((time.perf_counter_ns(), self.BATCH))
-            k += 1
             if self.pause:
                 time.sleep(self.pause)
 
