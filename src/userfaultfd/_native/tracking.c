@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -86,7 +87,9 @@ int wpt_scan(int pagemap_fd, uint64_t start, uint64_t end, int rearm, struct run
 
 /* ---- sync: the write-protect context ---- */
 
-enum { TODO = 0, CLAIMED = 1, DONE = 2 };
+/* A page of a snapshot in progress: to copy; being written to the file by the copier; copied by a
+ * writer's fault into the staging area, waiting for the copier; in the file. */
+enum { TODO = 0, CLAIMED = 1, STAGED = 2, DONE = 3 };
 
 struct wpc {
     int uffd;
@@ -104,8 +107,10 @@ struct wpc {
     atomic_int keep;      /* a tracker runs: copied pages stay protected */
     /* The snapshot in progress */
     atomic_int snap_active;
-    atomic_uchar *state; /* per page: TODO, CLAIMED, DONE */
-    uint32_t *slot;      /* per page: its slot in the file (diff layers) */
+    atomic_uchar *state;      /* per page: TODO, CLAIMED, STAGED, DONE */
+    char *stage;              /* where faults copy pages (a memcpy, not a write to the file) */
+    pthread_mutex_t arm_lock; /* the copier's unprotects against wpc_arm (a tracker starting) */
+    uint32_t *slot;           /* per page: its slot in the file (diff layers) */
     int diff, fd;
     int64_t file_base;
     uint64_t lo, hi;
@@ -148,10 +153,13 @@ static void pretouch(uint64_t addr, uint64_t n, uint64_t page)
         (void)*(volatile const char *)(uintptr_t)(addr + k * page);
 }
 
-/* Writes pages [i, i + n) (consecutive slots) to the snapshot file. */
-static void copy_out(struct wpc *c, uint64_t i, uint64_t n)
+/* Writes pages [i, i + n) (consecutive slots) to the snapshot file, from the memory itself or,
+ * staged, from the staging area. */
+static void copy_out(struct wpc *c, uint64_t i, uint64_t n, int staged)
 {
     uint64_t a = c->start + (i << c->shift), b = a + (n << c->shift);
+    /* the staging area mirrors the range: same offsets */
+    const int64_t shift = staged ? (int64_t)((uintptr_t)c->stage - c->start) : 0;
     int64_t off = c->file_base + (int64_t)((c->diff ? c->slot[i] : i) << c->shift);
     if (a < c->lo) {
         off += (int64_t)(c->lo - a);
@@ -162,9 +170,10 @@ static void copy_out(struct wpc *c, uint64_t i, uint64_t n)
         a += (uint64_t)-off;
         off = 0;
     }
-    pretouch(c->start + (i << c->shift), n, c->page);
+    if (!staged)
+        pretouch(c->start + (i << c->shift), n, c->page);
     while (a < b) {
-        ssize_t w = pwrite(c->fd, (const void *)(uintptr_t)a, b - a, off);
+        ssize_t w = pwrite(c->fd, (const void *)(uintptr_t)(a + (uint64_t)shift), b - a, off);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
@@ -199,11 +208,14 @@ int wpc_fault(void *arg, uint64_t addr, uint64_t len)
         for (uint64_t k = i; k < j; k++) {
             unsigned char todo = TODO;
             if (atomic_compare_exchange_strong(&c->state[k], &todo, CLAIMED)) {
-                copy_out(c, k, 1); /* the old content, before the write goes on */
-                atomic_store(&c->state[k], DONE);
+                /* The old content, before the write goes on: a memcpy to the staging area (the
+                 * writer waits for this), written to the file by the copier later. */
+                memcpy(c->stage + (k << c->shift),
+                       (const void *)(uintptr_t)(c->start + (k << c->shift)), c->page);
+                atomic_store(&c->state[k], STAGED);
                 atomic_fetch_add(&c->by_faults, 1);
             } else {
-                while (atomic_load(&c->state[k]) != DONE) /* the copier is writing it */
+                while (atomic_load(&c->state[k]) == CLAIMED) /* the copier is writing it */
                     sched_yield();
             }
         }
@@ -264,6 +276,9 @@ struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, in
     c->stop_fd = -1;
     atomic_flag_clear(&c->lock);
     pthread_mutex_init(&c->done_lock, NULL);
+    pthread_mutex_init(&c->arm_lock, NULL);
+    c->stage = mmap(NULL, length, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     pthread_cond_init(&c->done_cond, NULL);
     size_t words = (c->npages + 63) / 64;
     c->written = calloc(words, sizeof(uint64_t));
@@ -273,7 +288,9 @@ struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, in
     c->slot = calloc(c->npages, sizeof(uint32_t));
     if (own_thread)
         c->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (!c->written || !c->since_snap || !c->dirty || !c->state || !c->slot ||
+    if (c->stage == MAP_FAILED)
+        c->stage = NULL;
+    if (!c->stage || !c->written || !c->since_snap || !c->dirty || !c->state || !c->slot ||
         (own_thread && c->stop_fd < 0) || c->npages > UINT32_MAX) {
         wpc_free(c);
         errno = ENOMEM;
@@ -319,6 +336,9 @@ void wpc_free(struct wpc *c)
     if (c->stop_fd >= 0)
         close(c->stop_fd);
     pthread_mutex_destroy(&c->done_lock);
+    pthread_mutex_destroy(&c->arm_lock);
+    if (c->stage)
+        munmap(c->stage, c->length);
     pthread_cond_destroy(&c->done_cond);
     free(c->written);
     free(c->since_snap);
@@ -330,12 +350,14 @@ void wpc_free(struct wpc *c)
 
 int wpc_arm(struct wpc *c, int keep)
 {
+    pthread_mutex_lock(&c->arm_lock);
     lock(c);
     atomic_store(&c->keep, keep);
     int rc = writeprotect(c->uffd, c->start, c->length, 1);
     if (!rc)
         memset(c->dirty, 0, (c->npages + 63) / 64 * sizeof(uint64_t));
     unlock(c);
+    pthread_mutex_unlock(&c->arm_lock);
     return -rc;
 }
 
@@ -376,6 +398,22 @@ static void *copier(void *arg)
 {
     struct wpc *c = arg;
     for (uint64_t i = 0; i < c->npages;) {
+        unsigned char state = atomic_load(&c->state[i]);
+        if (state == DONE) {
+            i++;
+            continue;
+        }
+        if (state == CLAIMED) { /* a writer's fault is staging it: wait, then write it */
+            sched_yield();
+            continue;
+        }
+        if (state == STAGED) { /* only the copier moves a page on from STAGED */
+            atomic_store(&c->state[i], CLAIMED);
+            copy_out(c, i, 1, 1);
+            atomic_store(&c->state[i], DONE);
+            i++;
+            continue;
+        }
         uint64_t n = 0;
         while (n < COPY_RUN && i + n < c->npages) {
             unsigned char todo = TODO;
@@ -383,25 +421,27 @@ static void *copier(void *arg)
                 break;
             n++;
         }
-        if (!n) {
-            i++;
-            continue;
-        }
+        if (!n)
+            continue; /* a fault took it first: look again */
         /* A diff layer's slots are consecutive only across pages that are all in the layer: a
          * claimed run is, since pages outside it start DONE. */
-        copy_out(c, i, n);
+        copy_out(c, i, n, 0);
         for (uint64_t k = i; k < i + n; k++)
             atomic_store(&c->state[k], DONE);
         atomic_fetch_add(&c->copied, n);
-        lock(c); /* a tracker that starts now finds these pages protected, or dirty */
-        if (!atomic_load(&c->keep)) { /* no tracker: later writes need not fault any more */
+        /* No tracker: later writes need not fault any more. Not under the fault path's lock
+         * (writers would wait for it), but under arm_lock: a tracker that starts now finds these
+         * pages protected again, or dirty. */
+        pthread_mutex_lock(&c->arm_lock);
+        if (!atomic_load(&c->keep)) {
             writeprotect(c->uffd, c->start + (i << c->shift), n << c->shift, 0);
             for (uint64_t k = i; k < i + n; k++)
                 bit_set(c->dirty, k);
         }
-        unlock(c);
+        pthread_mutex_unlock(&c->arm_lock);
         i += n;
     }
+    madvise(c->stage, c->length, MADV_DONTNEED); /* what writers staged is in the file now */
     finish(c);
     return NULL;
 }

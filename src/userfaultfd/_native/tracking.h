@@ -4,7 +4,8 @@
  * page itself and clears the page's uffd-wp bit; PAGEMAP_SCAN finds the pages whose bit is clear
  * and, in the same page-table walk, protects them again. Sync: every first write to a protected
  * page is a WP fault served by native code (struct wpc): it records the page, copies its old
- * content first when a live snapshot still needs it, then unprotects the page and wakes the writer.
+ * content first when a live snapshot still needs it (a memcpy to a staging area the copier writes
+ * out later), then unprotects the page and wakes the writer.
  * Live snapshots need the sync mechanism: only a write that waits can be copied before it lands. */
 #ifndef UFFD_TRACKING_H
 #define UFFD_TRACKING_H
