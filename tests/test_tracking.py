@@ -282,8 +282,7 @@ def test_a_live_snapshot_is_the_memory_of_one_instant(memory: Any, tmp_path: Pat
         writer.join(TIMEOUT)
         image = (tmp_path / "image").read_bytes()
         assert len(image) == len(memory)
-        assert 0 < _consistent(image, base, order) < len(order)
-        assert image != memory[:]  # the writer went on after the instant
+        assert 0 < _consistent(image, base, order) < len(order)  # taken while it wrote
 
 
 def test_diff_layers_restore_to_the_same_bytes_as_a_full_snapshot(
