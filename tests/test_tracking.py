@@ -385,3 +385,22 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     assert region[0] == ord("z")  # detached: every page installed
     tracker.close()
     region.close()
+
+
+def test_a_forked_child_cannot_use_the_tracker_and_leaves_the_parent_alone() -> None:
+    m = mmap.mmap(-1, 8 * PAGE)
+    with u.track_writes(m, mechanism="sync") as tracker:
+        pid = os.fork()
+        if pid == 0:  # the child: refuses, and closing must not touch the parent's threads
+            try:
+                tracker.written()
+                code = 1
+            except RuntimeError:
+                code = 0
+            tracker.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        _core.touch(_addr(m) + PAGE, 1, 1, True)  # still served here
+        assert tracker.written() == [(PAGE, PAGE)]
+    m.close()

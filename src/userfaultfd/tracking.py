@@ -89,6 +89,7 @@ class _Attachment:
         self.uffd: Userfaultfd | None = None
         self.ctx: _core.WpContext | None = None  # sync
         self.pagemap = -1  # async
+        self.pid = os.getpid()  # a forked child inherits the objects, not the threads or tracking
         self.users = 0  # trackers and snapshots holding it (under _lock)
         self.trackers = 0
         self.snapshot: Snapshot | None = None  # in progress
@@ -156,6 +157,10 @@ class _Attachment:
 
     def written(self, reset: bool) -> list[tuple[int, int]]:
         """(offset, length) runs relative to the object, clipped to it."""
+        if os.getpid() != self.pid:
+            raise RuntimeError(
+                f"this tracker watches process {self.pid}'s memory: a forked child cannot use it"
+            )
         span = self.span
         if self.mechanism == "async":
             return _core.pagemap_scan(self.pagemap, span.start, span.end, reset, span.lo, span.hi)
@@ -163,6 +168,11 @@ class _Attachment:
         return self.ctx.written(reset, span.lo, span.hi)
 
     def _release(self) -> None:
+        if os.getpid() != self.pid:  # a forked child: the uffd and threads are the parent's
+            if self.uffd is not None:
+                self.uffd.close()  # this process's copy of the fd
+            self.span.view.release()
+            return
         region = self.span.region
         if region is not None and self.ctx is not None and not region.server.closed:
             server = region.server

@@ -92,6 +92,7 @@ int wpt_scan(int pagemap_fd, uint64_t start, uint64_t end, int rearm, struct run
 enum { TODO = 0, CLAIMED = 1, STAGED = 2, DONE = 3 };
 
 struct wpc {
+    pid_t owner; /* a forked child holds a copy: its threads are the parent's */
     int uffd;
     uint64_t start, length, page, npages;
     unsigned shift;
@@ -266,6 +267,7 @@ struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, in
     struct wpc *c = calloc(1, sizeof(*c));
     if (!c)
         return NULL;
+    c->owner = getpid();
     c->uffd = uffd;
     c->start = start;
     c->length = length;
@@ -325,6 +327,8 @@ int wpc_start(struct wpc *c)
 
 void wpc_free(struct wpc *c)
 {
+    if (getpid() != c->owner)
+        return; /* a forked child: the threads to join are not in this process; leave the copy */
     if (c->copier_started)
         pthread_join(c->copier, NULL);
     if (c->thread_started) {
