@@ -167,8 +167,10 @@ static PyObject *wp_snapshot_begin(WpObject *o, PyObject *args)
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return os_error(-rc, "snapshot");
-    PyObject *r = Py_BuildValue("y#K", pages ? (const char *)pages : "",
-                                (Py_ssize_t)(n * sizeof(uint32_t)), (unsigned long long)stall);
+    /* a raw image lists no pages (n counts them all then) */
+    PyObject *r =
+        Py_BuildValue("y#K", pages ? (const char *)pages : "",
+                      (Py_ssize_t)(pages ? n * sizeof(uint32_t) : 0), (unsigned long long)stall);
     free(pages);
     return r;
 }

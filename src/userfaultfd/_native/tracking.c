@@ -148,10 +148,12 @@ static int writeprotect(int uffd, uint64_t start, uint64_t len, int protect)
 
 /* Reads one byte of each page from user mode first: a missing page of a PageServer region is
  * then served (a kernel-mode read by pwrite would get EFAULT in sigbus or user-mode-only mode). */
-static void pretouch(uint64_t addr, uint64_t n, uint64_t page)
+static void pretouch(uint64_t addr, uint64_t n, uint64_t page, uint64_t lo)
 {
-    for (uint64_t k = 0; k < n; k++)
-        (void)*(volatile const char *)(uintptr_t)(addr + k * page);
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t a = addr + k * page; /* inside the snapshot's bytes only: [lo, ...) */
+        (void)*(volatile const char *)(uintptr_t)(a > lo ? a : lo);
+    }
 }
 
 /* Writes pages [i, i + n) (consecutive slots) to the snapshot file, from the memory itself or,
@@ -172,7 +174,7 @@ static void copy_out(struct wpc *c, uint64_t i, uint64_t n, int staged)
         off = 0;
     }
     if (!staged)
-        pretouch(c->start + (i << c->shift), n, c->page);
+        pretouch(c->start + (i << c->shift), n, c->page, c->lo);
     while (a < b) {
         ssize_t w = pwrite(c->fd, (const void *)(uintptr_t)(a + (uint64_t)shift), b - a, off);
         if (w < 0 && errno == EINTR)
@@ -211,8 +213,10 @@ int wpc_fault(void *arg, uint64_t addr, uint64_t len)
             if (atomic_compare_exchange_strong(&c->state[k], &todo, CLAIMED)) {
                 /* The old content, before the write goes on: a memcpy to the staging area (the
                  * writer waits for this), written to the file by the copier later. */
-                memcpy(c->stage + (k << c->shift),
-                       (const void *)(uintptr_t)(c->start + (k << c->shift)), c->page);
+                uint64_t a = c->start + (k << c->shift), b = a + c->page; /* the bytes it needs */
+                a = a > c->lo ? a : c->lo;
+                b = b < c->hi ? b : c->hi;
+                memcpy(c->stage + (a - c->start), (const void *)(uintptr_t)a, b - a);
                 atomic_store(&c->state[k], STAGED);
                 atomic_fetch_add(&c->by_faults, 1);
             } else {
