@@ -404,3 +404,13 @@ def test_a_forked_child_cannot_use_the_tracker_and_leaves_the_parent_alone() -> 
         _core.touch(_addr(m) + PAGE, 1, 1, True)  # still served here
         assert tracker.written() == [(PAGE, PAGE)]
     m.close()
+
+
+def test_a_dropped_tracker_or_snapshot_lets_the_memory_go(tmp_path: Path) -> None:
+    m = mmap.mmap(-1, 8 * PAGE)
+    tracker = u.track_writes(m, mechanism="sync")
+    del tracker
+    u.snapshot(m, tmp_path / "img", wait=False)  # the handle is dropped at once
+    with u.track_writes(m, mechanism="async") as again:  # nothing holds the range any more
+        assert again.mechanism == "async"
+    m.close()  # no view left either

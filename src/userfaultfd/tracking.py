@@ -22,6 +22,7 @@ with ``parent`` a diff layer: a header naming the parent file, the page indices,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -92,7 +93,7 @@ class _Attachment:
         self.pid = os.getpid()  # a forked child inherits the objects, not the threads or tracking
         self.users = 0  # trackers and snapshots holding it (under _lock)
         self.trackers = 0
-        self.snapshot: Snapshot | None = None  # in progress
+        self.copying = False  # a snapshot is in progress (no reference: a dropped one finishes)
         self.last: Snapshot | None = None  # the latest, taken while a tracker ran
         self.tracked_since_last = False
         region = span.region
@@ -296,6 +297,10 @@ class WriteTracker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __del__(self) -> None:  # a tracker dropped unclosed must not leave memory protected
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __repr__(self) -> str:
         state = "closed" if self._att is None else f"{self.mechanism}"
         return f"<WriteTracker {self.length} bytes at {self.address:#x} {state}>"
@@ -359,7 +364,7 @@ class Snapshot:
             err, _, self.copied_by_faults = result
             self.seconds = time.monotonic() - self.started
             self._att = None
-            att.snapshot = None
+            att.copying = False
             try:
                 os.close(self._fd)
             finally:
@@ -372,6 +377,10 @@ class Snapshot:
         if self._error is not None:
             raise self._error
         return self
+
+    def __del__(self) -> None:  # dropped without wait(): finish, and let the memory go
+        with contextlib.suppress(Exception):
+            self.wait()
 
     def __repr__(self) -> str:
         kind = "diff layer" if self.parent else "image"
@@ -402,7 +411,7 @@ def snapshot(
                 "write through at once, so none can wait for its page to be copied: track it with "
                 "mechanism='sync' to take live snapshots of it"
             )
-        if att.snapshot is not None:
+        if att.copying:
             raise OSError(errno.EBUSY, f"snapshot: a snapshot of {att.span.name} is in progress")
         if parent is not None:
             parent.wait()
@@ -448,7 +457,7 @@ def _start(att: _Attachment, path: str, parent: Snapshot | None, wait: bool) -> 
         raise
     snap = Snapshot(att, path, fd, parent, count)
     snap.stall = stall / 1e9
-    att.snapshot = snap
+    att.copying = True
     if wait:
         snap.wait()
     return snap
