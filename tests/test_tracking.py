@@ -414,3 +414,16 @@ def test_a_dropped_tracker_or_snapshot_lets_the_memory_go(tmp_path: Path) -> Non
     with u.track_writes(m, mechanism="async") as again:  # nothing holds the range any more
         assert again.mechanism == "async"
     m.close()  # no view left either
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_a_numpy_array_written_from_python_is_tracked(mechanism: str, tmp_path: Path) -> None:
+    numpy = pytest.importorskip("numpy")
+    array_ = numpy.zeros(64 * PAGE, dtype=numpy.uint8)
+    with u.track_writes(array_, mechanism=mechanism) as tracker:  # type: ignore[arg-type]
+        array_[10 * PAGE + 5] = 7  # under the GIL: a sync WP fault is served natively
+        runs = tracker.written()
+        assert any(off <= 10 * PAGE + 5 < off + n for off, n in runs)
+        assert sum(n for _, n in runs) <= 3 * PAGE  # its page, and the heap's pages around it
+    u.snapshot(array_, tmp_path / "img")
+    assert (tmp_path / "img").read_bytes() == array_.tobytes()

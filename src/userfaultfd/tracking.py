@@ -212,7 +212,10 @@ _attached: dict[int, _Attachment] = {}
 
 def _refused(span: _Span, e: OSError) -> OSError:
     if e.errno == errno.EBUSY:
-        why = "it is registered with another userfaultfd (a PageServer region: use its methods)"
+        why = (
+            "it is registered with another userfaultfd (a PageServer region: use "
+            "region.track_writes() and region.snapshot())"
+        )
     elif e.errno == errno.EINVAL:
         why = (
             "the kernel cannot write-protect this kind of memory (synchronous write protection "
