@@ -27,11 +27,13 @@ int wpt_scan(int pagemap_fd, uint64_t start, uint64_t end, int rearm, struct run
 
 /* A synchronous write-protect context over [start, start + length) of a uffd registered
  * MODE_WP. own_thread: a native thread reads the uffd and serves its WP faults; otherwise the
- * PageServer engine owning the uffd calls wpc_fault. */
+ * PageServer engine owning the uffd calls wpc_fault. A WP fault during a snapshot stages the old
+ * page (state TODO -> CLAIMED -> STAGED) and the copier writes it out (-> DONE). */
 struct wpc;
 struct wpc *wpc_new(int uffd, uint64_t start, uint64_t length, uint64_t page, int own_thread);
 int wpc_start(struct wpc *c); /* own_thread: starts the fault thread. 0 or -errno */
-void wpc_free(struct wpc *c); /* stops and joins every thread (a copy in progress finishes) */
+/* Stops and joins every thread (a copy in progress finishes). Does nothing in a forked child. */
+void wpc_free(struct wpc *c);
 /* A WP fault on [addr, addr + len): copy first (a snapshot in progress), record, unprotect and
  * wake. Async-signal-safe (the engine's SIGBUS resolver calls it). 0 or errno. */
 int wpc_fault(void *c, uint64_t addr, uint64_t len);
