@@ -213,10 +213,10 @@ int wpc_fault(void *arg, uint64_t addr, uint64_t len)
             if (atomic_compare_exchange_strong(&c->state[k], &todo, CLAIMED)) {
                 /* The old content, before the write goes on: a memcpy to the staging area (the
                  * writer waits for this), written to the file by the copier later. */
-                uint64_t a = c->start + (k << c->shift), b = a + c->page; /* the bytes it needs */
-                a = a > c->lo ? a : c->lo;
-                b = b < c->hi ? b : c->hi;
-                memcpy(c->stage + (a - c->start), (const void *)(uintptr_t)a, b - a);
+                uint64_t from = c->start + (k << c->shift), to = from + c->page;
+                from = from > c->lo ? from : c->lo; /* the bytes the snapshot holds */
+                to = to < c->hi ? to : c->hi;
+                memcpy(c->stage + (from - c->start), (const void *)(uintptr_t)from, to - from);
                 atomic_store(&c->state[k], STAGED);
                 atomic_fetch_add(&c->by_faults, 1);
             } else {
