@@ -145,10 +145,17 @@ def test_untouched_pages_and_reads_count_as_not_written(mechanism: str) -> None:
     m.close()
 
 
+@pytest.mark.parametrize("memory", ["anonymous", "shmem", "memfd"])
 @pytest.mark.parametrize("mode", ["thread", "sigbus"])
-def test_pages_a_pageserver_installs_for_a_read_do_not_count(mode: str) -> None:
+def test_pages_a_pageserver_installs_for_a_read_do_not_count(mode: str, memory: str) -> None:
     with u.PageServer(mode) as server:
-        region = server.map(32 * PAGE, u.Fill(b"xy"))
+        if memory == "memfd":  # minor faults: UFFDIO_CONTINUE, write-protected
+            fd = os.memfd_create("tracked")
+            os.write(fd, b"xy" * (16 * PAGE))
+            region = server.map(32 * PAGE, u.Memfd(fd))
+            os.close(fd)  # the region maps the file itself
+        else:
+            region = server.map(32 * PAGE, u.Fill(b"xy"), memory=memory)  # type: ignore[arg-type]
         with region.track_writes() as tracker:
             assert tracker.mechanism == "sync"
             _core.touch(region.address, 16 * PAGE, PAGE, False)  # served now, write-protected
