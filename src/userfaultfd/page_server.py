@@ -135,7 +135,10 @@ class Region(_core.Mapping):
         """Install every page, then unregister: exported views keep reading correct data. At
         interpreter exit nothing reads them any more and a large sparse region would take long
         to install: it is only unregistered, so that unmapping it later raises no event."""
+        from .tracking import finish_copies
+
         server = self.server
+        finish_copies(self)  # a live snapshot of it needs the engine until its copy is complete
         if populate:
             server._engine.populate(self.id, 0, len(self))
         for start, end, _ in server._engine.pieces(self.id):

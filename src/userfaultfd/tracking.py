@@ -210,6 +210,15 @@ _lock = threading.Lock()
 _attached: dict[int, _Attachment] = {}
 
 
+def finish_copies(region: Any) -> None:
+    """Before a PageServer stops serving ``region``: wait until a live snapshot of it is copied
+    (its writers are held until their page is copied only while the engine serves it)."""
+    with _lock:
+        att = next((a for a in _attached.values() if a.span.region is region), None)
+    if att is not None and att.copying and att.ctx is not None:
+        att.ctx.snapshot_wait(-1)
+
+
 def _refused(span: _Span, e: OSError) -> OSError:
     if e.errno == errno.EBUSY:
         why = (
@@ -377,6 +386,7 @@ class Snapshot:
                 att.leave()
             if err:
                 self._error = OSError(err, f"writing the snapshot {self.path}: {os.strerror(err)}")
+
         if self._error is not None:
             raise self._error
         return self
