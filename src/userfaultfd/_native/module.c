@@ -764,7 +764,7 @@ static PyObject *engineobj_populate(EngineObject *o, PyObject *args)
 }
 
 /* stats(id) -> (faults_missing, faults_minor, faults_wp, pages, bytes, zero_pages, eexist,
- *               poisoned, errors, removes, histogram bytes); id -1: all regions. */
+ *               poisoned, errors, removes, prefetched, histogram bytes); id -1: all regions. */
 static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
 {
     int id;
@@ -773,9 +773,10 @@ static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
         return NULL;
     if (engine_region_stats(o->e, id, &s) < 0)
         return os_error(ENOENT, "stats");
-    return Py_BuildValue("KKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
+    return Py_BuildValue("KKKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
                          s.pages_installed, s.bytes_installed, s.zero_pages, s.eexist, s.poisoned,
-                         s.errors, s.removes, (const char *)s.hist, (Py_ssize_t)sizeof(s.hist));
+                         s.errors, s.removes, s.prefetched, (const char *)s.hist,
+                         (Py_ssize_t)sizeof(s.hist));
 }
 
 /* pieces(id) -> [(start, end, offset), ...]: where the region's memory is mapped now */
@@ -836,6 +837,61 @@ static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
     return Py_BuildValue("iKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3]);
 }
 
+/* record_start(id): first touches of region id are recorded from now on */
+static PyObject *engineobj_record_start(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS rc = engine_record_start(o->e, id);
+    Py_END_ALLOW_THREADS if (rc < 0) return os_error(-rc, "record_start");
+    Py_RETURN_NONE;
+}
+
+/* record_finish(id) -> bytes: (offset, ns) pairs as native uint64, in first-touch order */
+static PyObject *engineobj_record_finish(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    uint64_t *p;
+    size_t n;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS rc = engine_record_finish(o->e, id, &p, &n);
+    Py_END_ALLOW_THREADS if (rc < 0) return rc == -ENOMEM ? PyErr_NoMemory()
+                                                          : os_error(-rc, "record_finish");
+    PyObject *out = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)(n * 2 * sizeof(*p)));
+    free(p);
+    return out;
+}
+
+/* replay(runs, threads): runs is a buffer of (region id, offset, length) native uint64 triples */
+static PyObject *engineobj_replay(EngineObject *o, PyObject *args)
+{
+    Py_buffer runs;
+    int threads, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "y*i", &runs, &threads))
+        return NULL;
+    if (runs.len % (3 * (Py_ssize_t)sizeof(uint64_t))) {
+        PyBuffer_Release(&runs);
+        PyErr_Format(PyExc_ValueError, "replay: %zd bytes is not a whole number of runs",
+                     runs.len);
+        return NULL;
+    }
+    size_t n = (size_t)runs.len / (3 * sizeof(uint64_t));
+    Py_BEGIN_ALLOW_THREADS rc = engine_replay(o->e, runs.buf, n, threads);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&runs);
+    if (rc < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "replay");
+    Py_RETURN_NONE;
+}
+
+static PyObject *engineobj_replays_running(EngineObject *o, PyObject *unused)
+{
+    if (engine_check(o) < 0)
+        return NULL;
+    return PyLong_FromLong(engine_replays_running(o->e));
+}
+
 static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engineobj_start, METH_NOARGS, NULL},
     {"stop", (PyCFunction)engineobj_stop, METH_NOARGS, "stop the threads; populate calls return"},
@@ -847,6 +903,10 @@ static PyMethodDef engine_methods[] = {
     {"pieces", (PyCFunction)engineobj_pieces, METH_VARARGS, "[(start, end, offset)] mapped now"},
     {"errors", (PyCFunction)engineobj_errors, METH_VARARGS, NULL},
     {"info", (PyCFunction)engineobj_info, METH_NOARGS, "(client_gone, remove, unmap, remap, unknown)"},
+    {"record_start", (PyCFunction)engineobj_record_start, METH_VARARGS, NULL},
+    {"record_finish", (PyCFunction)engineobj_record_finish, METH_VARARGS, NULL},
+    {"replay", (PyCFunction)engineobj_replay, METH_VARARGS, NULL},
+    {"replays_running", (PyCFunction)engineobj_replays_running, METH_NOARGS, NULL},
     {NULL}};
 
 static PyTypeObject EngineType = {
