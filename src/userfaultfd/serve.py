@@ -3,11 +3,16 @@
 Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
 client gets native worker threads (the page server's engine) that serve its MISSING faults from the
 memory file at ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the
-range, so the client later reads fresh zero pages, as Firecracker's example handler does."""
+range, so the client later reads fresh zero pages, as Firecracker's example handler does.
+
+Working sets: ``--record`` records the first client's first touches into a working-set file;
+``--replay`` installs a recorded set for every client in the background while its faults are
+served first (working_set.py)."""
 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import errno
 import logging
@@ -17,7 +22,6 @@ import signal
 import socket
 import stat
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,7 @@ from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
 from .sources import SRC_BYTES
 from .stats import Stats
 from .uffd import PAGE_SIZE
+from .working_set import WorkingSet, plan_replay
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -60,7 +65,7 @@ class Client:
     regions: list[GuestRegion] = field(default_factory=list)
     engine: _core.Engine | None = None
     ids: list[int] = field(default_factory=list)
-    prefetcher: threading.Thread | None = None
+    recording: bool = False  # its first touches are being recorded (--record)
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
 
     def name(self) -> str:
@@ -79,8 +84,18 @@ class Handler:
         readahead: str = "adaptive",
         allow_uids: tuple[int, ...] = (),
         workers: int = 1,
+        record: str | None = None,
+        record_seconds: float | None = None,
+        replay: WorkingSet | None = None,
+        replay_threads: int = 1,
     ) -> None:
         self.readahead = parse_readahead(readahead)
+        self.record_path = record  # None once the recording is written (one client is recorded)
+        self.record_seconds = record_seconds
+        self.record_deadline = float("inf")
+        self.end_recording = False  # set by SIGUSR1
+        self.replay = replay
+        self.replay_threads = replay_threads
         self.prefetch = prefetch
         self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
@@ -93,6 +108,13 @@ class Handler:
             self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
+        if replay is not None:
+            beyond = sum(max(0, o + n - max(o, self.memory_size)) for o, n in replay) // PAGE_SIZE
+            if beyond:
+                log.warning(
+                    "%d page(s) of the working set lie beyond the memory file's %d bytes: ignored",
+                    beyond, self.memory_size,
+                )  # fmt: skip
         self.path = socket_path
         self.listener = _listen(socket_path)
         self.selector = selectors.DefaultSelector()
@@ -112,9 +134,42 @@ class Handler:
                 else:
                     self._readable(key.data)
             self._reap()
+            if self.end_recording or time.monotonic() >= self.record_deadline:
+                self._end_recording("asked to" if self.end_recording else "time is up")
 
     def stop(self, *_: object) -> None:
         self.stopping = True
+
+    def request_end_of_recording(self, *_: object) -> None:
+        """SIGUSR1: write the working set recorded so far (the loop does it, not the signal)."""
+        self.end_recording = True
+
+    def _end_recording(self, why: str) -> None:
+        self.end_recording = False
+        self.record_deadline = float("inf")
+        for client in self.clients.values():
+            if client.recording:
+                self._finish_recording(client, why)
+
+    def _finish_recording(self, client: Client, why: str) -> None:
+        """Writes the client's first touches, in memory-file offsets, to the --record file."""
+        assert client.engine is not None and self.record_path is not None
+        client.recording = False
+        touches: list[tuple[int, int]] = []
+        for rid, region in zip(client.ids, client.regions, strict=True):
+            raw = array.array("Q", client.engine.record_finish(rid))
+            for k in range(0, len(raw), 2):  # a huge page's granule: all its base pages
+                start, ns = region.offset + raw[k], raw[k + 1]
+                touches += [(o, ns) for o in range(start, start + region.page_size, PAGE_SIZE)]
+        touches.sort(key=lambda t: t[1])  # the regions' touches interleaved by time (stable)
+        duration = int((time.monotonic() - client.connected) * 1e9)
+        ws = WorkingSet.from_touches(touches, PAGE_SIZE, self.memory_size, duration)
+        ws.save(self.record_path)
+        log.info(
+            "recorded %s (%s): %d pages in %d runs to %s",
+            client.name(), why, len(ws), len(ws.runs), self.record_path,
+        )  # fmt: skip
+        self.record_path = None
 
     def close(self) -> None:
         for client in [*self.pending.values(), *self.clients.values()]:
@@ -183,6 +238,12 @@ class Handler:
         engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
         client.engine = engine
         fixed, amin, amax = self.readahead
+        # The first client is recorded, if asked, with readahead off: every first touch a fault.
+        recorded = client.recording = self.record_path is not None and not any(
+            c.recording for c in self.clients.values()
+        )
+        if recorded:
+            fixed, amin, amax = 0, 0, 0
         for r in client.regions:
             client.ids.append(
                 engine.add_region(
@@ -199,22 +260,20 @@ class Handler:
                     max(amax, r.page_size) if amax else 0,
                 )  # fmt: skip
             )
+            if recorded:
+                engine.record_start(client.ids[-1])
+        if recorded and self.record_seconds is not None:
+            self.record_deadline = time.monotonic() + self.record_seconds
         engine.start()
+        # Replay installs the working set first, in its order; --prefetch all streams the rest
+        # of the memory after it. Both in the engine's background threads, faults first.
+        pairs = zip(client.ids, client.regions, strict=True)
+        layout = [(rid, r.offset, r.size) for rid, r in pairs]
+        runs = plan_replay(self.replay, layout, self.memory_size)[0] if self.replay else b""
         if self.prefetch:
-            client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
-            client.prefetcher.start()
-
-    def _prefetch(self, client: Client) -> None:
-        """Install every region in the background; the workers serve faults meanwhile."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # faults come first
-        assert client.engine is not None
-        for rid, region in zip(client.ids, client.regions, strict=True):
-            try:
-                client.engine.populate(rid, 0, region.size)
-            except OSError as e:
-                if e.errno not in (errno.ECANCELED, errno.ESRCH):
-                    log.warning("%s: prefetch failed: %s", client.name(), e)
-                return
+            runs += b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
+        if runs and not recorded:
+            engine.replay(runs, self.replay_threads)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -236,15 +295,15 @@ class Handler:
             log.warning("%s %s", client.name(), why)
         if client.engine is not None:
             client.engine.stop()
-            if client.prefetcher:
-                client.prefetcher.join()
+            if client.recording:
+                self._finish_recording(client, why)
             total = Stats.from_engine(client.engine.stats(-1))
             client.engine.close()
             if not refused:
                 log.info(
-                    "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                    "removes %d",
-                    client.name(), why, total.faults, total.pages_installed,
+                    "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
+                    "races %d, errors %d, removes %d",
+                    client.name(), why, total.faults, total.prefetched, total.pages_installed,
                     total.bytes_installed, total.eexist, total.errors, total.removes,
                 )  # fmt: skip
         client.reader.close()
@@ -289,8 +348,13 @@ def main(args: argparse.Namespace) -> int:
         readahead=args.readahead,
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
+        record=args.record,
+        record_seconds=args.record_seconds,
+        replay=WorkingSet.load(args.replay, page_size=PAGE_SIZE) if args.replay else None,
+        replay_threads=args.replay_threads,
     )
     previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, handler.request_end_of_recording)
     log.info(
         "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
     )

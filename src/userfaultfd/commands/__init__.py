@@ -1,0 +1,1 @@
+"""Command-line commands, each a module that adds its parser and runs on the library."""
