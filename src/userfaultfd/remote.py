@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import weakref
@@ -31,6 +32,7 @@ from .flags import RegisterMode
 from .handoff import GuestRegion, accept_handoff, recv_with_fds, send_uffd
 from .server import MADV_DONTFORK
 from .uffd import PAGE_SIZE, Userfaultfd
+from .working_set import WorkingSet
 
 REPLY_TIMEOUT = 10.0
 OPEN_TIMEOUT = 60.0  # the source's open() may connect to a remote store
@@ -70,6 +72,8 @@ class _Handler:
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
+        # base -> (start ns, {region offset: ns since the start}) in first-touch order
+        self.recordings: dict[int, tuple[int, dict[int, int]]] = {}
         self.faults = self.pages = self.errors = 0
 
     def run(self) -> None:
@@ -125,6 +129,13 @@ class _Handler:
         if op["op"] == "unmap":
             if self.regions.pop(op["base"], None):
                 self.bases.remove(op["base"])
+            self.recordings.pop(op["base"], None)
+        elif op["op"] == "record":
+            self.recordings[op["base"]] = (time.monotonic_ns(), {})
+        elif op["op"] == "working_set":  # ends the recording; written where the caller says
+            r, _ = self.regions[op["base"]]
+            _, touches = self.recordings.pop(op["base"])
+            WorkingSet.from_touches(touches.items(), PAGE_SIZE, r.size).save(op["path"])
         elif op["op"] == "readahead":
             r, _ = self.regions[op["base"]]
             self.regions[op["base"]] = (r, op["bytes"])
@@ -147,6 +158,11 @@ class _Handler:
             return
         r, chunk = region
         start = address & ~(r.page_size - 1)
+        recording = self.recordings.get(r.base_host_virt_addr)
+        if recording:  # dict order is first-touch order; a page touched again keeps its time
+            recording[1].setdefault(
+                start - r.base_host_virt_addr, time.monotonic_ns() - recording[0]
+            )
         length = min(max(chunk, r.page_size), r.end - start)
         offset = r.offset + (start - r.base_host_virt_addr)
         try:
@@ -307,6 +323,20 @@ class RemoteRegion(_core.Mapping):
 
     server: PythonSourceServer
     offset: int
+    _recording: bool = False
+    _working_set: WorkingSet | None = None
+
+    def working_set(self) -> WorkingSet:
+        """The first touches recorded since the region was mapped with ``record=True``, in
+        region offsets. Ends the recording (as closing the region does); later calls return the
+        same set."""
+        if self._working_set is None:
+            if not self._recording:
+                raise ValueError("this region was not mapped with record=True")
+            if self.closed:
+                raise ValueError("the region was closed before its working set was taken")
+            self._working_set = self.server._fetch_working_set(self.address)
+        return self._working_set
 
     def close(self) -> None:
         if self.closed:
@@ -314,6 +344,8 @@ class RemoteRegion(_core.Mapping):
         if self.exports:
             super().close()  # raises BufferError naming the count
         server, address = self.server, self.address
+        if self._recording and self._working_set is None and server._process.exitcode is None:
+            self._working_set = server._fetch_working_set(address)
         if server._process.exitcode is None:
             server._request({"op": "unmap", "base": address})
         # munmap ends the registration. (Unregistering first would let a thread still touching
@@ -371,10 +403,15 @@ class PythonSourceServer:
                 raise SourceError(f"{errs[0]['error']}\n{errs[0]['traceback']}", []) from None
             raise
 
-    def map(self, length: int, *, offset: int = 0, readahead: int = 0) -> RemoteRegion:
+    def map(
+        self, length: int, *, offset: int = 0, readahead: int = 0, record: bool = False
+    ) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
-        ``readahead``: extra pages asked of the source with each fault."""
+        ``readahead``: extra pages asked of the source with each fault. ``record``: record the
+        first touches (:meth:`RemoteRegion.working_set`); readahead must be off meanwhile."""
         self._check()
+        if record and readahead:
+            raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
         if not isinstance(length, int) or length <= 0 or length % PAGE_SIZE:
             raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
         if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
@@ -389,6 +426,9 @@ class PythonSourceServer:
             send_uffd(self._sock, self._uffd.fileno(),
                       [GuestRegion(region.address, length, offset, PAGE_SIZE)])  # fmt: skip
             self._reply()
+            if record:
+                self._request({"op": "record", "base": region.address})
+                region._recording = True
             if readahead:
                 self._request({"op": "readahead", "base": region.address,
                                "bytes": (readahead + 1) * PAGE_SIZE})  # fmt: skip
@@ -397,6 +437,14 @@ class PythonSourceServer:
             raise
         self._regions.add(region)
         return region
+
+    def _fetch_working_set(self, base: int) -> WorkingSet:
+        """The handler writes the region's recording to a file (a set can outgrow a message)."""
+        with tempfile.TemporaryDirectory(prefix="uffd-ws-") as tmp:
+            path = os.path.join(tmp, "recording")
+            self._request({"op": "working_set", "base": base, "path": path})
+            self._check()
+            return WorkingSet.load(path)
 
     def stats(self) -> dict[str, int]:
         """Faults served, pages installed and source errors, counted by the handler."""

@@ -14,8 +14,9 @@ MAGIC = b"UFFDWSET"
 VERSION = 1
 # magic, version, page size, memory size, pages, runs, duration (ns), CRC-32 of the runs, reserved
 HEADER = struct.Struct("<8sIIQQQQII")
-# first page (index), page count, first-touch time of its first page (ns since the start)
-RUN = struct.Struct("<QIQ")
+# first page (index), page count, first-touch times of its first and last pages (ns since the
+# start; the pages between are taken to be touched evenly in between)
+RUN = struct.Struct("<QIQQ")
 MAX_RUN_PAGES = 0xFFFFFFFF
 
 
@@ -34,10 +35,11 @@ class WorkingSet:
         self,
         page_size: int,
         memory_size: int,
-        runs: Iterable[tuple[int, int, int]] = (),
+        runs: Iterable[tuple[int, ...]] = (),
         duration_ns: int = 0,
     ) -> None:
-        """``runs``: (first page index, page count, first-touch time in ns) in order."""
+        """``runs``: (first page index, page count, first-touch ns[, ns of its last page]) in
+        order."""
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size {page_size!r} is not a power of two")
         if not isinstance(memory_size, int) or memory_size < 0:
@@ -45,18 +47,18 @@ class WorkingSet:
         self.page_size = page_size
         self.memory_size = memory_size
         self.duration_ns = duration_ns
-        self._runs: list[tuple[int, int, int]] = []
-        for first, count, ns in runs:
-            self._append(first, count, ns)
-        self._pages = sum(count for _, count, _ in self._runs)
+        self._runs: list[tuple[int, int, int, int]] = []
+        for first, count, ns, *last in runs:
+            self._append(first, count, ns, last[0] if last else ns)
+        self._pages = sum(run[1] for run in self._runs)
 
-    def _append(self, first: int, count: int, ns: int) -> None:
+    def _append(self, first: int, count: int, ns: int, last_ns: int) -> None:
         if self._runs:
-            p_first, p_count, p_ns = self._runs[-1]
+            p_first, p_count, p_ns, _ = self._runs[-1]
             if p_first + p_count == first and p_count + count <= MAX_RUN_PAGES:
-                self._runs[-1] = (p_first, p_count + count, p_ns)
+                self._runs[-1] = (p_first, p_count + count, p_ns, last_ns)
                 return
-        self._runs.append((first, count, ns))
+        self._runs.append((first, count, ns, last_ns))
 
     @classmethod
     def from_touches(
@@ -75,7 +77,7 @@ class WorkingSet:
             page = offset // page_size
             if page not in seen:
                 seen.add(page)
-                ws._append(page, 1, ns)
+                ws._append(page, 1, ns, ns)
                 last = max(last, ns)
         ws._pages = len(seen)
         ws.duration_ns = last if duration_ns is None else duration_ns
@@ -87,23 +89,24 @@ class WorkingSet:
         return self._pages
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for first, count, _ in self._runs:
+        for first, count, _, _ in self._runs:
             yield first * self.page_size, count * self.page_size
 
     @property
     def runs(self) -> list[tuple[int, int, int]]:
         """(offset, length, first-touch ns) in bytes, in order."""
-        return [(f * self.page_size, c * self.page_size, ns) for f, c, ns in self._runs]
+        return [(f * self.page_size, c * self.page_size, ns) for f, c, ns, _ in self._runs]
 
     @property
     def nbytes(self) -> int:
         return self._pages * self.page_size
 
     def pages(self) -> Iterator[tuple[int, int]]:
-        """(byte offset, first-touch ns) of every page, in order (a run's pages share its time)."""
-        for first, count, ns in self._runs:
-            for page in range(first, first + count):
-                yield page * self.page_size, ns
+        """(byte offset, first-touch ns) of every page, in order."""
+        for first, count, ns, last_ns in self._runs:
+            step = (last_ns - ns) / (count - 1) if count > 1 else 0
+            for k in range(count):
+                yield (first + k) * self.page_size, ns + round(k * step)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WorkingSet) and (self.page_size, self.memory_size, self._runs) == (
@@ -153,7 +156,7 @@ class WorkingSet:
     # ---- the file ----
 
     def to_bytes(self) -> bytes:
-        body = b"".join(RUN.pack(f, c, ns) for f, c, ns in self._runs)
+        body = b"".join(RUN.pack(*run) for run in self._runs)
         header = HEADER.pack(
             MAGIC, VERSION, self.page_size, self.memory_size, self._pages, len(self._runs),
             self.duration_ns, zlib.crc32(body), 0,
@@ -210,7 +213,7 @@ class WorkingSet:
             raise bad("corrupt: the checksum of the runs does not match")
         runs = list(RUN.iter_unpack(body))
         counted, seen_end = 0, memory // psize
-        for first, count, _ in runs:
+        for first, count, *_ in runs:
             if count == 0 or first + count > seen_end:
                 raise bad(f"corrupt: run at page {first} of {count} pages is outside the memory")
             counted += count
