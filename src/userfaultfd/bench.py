@@ -38,6 +38,7 @@ from .handoff import GuestRegion, send_uffd
 from .server import PageServer
 from .sources import File, Fill
 from .uffd import PAGE_SIZE, Userfaultfd
+from .working_set import WorkingSet
 
 
 class BenchError(Exception):
@@ -224,6 +225,79 @@ def _restore_seq(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, di
     return ours, reference, "MB/s", {}
 
 
+def _ws_layout(pages: int, seed: int) -> list[tuple[int, int]]:
+    """About a tenth of `pages` as runs of 1..16 pages, in clusters of 4..16 runs a few pages
+    apart at random places, listed in random order: (first page, count)."""
+    rng = random.Random(seed)
+    runs: list[tuple[int, int]] = []
+    used: set[int] = set()
+    while sum(n for _, n in runs) < pages // 10:
+        pos = rng.randrange(0, pages - 1024)
+        for _ in range(rng.randint(4, 16)):
+            n = rng.randint(1, 16)
+            if used.isdisjoint(range(pos, pos + n)):
+                runs.append((pos, n))
+                used.update(range(pos, pos + n))
+            pos += n + rng.randint(1, 32)
+    rng.shuffle(runs)
+    return runs
+
+
+def _restore_ws(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra], Any]:
+    """A restore that touches a recorded working set: lazy vs replay vs resident vs a wrong set.
+    The clock runs from the hand-off (map, which starts the replay) to the end of the walk;
+    for resident memory the region is populated before it starts."""
+    path, size = w.memory_file, w.size.file_bytes
+    runs = _ws_layout(size // PAGE_SIZE, 11)
+    in_set = {p for first, n in runs for p in range(first, first + n)}
+    order = array.array("I", [p for first, n in runs for p in range(first, first + n)]).tobytes()
+    wrong_runs = [(f, n, 0) for f, n in _ws_layout(size // PAGE_SIZE, 12)
+                  if in_set.isdisjoint(range(f, f + n))]  # fmt: skip
+    with _on_cpu(HANDLER_CPU):  # the worker inherits the CPU; replay threads do not
+        server = PageServer("thread", workers=1)
+    w.cleanup.append(server.close)
+    recording = server.map(size, File(path), record=True)
+    with _on_cpu(TOUCH_CPU):
+        _core.touch_pages(recording.address, PAGE_SIZE, order)
+    recorded = recording.working_set()
+    recording.close()
+    wrong = WorkingSet(PAGE_SIZE, size, wrong_runs)
+    demand: list[float] = []  # faults of each replay walk, per page of the set
+
+    def walk(replay: WorkingSet | None = None, resident: bool = False) -> tuple[float, int]:
+        start = time.perf_counter_ns()
+        region = server.map(size, File(path), readahead="adaptive", replay=replay,
+                            replay_threads=2)  # fmt: skip
+        if resident:
+            region.populate()
+            start = time.perf_counter_ns()
+        try:
+            with _on_cpu(TOUCH_CPU):
+                _core.touch_pages(region.address, PAGE_SIZE, order)
+            return _rate(len(in_set), time.perf_counter_ns() - start), region.stats().faults
+        finally:
+            region.close()
+
+    def ours() -> float:
+        rate, faults = walk(recorded)
+        demand.append(faults / len(recorded))
+        return rate
+
+    extra: dict[str, Extra] = {
+        "resident_walk": ("reference", lambda: walk(resident=True)[0]),
+        "wrong_set_walk": ("variant", lambda: walk(wrong)[0]),
+    }
+
+    def finish(result: dict[str, Any]) -> None:
+        result["resident"] = result["resident_walk"]["value"] / result["ours"]
+        result["wrong_set"] = result["wrong_set_walk"]["ratio"]
+        result["demand_fault_fraction"] = statistics.median(demand)
+        result["set_pages"] = len(recorded)
+        result["set_runs"] = len(recorded.runs)
+
+    return ours, lambda: walk()[0], "pages/s", extra, finish
+
+
 def _c_handler(w: Workload, ref: Reference) -> Measure:
     """The C handler thread serving one faulting thread on the other CPU."""
     pages = w.size.pages
@@ -313,6 +387,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "path) from the memory file vs the C handler thread",
         _serve,
     ),
+    "restore-ws": (
+        "a restore walking a recorded working set (10% of the memory file in clustered runs): "
+        "replay of the set vs lazy (adaptive readahead); also resident memory and a wrong set",
+        _restore_ws,
+    ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
         "faulting threads",
@@ -327,7 +406,7 @@ def _summary(values: list[float]) -> tuple[float, float]:
 
 
 def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
-    ours, reference, unit, extra = SCENARIOS[name][1](w, ref)
+    ours, reference, unit, extra, *finish = SCENARIOS[name][1](w, ref)
     ours(), reference()  # warm up: fresh guest memory is slow on first touch
     got: dict[str, list[float]] = {"ours": [], "reference": [], **{k: [] for k in extra}}
     for k in range(w.size.runs):
@@ -349,6 +428,8 @@ def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
     for key, (kind, _) in extra.items():
         value, _ = _summary(got[key])
         result[key] = {"value": value, "ratio": o / value if kind == "reference" else value / r}
+    for hook in finish:  # figures a scenario derives from its sides
+        hook(result)
     return result
 
 
@@ -392,6 +473,12 @@ def render(report: dict[str, Any]) -> str:
             c = s["c_sigbus_resolver"]
             lines.append(
                 f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+            )
+        if "resident" in s:
+            lines.append(
+                f"{'':14} replay {s['resident']:.2f}x the time of resident memory; a wrong set "
+                f"{1 / s['wrong_set']:.2f}x the time of lazy; demand faults "
+                f"{s['demand_fault_fraction'] * 100:.1f}% of the set's {s['set_pages']:,} pages"
             )
         if "ours_without_spinning" in s:
             c = s["ours_without_spinning"]

@@ -33,7 +33,7 @@
 #define MAX_REPLAYS 16
 #define MAX_REPLAY_THREADS 16
 #define REPLAY_PIECE (1u << 20) /* replay runs are cut into pieces of at most this many bytes */
-#define REPLAY_NICE 10          /* replay threads yield the CPU to the workers serving faults */
+#define REPLAY_NICE 10          /* where SCHED_IDLE is refused */
 
 /* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
 
@@ -1284,9 +1284,12 @@ static void *replay_thread(void *arg)
 {
     struct replay *j = arg;
     struct engine *e = j->e;
-    /* Faults come first: the workers run at the normal priority, replay below it (best
-     * effort: without the right to lower it, replay runs at the normal priority). */
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
+    /* Faults come first: a replay thread runs only on a CPU that would otherwise idle
+     * (SCHED_IDLE), so a worker woken by a fault always preempts it at once. Where that policy
+     * is refused, it runs niced instead. */
+    struct sched_param idle = {0};
+    if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle) != 0)
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
     for (;;) {
         size_t k = atomic_fetch_add(&j->next, 1);
         if (k >= j->n)
