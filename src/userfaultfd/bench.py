@@ -225,6 +225,9 @@ def _restore_seq(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, di
     return ours, reference, "MB/s", {}
 
 
+CACHE_LINE = 64
+
+
 def _ws_layout(pages: int, seed: int) -> list[tuple[int, int]]:
     """About a tenth of `pages` as runs of 1..16 pages, in clusters of 4..16 runs a few pages
     apart at random places, listed in random order: (first page, count)."""
@@ -232,9 +235,11 @@ def _ws_layout(pages: int, seed: int) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     used: set[int] = set()
     while sum(n for _, n in runs) < pages // 10:
-        pos = rng.randrange(0, pages - 1024)
+        pos = rng.randrange(0, max(1, pages - 1024))
         for _ in range(rng.randint(4, 16)):
             n = rng.randint(1, 16)
+            if pos + n > pages:
+                break
             if used.isdisjoint(range(pos, pos + n)):
                 runs.append((pos, n))
                 used.update(range(pos, pos + n))
@@ -245,8 +250,9 @@ def _ws_layout(pages: int, seed: int) -> list[tuple[int, int]]:
 
 def _restore_ws(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra], Any]:
     """A restore that touches a recorded working set: lazy vs replay vs resident vs a wrong set.
-    The clock runs from the hand-off (map, which starts the replay) to the end of the walk;
-    for resident memory the region is populated before it starts."""
+    The walk reads every cache line of each page of the set, in the set's order (a program using
+    the data it touches). The clock runs from the hand-off (map, which starts the replay) to the
+    end of the walk; for resident memory the region is populated before it starts."""
     path, size = w.memory_file, w.size.file_bytes
     runs = _ws_layout(size // PAGE_SIZE, 11)
     in_set = {p for first, n in runs for p in range(first, first + n)}
@@ -273,7 +279,7 @@ def _restore_ws(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dic
             start = time.perf_counter_ns()
         try:
             with _on_cpu(TOUCH_CPU):
-                _core.touch_pages(region.address, PAGE_SIZE, order)
+                _core.touch_pages(region.address, PAGE_SIZE, order, False, CACHE_LINE)
             return _rate(len(in_set), time.perf_counter_ns() - start), region.stats().faults
         finally:
             region.close()
