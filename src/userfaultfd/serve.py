@@ -328,12 +328,22 @@ def _listen(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Bound aside and renamed into place once listening: a client that waits for the path to
+    # appear and connects at once is never refused.
+    aside = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
     old = os.umask(0o177)
     try:
-        sock.bind(path)
+        sock.bind(aside)
     finally:
         os.umask(old)
-    sock.listen(64)
+    try:
+        sock.listen(64)
+        os.rename(aside, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        raise
     return sock
 
 
