@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import userfaultfd as u
-from userfaultfd import _core, cli
+from userfaultfd import _core
+from userfaultfd.commands import cli
 from userfaultfd.working_set import HEADER, RUN, plan_replay
 
 from .conftest import wait_for

@@ -1,1 +1,2 @@
-"""Command-line commands, each a module that adds its parser and runs on the library."""
+"""The command line's subcommands (``userfaultfd demo|info|serve|bench|ws``). They use the library;
+the library never imports them."""

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..working_set import VERSION, WorkingSet
+from userfaultfd.working_set import VERSION, WorkingSet
 
 PLOT_EXTRA = "userfaultfd[plot]"
 

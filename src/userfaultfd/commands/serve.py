@@ -1,4 +1,4 @@
-"""``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
+"""``userfaultfd serve``: the daemon that serves Firecracker-style snapshot restores.
 
 Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
 client gets native worker threads (the page server's engine) that serve its MISSING faults from the
@@ -12,7 +12,6 @@ served first (working_set.py)."""
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import errno
 import logging
@@ -26,32 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _core
-from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
-from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES
-from .stats import Stats
-from .uffd import PAGE_SIZE
-from .working_set import WorkingSet, plan_replay
+from userfaultfd import _core
+from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
+from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from userfaultfd.uffd import PAGE_SIZE
+from userfaultfd.working_set import WorkingSet, plan_replay
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
-REMOVE_UNREGISTER = 1
-
-
-def parse_readahead(text: str) -> tuple[int, int, int]:
-    """(fixed pages, adaptive min, adaptive max) from "adaptive", "none" or a page count."""
-    if text == "adaptive":
-        return 0, ADAPTIVE_MIN, ADAPTIVE_MAX
-    if text == "none":
-        return 0, 0, 0
-    try:
-        pages = int(text)
-    except ValueError:
-        pages = -1
-    if pages < 0:
-        raise ValueError(f"readahead {text!r} is not a page count, 'adaptive' or 'none'")
-    return pages, 0, 0
 
 
 @dataclass
@@ -63,7 +44,7 @@ class Client:
     connected: float = field(default_factory=time.monotonic)
     uffd: int = -1
     regions: list[GuestRegion] = field(default_factory=list)
-    engine: _core.Engine | None = None
+    engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
     recording: bool = False  # its first touches are being recorded (--record)
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
@@ -72,8 +53,8 @@ class Client:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
 
 
-class Handler:
-    """The server: accepts clients, hands each uffd to an engine, drops clients that go away."""
+class Daemon:
+    """The daemon: accepts clients, hands each uffd to an engine, drops clients that go away."""
 
     def __init__(
         self,
@@ -157,9 +138,8 @@ class Handler:
         client.recording = False
         touches: list[tuple[int, int]] = []
         for rid, region in zip(client.ids, client.regions, strict=True):
-            raw = array.array("Q", client.engine.record_finish(rid))
-            for k in range(0, len(raw), 2):  # a huge page's granule: all its base pages
-                start, ns = region.offset + raw[k], raw[k + 1]
+            for offset, ns in client.engine.record_finish(rid):
+                start = region.offset + offset  # a huge page's granule: all its base pages
                 touches += [(o, ns) for o in range(start, start + region.page_size, PAGE_SIZE)]
         touches.sort(key=lambda t: t[1])  # the regions' touches interleaved by time (stable)
         duration = int((time.monotonic() - client.connected) * 1e9)
@@ -235,31 +215,25 @@ class Handler:
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
     def _start(self, client: Client) -> None:
-        engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
+        # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
+        engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
-        fixed, amin, amax = self.readahead
         # The first client is recorded, if asked, with readahead off: every first touch a fault.
         recorded = client.recording = self.record_path is not None and not any(
             c.recording for c in self.clients.values()
         )
-        if recorded:
-            fixed, amin, amax = 0, 0, 0
         for r in client.regions:
-            client.ids.append(
-                engine.add_region(
-                    r.base_host_virt_addr,
-                    r.size,
-                    r.page_size,
-                    SRC_BYTES,
-                    self.memory.address + r.offset,
-                    r.size,
-                    0,
-                    r.page_size == PAGE_SIZE,
-                    fixed,
-                    max(amin, r.page_size) if amin else 0,
-                    max(amax, r.page_size) if amax else 0,
-                )  # fmt: skip
+            spec = RegionSpec(
+                start=r.base_host_virt_addr,
+                length=r.size,
+                page_size=r.page_size,
+                kind=_core.SRC_BYTES,
+                base=self.memory.address + r.offset,
+                base_len=r.size,
+                can_zeropage=r.page_size == PAGE_SIZE,
+                readahead=Readahead() if recorded else self.readahead,
             )
+            client.ids.append(engine.add_region(spec))
             if recorded:
                 engine.record_start(client.ids[-1])
         if recorded and self.record_seconds is not None:
@@ -273,7 +247,7 @@ class Handler:
         if self.prefetch:
             runs += b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
         if runs and not recorded:
-            engine.replay(runs, self.replay_threads)
+            engine.replay(runs, threads=self.replay_threads)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -281,7 +255,7 @@ class Handler:
             if now - client.connected > HANDSHAKE_TIMEOUT:
                 self._drop(client, "refused: no hand-off message in time", refused=True)
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info()[0]:
+            if client.engine is not None and client.engine.info().client_gone:
                 self._drop(client, "its process exited")
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
@@ -297,7 +271,7 @@ class Handler:
             client.engine.stop()
             if client.recording:
                 self._finish_recording(client, why)
-            total = Stats.from_engine(client.engine.stats(-1))
+            total = client.engine.stats()
             client.engine.close()
             if not refused:
                 log.info(
@@ -351,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
     if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
         raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
-    handler = Handler(
+    daemon = Daemon(
         args.socket,
         args.memory,
         prefetch=args.prefetch == "all",
@@ -363,15 +337,13 @@ def main(args: argparse.Namespace) -> int:
         replay=WorkingSet.load(args.replay, page_size=PAGE_SIZE) if args.replay else None,
         replay_threads=args.replay_threads,
     )
-    previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, handler.request_end_of_recording)
-    log.info(
-        "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
-    )
+    previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, daemon.request_end_of_recording)
+    log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
     try:
-        handler.serve_forever()
+        daemon.serve_forever()
     finally:
-        handler.close()
+        daemon.close()
         for sig, old in previous.items():
             signal.signal(sig, old)
         log.info("stopped")

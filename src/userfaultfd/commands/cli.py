@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
     p.set_defaults(func=_cmd_bench)
 
-    from .commands import ws
+    from . import ws
 
     ws.add_parser(sub)
     return parser
