@@ -2,11 +2,11 @@
 side by side in one run (benchmarks/reference.c, compiled here with the system compiler).
 
 Method: one warm-up run of each side first (fresh guest memory is several times slower on first
-touch), then ours and the reference alternate, repeated; medians and the spread are reported. Both
-sides touch the same pages in the same order, and both run the faulting thread on one CPU and the
-handler on another: left to the scheduler, whether the two share a vCPU decides the rate (a
-cross-CPU wake-up of an idle vCPU costs several times a fault), and it would decide differently
-for the two sides."""
+touch), then ours, the reference and any extra sides run in turn, each taking every place in the
+rotation; medians and the spread are reported. Both sides touch the same pages in the same order,
+and both run the faulting thread on one CPU and the handler on another: left to the scheduler,
+whether the two share a vCPU decides the rate (a cross-CPU wake-up of an idle vCPU costs several
+times a fault), and it would decide differently for the two sides."""
 
 from __future__ import annotations
 
@@ -413,13 +413,15 @@ def _summary(values: list[float]) -> tuple[float, float]:
 
 def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
     ours, reference, unit, extra, *finish = SCENARIOS[name][1](w, ref)
-    ours(), reference()  # warm up: fresh guest memory is slow on first touch
     got: dict[str, list[float]] = {"ours": [], "reference": [], **{k: [] for k in extra}}
+    sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
+    sides += [(name, fn) for name, (_, fn) in extra.items()]
+    for _, fn in sides:
+        fn()  # warm up: fresh guest memory is slow on first touch
     for k in range(w.size.runs):
-        sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
-        if k % 2:
-            sides.reverse()  # interleave, alternating who goes first
-        for side, fn in [*sides, *((k, fn) for k, (_, fn) in extra.items())]:
+        # Interleaved, every side taking every place in turn: what ran just before a side (a
+        # large region just freed, caches just filled) weighs on all of them alike.
+        for side, fn in sides[k % len(sides) :] + sides[: k % len(sides)]:
             got[side].append(fn())
     o, o_spread = _summary(got["ours"])
     r, r_spread = _summary(got["reference"])
