@@ -29,7 +29,7 @@ def test_tiny_run_of_every_scenario() -> None:
     assert set(report["scenarios"]) == set(bench.SCENARIOS)
     for name, s in report["scenarios"].items():
         check_scenario(s)
-        units = {"restore-seq": "MB/s", "restore-ws": "pages/s"}
+        units = {"restore-seq": "MB/s", "readahead-seq": "MB/s", "restore-ws": "pages/s"}
         assert s["unit"] == units.get(name, "faults/s")
     assert report["scenarios"]["fault-sigbus"]["c_sigbus_resolver"]["value"] > 0
     assert report["scenarios"]["fault-thread"]["ours_without_spinning"]["value"] > 0

@@ -376,6 +376,22 @@ def test_serve_replay_stops_when_the_client_exits(tmp_path: Path) -> None:
         assert s.stop() == 0
 
 
+def test_serve_warns_once_about_set_pages_beyond_the_memory_file(
+    tmp_path: Path, memory: Path
+) -> None:
+    big = u.WorkingSet(PAGE, 16 * MIB, [(0, 4, 0), (8 * MIB // PAGE - 2, 6, 1)])
+    big.save(tmp_path / "big.ws")
+    s = Server(tmp_path, memory, "--replay", str(tmp_path / "big.ws"))
+    try:
+        assert "4 page(s) of the working set lie beyond" in "\n".join(s.log)
+        proc = fc_client(s, memory, f"{8 * MIB}@0", "--resident-pages", "6")
+        assert finish(proc).split() == ["sent", "resident", "verified", "OK"]
+        line = s.expect("disconnect client 1")
+        assert int(line.split("prefetched ")[1].split(",")[0]) == 6
+    finally:
+        assert s.stop() == 0
+
+
 def test_serve_refuses_a_bad_replay_file_naming_it(tmp_path: Path, memory: Path) -> None:
     bad = tmp_path / "bad.ws"
     bad.write_bytes(b"UFFDWSET")
