@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import json
 import os
@@ -460,3 +461,41 @@ def test_ws_plot_without_matplotlib_names_the_extra(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     assert cli.main(["ws", "plot", str(tmp_path / "a.ws"), "-o", str(tmp_path / "a.png")]) == 1
     assert "pip install 'userfaultfd[plot]'" in capsys.readouterr().err
+
+
+def replay_threads() -> list[int]:
+    tids = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            if (task / "comm").read_text().strip() == "uffd-replay":
+                tids.append(int(task.name))
+    return tids
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_replay_runs_niced_and_idles_once_faults_miss_the_set(right: bool) -> None:
+    """Below the workers either way; a replay whose set the faults keep missing runs only on
+    otherwise idle CPUs (SCHED_IDLE), where it cannot delay them."""
+    pages = 262144  # 1 GiB of fill: the replay is still running when we look
+    ws = u.WorkingSet(PAGE, pages * PAGE, [(0, pages // 2, 0)])
+    with u.PageServer() as server:
+        region = server.map(pages * PAGE, u.Fill(1), replay=ws)
+        base = pages // 2 if not right else pages // 4
+        order = random.Random(1).sample(range(base, base + pages // 4), 64)
+        _core.touch_pages(region.address, PAGE, order_bytes(order))
+        if right:  # let the replay pass the pages touched: they were hits, not misses
+            _core.touch(region.address + (pages // 2 - 1) * PAGE, PAGE, PAGE, False)
+        want = os.SCHED_OTHER if right else os.SCHED_IDLE
+
+        def settled() -> bool:  # a thread looks at the faults before each piece it takes
+            tids = replay_threads()
+            with contextlib.suppress(ProcessLookupError):
+                return not tids or {os.sched_getscheduler(t) for t in tids} == {want}
+            return False
+
+        wait_for(settled)
+        tids = replay_threads()
+        if not tids:
+            pytest.skip("the replay finished before it could be looked at")
+        with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
+            assert os.getpriority(os.PRIO_PROCESS, tids[0]) == 10

@@ -35,7 +35,8 @@
 #define MAX_REPLAYS 16
 #define MAX_REPLAY_THREADS 16
 #define REPLAY_PIECE (1u << 20) /* replay runs are cut into pieces of at most this many bytes */
-#define REPLAY_NICE 10          /* where SCHED_IDLE is refused */
+#define REPLAY_NICE 10          /* replay threads run below the workers serving faults */
+#define REPLAY_MISSES_IDLE 32   /* faults outside the replayed set before it may idle */
 
 /* ---- regions and the extent table ---- */
 
@@ -61,6 +62,10 @@ struct region {
     /* Granules removed (REMOVE event) since the region was added: replay never refills them,
      * the pages were given back (a balloon); a fault still does. */
     uint64_t *removed;
+    /* Granules some replay was given (one bit each): a fault on one means the replay is behind
+     * the toucher, a fault elsewhere while replaying means the set missed it. */
+    uint64_t *in_replay;
+    atomic_int replaying;
     /* Recording first touches: one slot per granule and one bit per granule saying whether it
      * was recorded, so that every granule is written at most once and the array cannot
      * overflow: the fault path neither allocates nor locks. */
@@ -78,7 +83,8 @@ struct replay {
     uint64_t *runs; /* (region id, offset, length) triples, each at most REPLAY_PIECE long */
     size_t n;
     atomic_size_t next;
-    atomic_int running; /* threads not yet finished */
+    atomic_int running;      /* threads not yet finished */
+    uint64_t hits0, misses0; /* the engine's replay fault counts when it started */
     int nthreads;
     pthread_t threads[MAX_REPLAY_THREADS];
 };
@@ -116,6 +122,8 @@ struct engine {
         atomic_uint_fast64_t seq; /* n + 1 once error n is written: readers stop before it */
     } errors[ERR_RING];
     atomic_int gone, stopping;
+    /* Faults in replayed regions: on pages a replay holds (hits) or not (misses). */
+    atomic_uint_fast64_t replay_hits, replay_misses;
     atomic_uint_fast64_t events[4];
     struct replay *replays[MAX_REPLAYS]; /* under lock */
 };
@@ -155,9 +163,10 @@ static void bits_set(struct region *r, uint64_t i, uint64_t n, int on)
     }
 }
 
-static int removed_test(const struct region *r, uint64_t i)
+/* Bit i of a per-granule bitmap other than `filled` (removed, in_replay). */
+static int map_test(const uint64_t *map, uint64_t i)
 {
-    return (__atomic_load_n(&r->removed[i >> 6], __ATOMIC_RELAXED) >> (i & 63u)) & 1u;
+    return (__atomic_load_n(&map[i >> 6], __ATOMIC_RELAXED) >> (i & 63u)) & 1u;
 }
 
 /* Notes the first touch of granule i at time t (ns) if the region is being recorded. Safe in
@@ -465,6 +474,8 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
         record_touch(r, i, t0);
+        if (atomic_load_explicit(&r->replaying, memory_order_relaxed))
+            ADD(*(map_test(r->in_replay, i) ? &e->replay_hits : &e->replay_misses), 1);
         rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift,
                      minor ? INSTALL_MINOR : 0);
     }
@@ -774,6 +785,7 @@ static void region_free(struct region *r)
         munmap(r->zero_block, r->p.page_size);
     free(r->filled);
     free(r->removed);
+    free(r->in_replay);
     free(r->rec);
     free(r->rec_bits);
     free(r);
@@ -805,11 +817,12 @@ static struct region *region_new(const struct region_params *p)
     r->npages = p->length >> r->shift;
     r->filled = calloc((r->npages + 63) / 64, sizeof(uint64_t));
     r->removed = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+    r->in_replay = calloc((r->npages + 63) / 64, sizeof(uint64_t));
     atomic_store(&r->ra_window, 0);
     atomic_store(&r->ra_hi, UINT64_MAX);
     for (unsigned k = 0; k < MAX_POISONED; k++)
         atomic_store(&r->poisoned[k], UINT64_MAX);
-    if (!r->filled || !r->removed)
+    if (!r->filled || !r->removed || !r->in_replay)
         goto fail;
     if (p->kind == SRC_FILL) {
         uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
@@ -925,7 +938,7 @@ int engine_remove_region(struct engine *e, int id)
 /* Whether a fill should leave granule i alone: present, or (a replay) given back by a REMOVE. */
 static int skip_granule(const struct region *r, uint64_t i, unsigned how)
 {
-    return bit_test(r, i) || ((how & INSTALL_PREFETCH) && removed_test(r, i));
+    return bit_test(r, i) || ((how & INSTALL_PREFETCH) && map_test(r->removed, i));
 }
 
 /* Installs every missing granule of [offset, offset + length) of region id, in chunks of at most
@@ -1122,16 +1135,24 @@ static void *replay_thread(void *arg)
 {
     struct replay *j = arg;
     struct engine *e = j->e;
-    /* Faults come first: a replay thread runs only on a CPU that would otherwise idle
-     * (SCHED_IDLE), so a worker woken by a fault always preempts it at once. Where that policy
-     * is refused, it runs niced instead. */
-    struct sched_param idle = {0};
-    if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle) != 0)
-        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
+    /* Faults come first: replay runs niced below the workers. While the toucher keeps faulting
+     * on pages the replay holds, the replay is useful and behind: that share of the CPU is
+     * well spent. Once most faults miss the set (a wrong set, or a toucher gone elsewhere), the
+     * replay only competes with the faults it cannot help: it drops to SCHED_IDLE, running only
+     * on CPUs that would otherwise idle, where it never delays a fault. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
+    pthread_setname_np(pthread_self(), "uffd-replay"); /* for ps, top and the tests */
+    int idle = 0;
     for (;;) {
         size_t k = atomic_fetch_add(&j->next, 1);
         if (k >= j->n)
             break;
+        uint64_t misses = atomic_load(&e->replay_misses) - j->misses0;
+        uint64_t hits = atomic_load(&e->replay_hits) - j->hits0;
+        if (!idle && misses >= REPLAY_MISSES_IDLE && misses > 4 * hits) {
+            struct sched_param none = {0};
+            idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
+        }
         const uint64_t *run = &j->runs[3 * k];
         int rc = fill_range(e, (int)run[0], run[1], run[2], INSTALL_PREFETCH);
         if (rc == -ECANCELED || rc == -ESRCH) /* the engine stops, or the client has gone */
@@ -1170,6 +1191,19 @@ int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
             p[2] = left < REPLAY_PIECE ? left : REPLAY_PIECE;
         }
     pthread_mutex_lock(&e->lock);
+    for (size_t k = 0; k < j->n; k++) { /* which granules the replay holds (a fault may hit) */
+        int at = find_region(e, (int)j->runs[3 * k]);
+        struct region *r = at < 0 ? NULL : e->regions[at];
+        if (!r || j->runs[3 * k + 1] >= r->p.length)
+            continue;
+        uint64_t g = j->runs[3 * k + 1] >> r->shift;
+        uint64_t end = (j->runs[3 * k + 1] + j->runs[3 * k + 2] + r->p.page_size - 1) >> r->shift;
+        for (end = end < r->npages ? end : r->npages; g < end; g++)
+            __atomic_fetch_or(&r->in_replay[g >> 6], 1ull << (g & 63u), __ATOMIC_RELAXED);
+        atomic_store(&r->replaying, 1);
+    }
+    j->hits0 = atomic_load(&e->replay_hits);
+    j->misses0 = atomic_load(&e->replay_misses);
     int slot = -1, rc = 0;
     for (int k = 0; k < MAX_REPLAYS; k++) { /* reap finished replays; take a free slot */
         struct replay *old = e->replays[k];
