@@ -24,6 +24,7 @@ from ._ntuples import Failure, SourceFailure
 from ._regions import in_forked_child, registering
 from .errors import SourceError, source_error
 from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
+from .progress import populate_in_slices
 from .sources import Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
@@ -63,15 +64,23 @@ class Region(_core.Mapping):
         self._recording = False
         self._working_set: WorkingSet | None = None
 
-    def populate(self, offset: int = 0, length: int | None = None) -> None:
-        """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
+    def populate(
+        self, offset: int = 0, length: int | None = None, *, progress: bool = False
+    ) -> None:
+        """Install every page of ``[offset, offset + length)`` now (the GIL is released).
+        Ctrl-C interrupts it within tens of milliseconds (KeyboardInterrupt; what was installed
+        stays). ``progress``: show a tqdm bar (``pip install 'userfaultfd[progress]'``), or a
+        plain stderr line without tqdm."""
         length = len(self) - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > len(self):
             raise ValueError(
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
             )
         self.server._check()
-        self.server._engine.populate(self.id, offset, length)
+        engine = self.server._engine
+        populate_in_slices(
+            lambda at, n: engine.populate(self.id, at, n), offset, length, self.page_size, progress
+        )
         self.server._check()
 
     def stats(self) -> Stats:
@@ -305,6 +314,7 @@ class PageServer:
                         tail=prepared.tail,
                         can_zeropage=memory != "hugetlb",
                         readahead=ahead,
+                        label=repr(source),
                     )
                 )
                 self._regions[region.id] = region
@@ -338,7 +348,7 @@ class PageServer:
         """Non-cooperative events handled so far."""
         info = self._engine.info()
         return {"remove": info.remove, "unmap": info.unmap, "remap": info.remap,
-                "unknown": info.unknown}  # fmt: skip
+                "unknown": info.unknown, "fork": info.fork}  # fmt: skip
 
     def errors(self) -> list[Failure]:
         """Every source failure since the last call: (errno, region id, address, offset, op)."""

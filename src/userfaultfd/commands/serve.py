@@ -48,6 +48,7 @@ class Client:
     ids: list[int] = field(default_factory=list)
     recording: bool = False  # its first touches are being recorded (--record)
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
+    error_cursor: int = 0  # the engine's failure records logged so far
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -255,8 +256,24 @@ class Daemon:
             if now - client.connected > HANDSHAKE_TIMEOUT:
                 self._drop(client, "refused: no hand-off message in time", refused=True)
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info().client_gone:
-                self._drop(client, "its process exited")
+            if client.engine is not None:
+                self._log_failures(client)
+                if client.engine.info().client_gone:
+                    self._drop(client, "its process exited")
+
+    def _log_failures(self, client: Client) -> None:
+        """A page that could not be produced is poisoned: the guest thread touching it dies of
+        SIGBUS in the client, which cannot say why. The server says it, as it happens."""
+        assert client.engine is not None
+        client.error_cursor, errs = client.engine.errors(client.error_cursor)
+        regions = dict(zip(client.ids, client.regions, strict=True))
+        for failure in errs:
+            base = regions[failure.region].offset if failure.region in regions else 0
+            log.error(
+                "%s: poisoned the page at %#x (memory file offset %#x): %s (%s)",
+                client.name(), failure.address, base + failure.offset,
+                os.strerror(failure.errno), failure.op,
+            )  # fmt: skip
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
         fileno = client.conn.fileno()
@@ -271,14 +288,16 @@ class Daemon:
             client.engine.stop()
             if client.recording:
                 self._finish_recording(client, why)
+            self._log_failures(client)
             total = client.engine.stats()
+            forks = client.engine.info().fork  # their uffds were closed: children are not served
             client.engine.close()
             if not refused:
                 log.info(
                     "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
-                    "races %d, errors %d, removes %d",
+                    "races %d, errors %d, removes %d, forks %d",
                     client.name(), why, total.faults, total.prefetched, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes,
+                    total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                 )  # fmt: skip
         client.reader.close()
         if client.uffd >= 0:

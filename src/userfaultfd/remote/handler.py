@@ -21,7 +21,7 @@ from userfaultfd.handoff import GuestRegion, accept_handoff, recv_with_fds
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 from userfaultfd.working_set import WorkingSet
 
-from . import messages
+from . import messages, notices
 
 SPIN_NS = 50_000
 
@@ -55,8 +55,8 @@ class FunctionSource:
 class FaultLoop:
     """Serves the faults of the regions handed over, and answers the application's requests."""
 
-    def __init__(self, sock: socket.socket, source: PageSource) -> None:
-        self.sock, self.source = sock, source
+    def __init__(self, sock: socket.socket, source: PageSource, board: notices.Writer) -> None:
+        self.sock, self.source, self.board = sock, source, board
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
@@ -174,23 +174,27 @@ class FaultLoop:
             done = e.done
         except FileExistsError:  # a duplicate fault, or a readahead race
             done = page
-        except FileNotFoundError:  # unregistered meanwhile
-            self.uffd.wake(start, length)
-            return
+        except FileNotFoundError:
+            # A COPY must lie in one VMA: the range crosses a split (mprotect or madvise on
+            # part of the region), or was unregistered meanwhile. Page by page tells which.
+            done = 0
         for pos in range(done, length, page):  # the rest page by page, skipping present ones
             try:
                 self.uffd.copy(start + pos, data[pos : pos + page], page, dontwake=True)
                 self.pages += page // PAGE_SIZE
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):  # present, or this page is gone
                 pass
-            except FileNotFoundError:
-                break
         self.uffd.wake(start, length)
 
     def fail(self, start: int, length: int, offset: int, message: str, tb: str = "") -> None:
         """Never serve wrong data: poison the page (the toucher gets SIGBUS) and report."""
         assert self.uffd is not None
         self.errors += 1
+        # The toucher may die of the SIGBUS before the application reads any report: its line
+        # (said by the application's SIGBUS handler) and the traceback are written first.
+        self.board.write(start, length, f"a PythonSourceServer page was poisoned: {message}")
+        sys.stderr.write(f"userfaultfd: the page at {start:#x} was poisoned: {message}\n{tb}")
+        sys.stderr.flush()
         # The report goes first: once the toucher is woken, the application may look for it.
         self.reply(messages.ErrorReport(message, start, offset, tb))
         try:
@@ -200,17 +204,20 @@ class FaultLoop:
 
 
 def handler_main(
-    sock: socket.socket, source: PageSource, inherited: Iterable[socket.socket]
+    sock: socket.socket, source: PageSource, board: int, inherited: Iterable[socket.socket]
 ) -> None:
     """The handler process's life; it ends the process, with status 0 after a clean stop.
-    ``inherited``: the application's ends of every server's socket, closed here, or the
-    application closing one would not reach that server's handler as EOF."""
+    ``board``: the notice board's fd. ``inherited``: the application's ends of every server's
+    socket, closed here, or the application closing one would not reach that server's handler
+    as EOF."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
         for other in inherited:
             other.close()
-        FaultLoop(sock, source).run()
+        writer = notices.Writer(board)
+        os.close(board)
+        FaultLoop(sock, source, writer).run()
         code = 0
     except BaseException:  # noqa: BLE001 - the process ends here either way
         traceback.print_exc()
@@ -219,8 +226,8 @@ def handler_main(
 
 
 def spawned_main() -> None:
-    """The entry point of a spawned handler: the socket's fd is the argument, and the pickled
-    source arrives on standard input."""
+    """The entry point of a spawned handler: the socket's and the notice board's fds are the
+    arguments, and the pickled source arrives on standard input."""
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
         source = pickle.load(sys.stdin.buffer)
@@ -231,4 +238,4 @@ def spawned_main() -> None:
         )
         sock.send(messages.encode(messages.ErrorReport(message, traceback=traceback.format_exc())))
         os._exit(1)
-    handler_main(sock, source, ())
+    handler_main(sock, source, int(sys.argv[2]), ())

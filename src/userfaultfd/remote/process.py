@@ -24,18 +24,18 @@ class HandlerProcess:
     process it knows, and it runs in a plain os.fork() child of the application too, which
     would kill the parent's handler when that child exits."""
 
-    def __init__(self, sock: socket.socket, source: PageSource, start: str) -> None:
+    def __init__(self, sock: socket.socket, source: PageSource, start: str, board: int) -> None:
         self._exitcode: int | None = None
         if start == "spawn":
-            self.pid = self._spawn(sock, source)
+            self.pid = self._spawn(sock, source, board)
         else:
             self.pid = os.fork()
             if self.pid == 0:
-                handler_main(sock, source, list(app_sockets))
+                handler_main(sock, source, board, list(app_sockets))
         self.pidfd = os.pidfd_open(self.pid)
 
     @staticmethod
-    def _spawn(sock: socket.socket, source: PageSource) -> int:
+    def _spawn(sock: socket.socket, source: PageSource, board: int) -> int:
         try:
             payload = pickle.dumps(source)
         except Exception as e:
@@ -46,16 +46,19 @@ class HandlerProcess:
         code = "from userfaultfd.remote.handler import spawned_main; spawned_main()"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         r, w = os.pipe()
-        os.set_inheritable(sock.fileno(), True)
+        inherited = (sock.fileno(), board)
+        for fd in inherited:
+            os.set_inheritable(fd, True)
         try:
             pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-c", code, str(sock.fileno())],
+                [sys.executable, "-c", code, str(sock.fileno()), str(board)],
                 env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
             )
         finally:
-            os.set_inheritable(sock.fileno(), False)
+            for fd in inherited:
+                os.set_inheritable(fd, False)
             os.close(r)
         with open(w, "wb") as pipe:  # the child reads it at once: no deadlock past the buffer
             pipe.write(payload)
