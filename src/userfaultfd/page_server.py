@@ -322,7 +322,11 @@ class PageServer:
                     self._engine.record_start(region.id)
                     region._recording = True
             if replay is not None:
-                self._replay(region, replay, replay_threads)
+                try:
+                    self._replay(region, replay, replay_threads)
+                except BaseException:
+                    region.close()
+                    raise
         return region
 
     def _replay(self, region: Region, ws: WorkingSet, threads: int) -> None:
