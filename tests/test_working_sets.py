@@ -463,9 +463,9 @@ def test_ws_plot_without_matplotlib_names_the_extra(
     assert "pip install 'userfaultfd[plot]'" in capsys.readouterr().err
 
 
-def replay_threads() -> list[int]:
+def replay_threads(pid: str = "self") -> list[int]:
     tids = []
-    for task in Path("/proc/self/task").iterdir():
+    for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):  # a thread that just ended
             if (task / "comm").read_text().strip() == "uffd-replay":
                 tids.append(int(task.name))
@@ -499,3 +499,23 @@ def test_replay_runs_niced_and_idles_once_faults_miss_the_set(right: bool) -> No
             pytest.skip("the replay finished before it could be looked at")
         with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
             assert os.getpriority(os.PRIO_PROCESS, tids[0]) == 10
+
+
+def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
+    """--prefetch all without a set: speculative, SCHED_IDLE from the start."""
+    big = tmp_path / "big.mem"
+    with big.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: the stream of it lasts while we look
+    s = Server(tmp_path, big, "--prefetch", "all")
+    try:
+        client = fc_client(s, big, f"{1 << 30}@0", "--hold", "60")
+        assert client.stdout is not None and client.stdout.readline().strip() == "sent"
+        s.expect("connect client 1")
+        tids = replay_threads(str(s.proc.pid))
+        with contextlib.suppress(ProcessLookupError):  # a stream that has just ended
+            assert tids and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
+        client.kill()
+        client.wait(10)
+        s.expect("disconnect client 1")
+    finally:
+        assert s.stop() == 0

@@ -158,9 +158,11 @@ class Engine:
         raw = array.array("Q", self._native.record_finish(region))
         return list(zip(raw[0::2], raw[1::2], strict=True))
 
-    def replay(self, runs: bytes, *, threads: int) -> None:
-        """Install ``runs`` (working_set.plan_replay) in the background, faults first."""
-        self._native.replay(runs, threads=threads)
+    def replay(self, runs: bytes, *, threads: int, speculative: bool = False) -> None:
+        """Install ``runs`` (working_set.plan_replay) in the background, faults first.
+        ``speculative``: runs nobody predicted (the rest of the memory), installed only with CPU
+        time that would otherwise idle."""
+        self._native.replay(runs, threads=threads, speculative=speculative)
 
     def replays_running(self) -> int:
         return self._native.replays_running()

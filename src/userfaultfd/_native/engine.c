@@ -87,6 +87,7 @@ struct replay {
     atomic_size_t next;
     atomic_int running;      /* threads not yet finished */
     uint64_t hits0, misses0; /* the engine's replay fault counts when it started */
+    int speculative;         /* SCHED_IDLE from the start; its runs are not counted as hits */
     int nthreads;
     pthread_t threads[MAX_REPLAY_THREADS];
 };
@@ -127,6 +128,7 @@ struct engine {
     atomic_uint_fast64_t events[5]; /* remove, unmap, remap, unknown, fork */
     /* Faults in replayed regions: on pages a replay holds (hits) or not (misses). */
     atomic_uint_fast64_t replay_hits, replay_misses;
+    atomic_int predicted; /* threads of replays that are not speculative, still running */
     struct replay *replays[MAX_REPLAYS]; /* under lock */
 };
 
@@ -1225,22 +1227,27 @@ static void *replay_thread(void *arg)
      * on CPUs that would otherwise idle, where it never delays a fault. */
     setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
     pthread_setname_np(pthread_self(), "uffd-replay"); /* for ps, top and the tests */
-    int idle = 0;
+    struct sched_param none = {0};
+    int idle = j->speculative && pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
+    struct timespec nap = {0, 200000};
+    while (j->speculative && atomic_load(&e->predicted) && !atomic_load(&e->stopping) &&
+           !atomic_load(&e->gone))
+        nanosleep(&nap, NULL); /* the rest of the memory comes after the predicted pages */
     for (;;) {
         size_t k = atomic_fetch_add(&j->next, 1);
         if (k >= j->n)
             break;
         uint64_t misses = atomic_load(&e->replay_misses) - j->misses0;
         uint64_t hits = atomic_load(&e->replay_hits) - j->hits0;
-        if (!idle && misses >= REPLAY_MISSES_IDLE && misses > 4 * hits) {
-            struct sched_param none = {0};
+        if (!idle && misses >= REPLAY_MISSES_IDLE && misses > 4 * hits)
             idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
-        }
         const uint64_t *run = &j->runs[3 * k];
         int rc = fill_range(e, (int)run[0], run[1], run[2], INSTALL_PREFETCH);
         if (rc == -ECANCELED || rc == -ESRCH) /* the engine stops, or the client has gone */
             break;
     }
+    if (!j->speculative)
+        atomic_fetch_sub(&e->predicted, 1);
     atomic_fetch_sub(&j->running, 1);
     return NULL;
 }
@@ -1253,7 +1260,7 @@ static void replay_free(struct replay *j)
     free(j);
 }
 
-int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
+int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads, int speculative)
 {
     if (threads < 1 || threads > MAX_REPLAY_THREADS)
         return -EINVAL;
@@ -1266,6 +1273,7 @@ int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
         return -ENOMEM;
     }
     j->e = e;
+    j->speculative = speculative;
     for (size_t k = 0; k < n; k++)
         for (uint64_t off = 0; off < runs[3 * k + 2]; off += REPLAY_PIECE) {
             uint64_t *p = &j->runs[3 * j->n++];
@@ -1274,7 +1282,7 @@ int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
             p[2] = left < REPLAY_PIECE ? left : REPLAY_PIECE;
         }
     pthread_mutex_lock(&e->lock);
-    for (size_t k = 0; k < j->n; k++) { /* which granules the replay holds (a fault may hit) */
+    for (size_t k = 0; k < j->n && !speculative; k++) { /* the granules a fault may hit */
         int at = find_region(e, (int)j->runs[3 * k]);
         struct region *r = at < 0 ? NULL : e->regions[at];
         if (!r || j->runs[3 * k + 1] >= r->p.length)
@@ -1303,6 +1311,8 @@ int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
     atomic_store(&j->running, threads);
+    if (!speculative)
+        atomic_fetch_add(&e->predicted, threads);
     for (int k = 0; k < threads && !rc; k++) {
         rc = -pthread_create(&j->threads[k], NULL, replay_thread, j);
         if (!rc)
@@ -1310,6 +1320,8 @@ int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads)
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     atomic_fetch_sub(&j->running, threads - j->nthreads); /* those never started */
+    if (!speculative)
+        atomic_fetch_sub(&e->predicted, threads - j->nthreads);
     if (j->nthreads)
         e->replays[slot] = j; /* even after a failed create: the started ones are joined later */
     else

@@ -80,8 +80,10 @@ int engine_record_finish(struct engine *e, int id, uint64_t **out, size_t *n);
 /* Installs n (region id, offset, length) runs in the background, in this order, with `threads`
  * threads of low priority, while the workers keep serving faults. Granules already present or
  * removed (REMOVE event) are skipped; the threads end at the last run, at engine_stop, or when
- * the client has gone. 0, -EINVAL, -EAGAIN (too many replays running), -ENOMEM, -errno. */
-int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads);
+ * the client has gone. `speculative`: runs nobody predicted will be touched soon (streaming the
+ * rest of the memory), installed only with CPU time that would otherwise idle. 0, -EINVAL,
+ * -EAGAIN (too many replays running), -ENOMEM, -errno. */
+int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads, int speculative);
 /* Replays whose threads have not finished yet. */
 int engine_replays_running(struct engine *e);
 

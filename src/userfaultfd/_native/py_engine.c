@@ -272,14 +272,15 @@ static PyObject *engineobj_record_finish(EngineObject *o, PyObject *args)
     return out;
 }
 
-/* replay(runs, threads): runs is a buffer of (region id, offset, length) native uint64 triples */
+/* replay(runs, *, threads=1, speculative=False): runs is a buffer of (region id, offset, length)
+ * native uint64 triples */
 static PyObject *engineobj_replay(EngineObject *o, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"runs", "threads", NULL};
+    static char *kwlist[] = {"runs", "threads", "speculative", NULL};
     Py_buffer runs;
-    int threads, rc;
-    if (engine_check(o) < 0 ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "y*$i:replay", kwlist, &runs, &threads))
+    int threads = 1, speculative = 0, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTupleAndKeywords(args, kw, "y*|$ip:replay", kwlist,
+                                                            &runs, &threads, &speculative))
         return NULL;
     if (runs.len % (Py_ssize_t)(3 * sizeof(uint64_t))) {
         PyErr_Format(PyExc_ValueError, "replay: %zd bytes is not a whole number of runs", runs.len);
@@ -289,7 +290,7 @@ static PyObject *engineobj_replay(EngineObject *o, PyObject *args, PyObject *kw)
     size_t n = (size_t)runs.len / (3 * sizeof(uint64_t));
     const uint64_t *buf = runs.buf;
     Py_BEGIN_ALLOW_THREADS
-    rc = engine_replay(o->e, buf, n, threads);
+    rc = engine_replay(o->e, buf, n, threads, speculative);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&runs);
     if (rc < 0)
@@ -347,9 +348,10 @@ static PyMethodDef engine_methods[] = {
      "record_finish(id) -> bytes: end the recording and return its (offset, ns) pairs as native "
      "uint64, in first-touch order; again: the same. OSError ENOENT, EINVAL (never recorded)."},
     {"replay", (PyCFunction)(void (*)(void))engineobj_replay, METH_VARARGS | METH_KEYWORDS,
-     "replay(runs, *, threads): install (region id, offset, length) native uint64 triples in "
-     "this order in `threads` background threads, faults first; present and removed granules "
-     "are skipped. OSError EINVAL (threads not in 1..16), EAGAIN (16 replays running)."},
+     "replay(runs, *, threads=1, speculative=False): install (region id, offset, length) native "
+     "uint64 triples in this order in `threads` background threads, faults first; present and "
+     "removed granules are skipped. speculative: only with CPU time that would otherwise idle. "
+     "OSError EINVAL (threads not in 1..16), EAGAIN (16 replays running)."},
     {"replays_running", (PyCFunction)engineobj_replays_running, METH_NOARGS,
      "replays_running() -> how many replays still have threads installing."},
     {NULL}};

@@ -240,15 +240,22 @@ class Daemon:
         if recorded and self.record_seconds is not None:
             self.record_deadline = time.monotonic() + self.record_seconds
         engine.start()
-        # Replay installs the working set first, in its order; --prefetch all streams the rest
-        # of the memory after it. Both in the engine's background threads, faults first.
+        if not recorded:
+            self._replay(engine, client)
+
+    def _replay(self, engine: Engine, client: Client) -> None:
+        """The working set first, in its order, below the workers; with --prefetch all the rest
+        of the memory streamed in address order, speculatively: only with CPU time nothing else
+        wants, so it never competes with the set or with a fault."""
         pairs = zip(client.ids, client.regions, strict=True)
         layout = [(rid, r.offset, r.size) for rid, r in pairs]
-        runs = plan_replay(self.replay, layout, self.memory_size)[0] if self.replay else b""
+        if self.replay:
+            runs = plan_replay(self.replay, layout, self.memory_size)[0]
+            if runs:
+                engine.replay(runs, threads=self.replay_threads)
         if self.prefetch:
-            runs += b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
-        if runs and not recorded:
-            engine.replay(runs, threads=self.replay_threads)
+            rest = b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
+            engine.replay(rest, threads=self.replay_threads, speculative=True)
 
     def _reap(self) -> None:
         now = time.monotonic()
