@@ -425,7 +425,7 @@ def test_ws_show_prints_the_summary_and_json(
     assert report["bytes"] == 8 * PAGE and report["runs"] == 4
     assert report["duration_s"] == pytest.approx(7e-6)
     assert cli.main(["ws", "show", str(tmp_path / "a.ws")]) == 0
-    assert "8 of 4,096 bytes" in capsys.readouterr().out
+    assert "pages     8 x 4,096 bytes = 32,768 bytes (12.5% of 262,144" in capsys.readouterr().out
     (tmp_path / "bad.ws").write_bytes(b"nonsense")
     assert cli.main(["ws", "show", str(tmp_path / "bad.ws")]) == 1
     err = capsys.readouterr().err

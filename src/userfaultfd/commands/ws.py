@@ -32,7 +32,7 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"{s['path']}: working set, format version {s['version']}",
-            f"  pages     {s['pages']:,} of {s['page_size']:,} bytes = {s['bytes']:,} bytes "
+            f"  pages     {s['pages']:,} x {s['page_size']:,} bytes = {s['bytes']:,} bytes "
             f"({share:.1f}% of {s['memory_size']:,} bytes of memory)",
             f"  runs      {s['runs']:,} (mean {mean:.1f} pages, longest "
             f"{s['longest_run_bytes'] // s['page_size'] if s['page_size'] else 0:,})",
