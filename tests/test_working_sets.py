@@ -519,3 +519,27 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
         s.expect("disconnect client 1")
     finally:
         assert s.stop() == 0
+
+
+def test_a_speculative_replay_waits_for_the_predicted_one() -> None:
+    """What `serve --prefetch all` streams beside a working set comes after the set: its pieces
+    start only once no predicted replay is running."""
+    pages = 196608  # 768 MiB of fill: the set's half takes a while
+    with u.PageServer() as server:
+        region = server.map(pages * PAGE, u.Fill(1))
+        half = pages // 2 * PAGE
+        server._engine.replay(struct.pack("=QQQ", region.id, 0, half), threads=1)
+        rest = struct.pack("=QQQ", region.id, half, pages * PAGE - half)
+        server._engine.replay(rest, threads=1, speculative=True)
+        seen_early, deadline = False, time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, "the set's replay did not finish"
+            rest_present = len(resident_pages(region.address + half, pages * PAGE - half))
+            set_present = len(resident_pages(region.address, half))
+            if set_present == half // PAGE:
+                break
+            seen_early = True
+            assert rest_present == 0  # the set was not finished before this look, nor at it
+        wait_for(lambda: region.stats().prefetched == pages)
+        if not seen_early:
+            pytest.skip("the set's replay finished before it could be looked at")

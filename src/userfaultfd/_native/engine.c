@@ -1230,10 +1230,10 @@ static void *replay_thread(void *arg)
     struct sched_param none = {0};
     int idle = j->speculative && pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
     struct timespec nap = {0, 200000};
-    while (j->speculative && atomic_load(&e->predicted) && !atomic_load(&e->stopping) &&
-           !atomic_load(&e->gone))
-        nanosleep(&nap, NULL); /* the rest of the memory comes after the predicted pages */
     for (;;) {
+        while (j->speculative && atomic_load(&e->predicted) && !atomic_load(&e->stopping) &&
+               !atomic_load(&e->gone))
+            nanosleep(&nap, NULL); /* the rest of the memory comes after the predicted pages */
         size_t k = atomic_fetch_add(&j->next, 1);
         if (k >= j->n)
             break;
