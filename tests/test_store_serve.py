@@ -338,3 +338,23 @@ def test_a_mapped_snapshot_reports_a_poisoned_chunk_on_the_applications_stderr(
     assert proc.stdout == "True\n"
     assert f"chunk {bad} (snapshot offsets {bad * CHUNK:#x}-" in proc.stderr
     assert "connect" not in proc.stderr and "listening" not in proc.stderr
+
+
+def test_serve_replays_a_working_set_from_the_store(pushed, tmp_path: Path) -> None:
+    """--replay installs the set's pages without faults: the chunks are fetched for it."""
+    from userfaultfd.working_set import WorkingSet
+
+    address, _, local = pushed
+    ws = tmp_path / "all.ws"
+    WorkingSet(PAGE, SIZE, [(0, SIZE // PAGE, 0)]).save(ws)
+    server = Server(tmp_path, address, "--replay", str(ws))  # type: ignore[arg-type]
+    try:
+        proc = subprocess.run(
+            [sys.executable, CLIENT, str(server.socket), str(local), f"{SIZE}@0",
+             "--resident-then-touch"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "resident" in proc.stdout and proc.stdout.split()[-1] == "OK"
+    finally:
+        assert server.stop() == 0
