@@ -29,6 +29,7 @@ from userfaultfd.sources import File
 from userfaultfd.store import SnapshotStore, localserver
 from userfaultfd.store.serving import StoreCache
 from userfaultfd.uffd import PAGE_SIZE
+from userfaultfd.working_set import WorkingSet
 
 from .bench import HANDLER_CPU, TOUCH_CPU, Extra, Measure, Workload, _on_cpu, _rate
 
@@ -55,12 +56,15 @@ def _realistic(path: Path, size: int, seed: int) -> None:
             pos += n
 
 
-def _working_set(size: int, seed: int) -> bytes:
-    """Page numbers: runs of RUN bytes covering WORKING_SET of size, in random order."""
+def _working_set(size: int, seed: int) -> tuple[bytes, WorkingSet]:
+    """Runs of RUN bytes covering WORKING_SET of size, in random order: the toucher's page
+    numbers, and the same pages as the working set a recording of that walk gives."""
     rng = random.Random(seed)
     runs = rng.sample(range(size // RUN), max(1, int(size / RUN * WORKING_SET)))
     pages = RUN // PAGE_SIZE
-    return array.array("I", (r * pages + k for r in runs for k in range(pages))).tobytes()
+    order = array.array("I", (r * pages + k for r in runs for k in range(pages))).tobytes()
+    ws = WorkingSet(PAGE_SIZE, size, [(r * pages, pages, k) for k, r in enumerate(runs)])
+    return order, ws
 
 
 def _start_store(w: Workload) -> str:
@@ -112,15 +116,15 @@ def restore_remote(w: Workload, ref: Any) -> tuple[Measure, Measure, str, dict[s
     store = SnapshotStore(url)
     figures = _push_layers(store, base, size, w)
     base.unlink()
-    order = _working_set(size, seed=4)
+    order, working_set = _working_set(size, seed=4)
     ws_mb = len(order) // 4 * PAGE_SIZE / 1e6
     with _on_cpu(HANDLER_CPU):
         server = PageServer("thread", workers=1)
     w.cleanup.append(server.close)
     pulled = w.dir / "pulled.bin"
 
-    def touch(source: Any) -> None:
-        region = server.map(size, source, readahead="adaptive")
+    def touch(source: Any, replay: WorkingSet | None = None) -> None:
+        region = server.map(size, source, readahead="adaptive", replay=replay, replay_threads=2)
         try:
             with _on_cpu(TOUCH_CPU):
                 _core.touch_pages(region.address, PAGE_SIZE, order)
@@ -130,7 +134,7 @@ def restore_remote(w: Workload, ref: Any) -> tuple[Measure, Measure, str, dict[s
     def ours() -> float:
         start = time.perf_counter_ns()
         with StoreCache(SnapshotStore(url).open("base")) as cache:
-            touch(cache.source())
+            touch(cache.source(), working_set)  # its chunks fetched ahead of the walk
         return _rate(ws_mb, time.perf_counter_ns() - start)
 
     def reference() -> float:
