@@ -322,7 +322,13 @@ def test_cli_errors(tmp_path: Path, memory: Path) -> None:
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "missing"))
+    assert proc.returncode == 1 and f"{str(tmp_path / 'missing')!r} does not exist" in proc.stderr
+    os.mkfifo(tmp_path / "fifo")  # refused, not waited on for a writer
+    proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "fifo"))
     assert proc.returncode == 1 and "is not a regular file or a block device" in proc.stderr
+    proc = serve("--socket", "/missing/dir/s", "--memory", str(memory))
+    assert proc.returncode == 1
+    assert "cannot listen on /missing/dir/s: No such file or directory" in proc.stderr
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(memory), "--readahead", "lots")
     assert proc.returncode == 1 and "readahead 'lots'" in proc.stderr
     (tmp_path / "plain").write_text("x")

@@ -117,6 +117,20 @@ def test_file_source_refuses_what_is_not_a_file(server: u.PageServer, tmp_path: 
         server.map(PAGE, u.File(tmp_path / "nonexistent"))
 
 
+def test_file_source_on_a_fifo_is_refused_without_waiting_for_a_writer(
+    server: u.PageServer, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    mapping = Caller(server.map, PAGE, u.File(fifo))
+    try:
+        with pytest.raises(ValueError, match=f"file {str(fifo)!r} is not a regular file"):
+            mapping.finish()
+    finally:
+        if mapping.is_alive():  # a blocked open() returns once a writer comes
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_file_source_on_a_block_device(server: u.PageServer, tmp_path: Path) -> None:
     """A block device's size comes from seeking to its end (its st_size is 0): a snapshot on
     a volume is served, not read as zeros."""

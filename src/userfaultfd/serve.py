@@ -20,12 +20,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import _core
 from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
 from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES
+from .sources import SRC_BYTES, open_data_file
 from .stats import Stats
 from .uffd import PAGE_SIZE
 
@@ -84,7 +83,7 @@ class Handler:
         self.prefetch = prefetch
         self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
-        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_data_file(memory_path, "memory file")
         try:
             self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
             if not self.memory_size:
@@ -272,6 +271,9 @@ def _listen(path: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
     finally:
         os.umask(old)
     sock.listen(64)
@@ -280,8 +282,6 @@ def _listen(path: str) -> socket.socket:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
-    if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
-        raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
     handler = Handler(
         args.socket,
         args.memory,

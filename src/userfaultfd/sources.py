@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -107,6 +109,26 @@ class Buffer(Source):
         return f"Buffer({self.nbytes} bytes)"
 
 
+def open_data_file(file: str | os.PathLike[str] | int, what: str) -> int:
+    """A new read-only fd of a regular file or a block device (``file`` a path or an open fd).
+    The open does not block: a FIFO's would wait for a writer, forever, before its type could be
+    refused. FileNotFoundError and ValueError name ``what`` and the path."""
+    if isinstance(file, int):
+        name = f"{what} fd {file}"
+        fd = fcntl.fcntl(file, fcntl.F_DUPFD_CLOEXEC, 0)
+    else:
+        name = f"{what} {os.fspath(file)!r}"
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{name} does not exist") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise ValueError(f"{name} is not a regular file or a block device")
+    return fd
+
+
 class File(Source):
     """A regular file or a block device (path or open fd) from ``offset``. Bytes past its end
     read as zeros. If the file shrinks while served, the pages that can no longer be read are
@@ -119,14 +141,8 @@ class File(Source):
         self.offset = offset
 
     def prepare(self, length: int, page_size: int) -> Prepared:
-        if isinstance(self.file, int):
-            fd = os.dup(self.file)
-        else:
-            fd = os.open(self.file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_data_file(self.file, "file")
         try:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise ValueError(f"file {self.file!r} is not a regular file or a block device")
             size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
             data = max(0, min(size - self.offset, length))
             aligned = self.offset - self.offset % PAGE_SIZE
