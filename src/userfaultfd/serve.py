@@ -19,6 +19,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import _core
@@ -61,6 +62,9 @@ class Client:
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
+
+    def __post_init__(self) -> None:
+        self.key = self.conn.fileno()  # stays valid after the socket is closed
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -109,8 +113,20 @@ class Handler:
                 if key.fileobj is self.listener:
                     self._accept()
                 else:
-                    self._readable(key.data)
+                    self._guarded(key.data, self._readable)
             self._reap()
+
+    def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
+        """Whatever one client makes go wrong costs that client only: an error nobody foresaw
+        is logged and the client dropped; the others keep their handler."""
+        try:
+            step(client)
+        except Exception:
+            log.exception("%s: unexpected error; dropping it", client.name())
+            try:
+                self._drop(client, "dropped after an unexpected error", refused=True)
+            except Exception:
+                log.exception("%s: dropping it failed too", client.name())
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -129,11 +145,14 @@ class Handler:
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except OSError:
+            pid, uid, _ = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        except OSError as e:  # the peer is already gone (or we are out of fds)
+            log.warning("accept failed: %s", e)
+            with contextlib.suppress(UnboundLocalError):
+                conn.close()
             return
-        pid, uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
         self.counter += 1
         client = Client(self.counter, conn, pid, uid)
         if uid not in self.allowed:
@@ -141,7 +160,7 @@ class Handler:
             conn.close()
             return
         conn.setblocking(False)
-        self.pending[conn.fileno()] = client
+        self.pending[client.key] = client
         self.selector.register(conn, selectors.EVENT_READ, client)
 
     def _readable(self, client: Client) -> None:
@@ -169,12 +188,12 @@ class Handler:
                 return
             fds, client.reader.fds = client.reader.fds, []
             client.uffd, client.regions = accept_handoff(client.reader.data, fds, self.memory_size)
-            del self.pending[client.conn.fileno()]
+            del self.pending[client.key]
             self._start(client)
         except (HandoffError, ConnectionError, OSError) as e:
             self._drop(client, f"refused: {e}", refused=True)
             return
-        self.clients[client.conn.fileno()] = client
+        self.clients[client.key] = client
         size = sum(r.size for r in client.regions)
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
@@ -219,37 +238,47 @@ class Handler:
         now = time.monotonic()
         for client in list(self.pending.values()):
             if now - client.connected > HANDSHAKE_TIMEOUT:
-                self._drop(client, "refused: no hand-off message in time", refused=True)
+                self._guarded(
+                    client, lambda c: self._drop(c, "refused: no hand-off message in time", True)
+                )
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info()[0]:
-                self._drop(client, "its process exited")
+            self._guarded(client, self._drop_if_exited)
+
+    def _drop_if_exited(self, client: Client) -> None:
+        if client.engine is not None and client.engine.info()[0]:
+            self._drop(client, "its process exited")
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
-        fileno = client.conn.fileno()
-        self.pending.pop(fileno, None)
-        self.clients.pop(fileno, None)
+        """Forget the client and close what it had. Safe to call again after a step failed:
+        every resource is taken off the client before it is released."""
+        self.pending.pop(client.key, None)
+        self.clients.pop(client.key, None)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(client.conn)
         client.conn.close()
         if refused:
             log.warning("%s %s", client.name(), why)
-        if client.engine is not None:
-            client.engine.stop()
-            if client.prefetcher:
-                client.prefetcher.join()
-            total = Stats.from_engine(client.engine.stats(-1))
-            client.engine.close()
-            if not refused:
-                log.info(
-                    "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                    "removes %d",
-                    client.name(), why, total.faults, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes,
-                )  # fmt: skip
-        client.reader.close()
-        if client.uffd >= 0:
-            os.close(client.uffd)
-            client.uffd = -1
+        engine, client.engine = client.engine, None
+        uffd, client.uffd = client.uffd, -1
+        try:
+            if engine is not None:
+                engine.stop()
+                if client.prefetcher:
+                    client.prefetcher.join()
+                total = Stats.from_engine(engine.stats(-1))
+                if not refused:
+                    log.info(
+                        "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
+                        "removes %d",
+                        client.name(), why, total.faults, total.pages_installed,
+                        total.bytes_installed, total.eexist, total.errors, total.removes,
+                    )  # fmt: skip
+        finally:
+            if engine is not None:
+                engine.close()
+            client.reader.close()
+            if uffd >= 0:
+                os.close(uffd)
 
 
 def _listen(path: str) -> socket.socket:
