@@ -716,11 +716,47 @@ def test_close_with_exported_regions_detaches_them() -> None:
     server = u.PageServer("thread")
     region = server.map(8 * PAGE, u.Fill(b"d"))
     view = memoryview(region)
-    with pytest.warns(ResourceWarning, match="detaching"):
+    with pytest.warns(u.DetachWarning, match="detaching"):
         server.close()
     assert bytes(view) == b"d" * 8 * PAGE  # every page installed, then unregistered
     view.release()
     region.close()
+
+
+DETACH_CHILD = textwrap.dedent(
+    """
+    import numpy, userfaultfd as u
+    with u.PageServer() as server:
+        array = numpy.frombuffer(server.map(64 * u.PAGE_SIZE, u.Fill(b"w")), dtype=numpy.uint8)
+    print(chr(array[-1]))
+    """
+)
+
+
+def test_leaving_a_server_with_a_live_view_warns_visibly_by_default() -> None:
+    """The install of every page is no silent cost: the warning shows under default filters."""
+    proc = run_child(DETACH_CHILD)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "w\n"
+    assert "DetachWarning" in proc.stderr and "installing every page" in proc.stderr
+    assert proc.stderr.startswith("<string>:3: DetachWarning")  # the user's with statement
+
+
+def test_close_detach_error_raises_before_closing_anything() -> None:
+    server = u.PageServer("thread")
+    region = server.map(8 * PAGE, u.Fill(b"e"))
+    other = server.map(8 * PAGE, u.Fill(b"o"))
+    view = memoryview(region)
+    with pytest.raises(BufferError, match=r"1 region\(s\) still exported.*1 buffer"):
+        server.close(detach="error")
+    assert not server.closed and not other.closed
+    assert Toucher(other.address, 8 * PAGE).finish() == 8 * ord("o")  # still served
+    assert view[-1] == ord("e")
+    with pytest.raises(ValueError, match="detach 'later'"):
+        server.close(detach="later")  # type: ignore[arg-type]
+    view.release()
+    server.close(detach="error")
+    assert server.closed and region.closed and other.closed
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -732,7 +768,7 @@ def test_close_while_faults_are_pending_on_an_exported_region(mode: str) -> None
     region = server.map(pages * PAGE, u.Fill(b"c"))
     view = memoryview(region)
     toucher = Caller(_core.touch, region.address, pages * PAGE, PAGE, False)
-    with pytest.warns(ResourceWarning, match="detaching"):
+    with pytest.warns(u.DetachWarning, match="detaching"):
         server.close()
     assert toucher.finish(30) == pages * ord("c")
     assert view[-1] == ord("c")

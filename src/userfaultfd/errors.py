@@ -51,3 +51,10 @@ class SourceError(OSError):
         err = failures[0][0] if failures else errno.EIO
         super().__init__(err, message)
         self.failures = failures
+
+
+class DetachWarning(UserWarning):
+    """A server closed while a region's memory was still exported (a numpy array, a memoryview):
+    the region was detached, with every page installed first so the views keep reading correct
+    data. A UserWarning, shown by default: for a large sparse region that install costs time and
+    memory the program may not expect."""

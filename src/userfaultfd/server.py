@@ -19,7 +19,7 @@ import weakref
 from typing import Any, Literal
 
 from . import _core
-from .errors import SourceError
+from .errors import DetachWarning, SourceError
 from .flags import Feature, RegisterMode
 from .sources import SRC_CONTINUE, Prepared, Source, Zero
 from .stats import Stats
@@ -319,10 +319,23 @@ class PageServer:
                 [(e[0], e[2], e[3], e[4]) for e in errs],
             )
 
-    def close(self) -> None:
-        """Unmap every region, stop the engine's threads, close the uffd. Regions whose memory is
-        still exported are detached instead: all their pages are installed, then unregistered.
-        Raises SourceError for failures not yet reported."""
+    def close(self, detach: Literal["populate", "error"] = "populate") -> None:
+        """Unmap every region, stop the engine's threads, close the uffd. A region whose memory
+        is still exported (a numpy array, a memoryview) cannot be unmapped under its views:
+        ``detach="populate"`` installs every page it has not served yet, then unregisters it
+        (the views keep reading correct data; the memory stays until they are gone), with a
+        :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
+        is closed. Raises SourceError for failures not yet reported."""
+        if detach not in ("populate", "error"):
+            raise ValueError(f"detach {detach!r} is not 'populate' or 'error'")
+        if detach == "error" and not self.closed and os.getpid() == self._pid:
+            exported = [r for r in self._regions.values() if r.exports]
+            if exported:
+                raise BufferError(
+                    f"cannot close: {len(exported)} region(s) still exported, first "
+                    f"{exported[0]!r} ({exported[0].exports} buffer(s)); release them, or "
+                    "close(detach='populate') to install their pages and detach them"
+                )
         self._shutdown(at_exit=False)
 
     def _shutdown(self, at_exit: bool) -> None:
@@ -337,11 +350,18 @@ class PageServer:
             _servers.discard(self)
             return
         for region in list(self._regions.values()):
-            if region.exports:
+            if region.exports and at_exit:  # nothing reads the views any more: no install
+                region._detach(populate=False)
+            elif region.exports:
                 warnings.warn(
-                    f"{region!r} is still exported: detaching it", ResourceWarning, stacklevel=3
+                    f"{region!r} is still exported ({region.exports} buffer(s)) as its server "
+                    f"closes: detaching it after installing every page of its {len(region)} "
+                    "bytes not yet served. Release the views (numpy arrays, memoryviews) "
+                    "before closing, or close(detach='error') to be told instead",
+                    DetachWarning,
+                    stacklevel=3,
                 )
-                region._detach(populate=not at_exit)
+                region._detach(populate=True)
             else:
                 region._unmap_and_forget()
         self._collect()
@@ -359,7 +379,7 @@ class PageServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._shutdown(at_exit=False)  # as close(), the warning pointing at the with statement
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._regions)} regions"
