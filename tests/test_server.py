@@ -671,8 +671,39 @@ def test_bad_arguments_name_the_value(server: u.PageServer) -> None:
         server.map(PAGE, b"x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="file offset -1"):
         u.File("x", offset=-1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="file '/nonexistent/file' does not exist"):
         server.map(PAGE, u.File("/nonexistent/file"))
+
+
+def test_wrong_types_are_type_errors_naming_the_value(server: u.PageServer) -> None:
+    with pytest.raises(TypeError, match="length '4096' is a str, not an int"):
+        server.map("4096")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="page_size 4096.0 is a float"):
+        server.map(PAGE, page_size=4096.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="readahead '8' is a str"):
+        server.map(PAGE, readahead="8")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fill pattern 'x' is a str: give a byte value"):
+        u.Fill("x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="file offset '0' is a str"):
+        u.File("x", offset="0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="workers '2' is a str"):
+        u.PageServer(workers="2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="populate offset '0' is a str"):
+        server.map(PAGE).populate("0")  # type: ignore[arg-type]
+    assert u.Fill(bytearray(b"ab")).pattern == b"ab"
+
+
+def test_a_closed_server_or_region_says_so(server: u.PageServer) -> None:
+    region = server.map(PAGE)
+    region.close()
+    for call in (region.stats, region.populate):
+        with pytest.raises(ValueError, match=f"region {region.id} is closed"):
+            call()
+    kept = server.map(PAGE)
+    server.close()
+    for call in (lambda: server.map(PAGE), server.stats, server.events, kept.stats):
+        with pytest.raises(ValueError, match=r"PageServer is closed|region \d+ is closed"):
+            call()
 
 
 def test_stats_count_a_page_before_its_toucher_resumes(server: u.PageServer) -> None:

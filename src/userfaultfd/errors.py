@@ -7,6 +7,13 @@ import errno
 import os
 
 
+def expect_int(what: str, value: object) -> int:
+    """value, if it is an int (not a bool); else TypeError naming what and the value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} {value!r} is a {type(value).__name__}, not an int")
+    return value
+
+
 def os_error(err: int, call: str) -> OSError:
     """The OSError subclass Python picks for err, with a message naming the call."""
     return OSError(err, f"{os.strerror(err)} ({call})")

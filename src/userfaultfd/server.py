@@ -19,7 +19,7 @@ import weakref
 from typing import Any, Literal
 
 from . import _core
-from .errors import DetachWarning, SourceError
+from .errors import DetachWarning, SourceError, expect_int
 from .flags import Feature, RegisterMode
 from .sources import SRC_CONTINUE, Prepared, Source, Zero
 from .stats import Stats
@@ -64,7 +64,9 @@ class Region(_core.Mapping):
 
     def populate(self, offset: int = 0, length: int | None = None) -> None:
         """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
-        length = len(self) - offset if length is None else length
+        self._check_served()
+        expect_int("populate offset", offset)
+        length = len(self) - offset if length is None else expect_int("populate length", length)
         if offset < 0 or length < 0 or offset + length > len(self):
             raise ValueError(
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
@@ -76,7 +78,14 @@ class Region(_core.Mapping):
     def stats(self) -> Stats:
         """What this region has served so far. A page is counted before its toucher resumes;
         the fault's latency sample is taken just after."""
+        self._check_served()
         return Stats.from_engine(self.server._engine.stats(self.id))
+
+    def _check_served(self) -> None:
+        if self.closed:
+            raise ValueError(f"region {self.id} is closed")
+        if not self._served:
+            raise ValueError(f"region {self.id} was detached from its server as it closed")
 
     def close(self) -> None:
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
@@ -154,7 +163,10 @@ class PageServer:
     ) -> None:
         if mode not in ("thread", "sigbus"):
             raise ValueError(f"mode {mode!r} is not 'thread' or 'sigbus'")
-        if not isinstance(workers, int) or not 1 <= workers <= 64:
+        expect_int("workers", workers)
+        if not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool):
+            raise TypeError(f"spin_us {spin_us!r} is a {type(spin_us).__name__}, not a number")
+        if not 1 <= workers <= 64:
             raise ValueError(f"workers {workers!r} is not in 1..64")
         if not 0 <= spin_us <= 1e6:
             raise ValueError(f"spin_us {spin_us!r} is not in 0..1000000")
@@ -224,16 +236,17 @@ class PageServer:
         if memory not in ("anonymous", "shmem", "hugetlb"):
             raise ValueError(f"memory {memory!r} is not 'anonymous', 'shmem' or 'hugetlb'")
         base = HUGE_PAGE_SIZE if memory == "hugetlb" else PAGE_SIZE
-        page_size = base if page_size is None else page_size
-        if not isinstance(page_size, int) or page_size < base or page_size & (page_size - 1):
+        page_size = base if page_size is None else expect_int("page_size", page_size)
+        expect_int("length", length)
+        if page_size < base or page_size & (page_size - 1):
             raise ValueError(f"page_size {page_size!r} is not a power-of-two multiple of {base}")
-        if not isinstance(length, int) or length <= 0 or length % page_size:
+        if length <= 0 or length % page_size:
             raise ValueError(
                 f"length {length!r} is not a positive multiple of page_size {page_size}"
             )
         if readahead == "adaptive":
             ra, amin, amax = 0, max(ADAPTIVE_MIN, page_size), max(ADAPTIVE_MAX, page_size)
-        elif isinstance(readahead, int) and readahead >= 0:
+        elif expect_int("readahead", readahead) >= 0:
             ra, amin, amax = readahead, 0, 0
         else:
             raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
@@ -285,10 +298,12 @@ class PageServer:
 
     def stats(self) -> Stats:
         """Totals over the regions currently mapped."""
+        self._check_open()
         return Stats.from_engine(self._engine.stats(-1))
 
     def events(self) -> dict[str, int]:
         """Non-cooperative events handled so far."""
+        self._check_open()
         _, remove, unmap, remap, unknown = self._engine.info()
         return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown}
 
@@ -303,8 +318,14 @@ class PageServer:
             self._error_cursor, errs = self._engine.errors(self._error_cursor)
             self._pending_errors.extend(errs)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"this {self.mode}-mode PageServer is closed")
+
     def _check(self) -> None:
-        """Raise SourceError for failures recorded since the last check."""
+        """Raise ValueError once closed, SourceError for failures recorded since the last
+        check."""
+        self._check_open()
         errs = self.errors()
         if errs:
             first = errs[0]

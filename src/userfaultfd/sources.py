@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
+from .errors import expect_int
 from .uffd import PAGE_SIZE
 
 # Engine source kinds (_native/engine.h).
@@ -65,7 +66,14 @@ class Fill(Source):
             if not 0 <= pattern <= 255:
                 raise ValueError(f"fill byte {pattern!r} is not in 0..255")
             pattern = bytes([pattern])
-        pattern = bytes(pattern)
+        try:
+            with memoryview(pattern) as view:
+                pattern = view.tobytes()
+        except TypeError:
+            raise TypeError(
+                f"fill pattern {pattern!r} is a {type(pattern).__name__}: give a byte value "
+                "0..255 or a bytes-like object"
+            ) from None
         if not pattern:
             raise ValueError("fill pattern is empty")
         if len(pattern) > 1 << 20:
@@ -135,7 +143,7 @@ class File(Source):
     poisoned and reported."""
 
     def __init__(self, file: str | os.PathLike[str] | int, offset: int = 0) -> None:
-        if not isinstance(offset, int) or offset < 0:
+        if expect_int("file offset", offset) < 0:
             raise ValueError(f"file offset {offset!r} is not a non-negative integer")
         self.file = file
         self.offset = offset
@@ -164,7 +172,7 @@ class Memfd(Source):
     serves minor faults with UFFDIO_CONTINUE, copying no byte. Holes read as zeros."""
 
     def __init__(self, fd: int) -> None:
-        if not isinstance(fd, int) or fd < 0:
+        if expect_int("memfd", fd) < 0:
             raise ValueError(f"memfd {fd!r} is not a file descriptor")
         self.fd = fd
 
