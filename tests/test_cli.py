@@ -107,17 +107,22 @@ def test_info_text_and_json() -> None:
     text = run("info")
     assert text.returncode == 0, text.stderr
     assert "features" in text.stdout and "EXACT_ADDRESS" in text.stdout
-    assert re.search(r"memory anonymous yes", text.stdout)
+    assert re.search(r"memory anonymous yes, MISSING\|WP", text.stdout)
+    assert re.search(r"create +syscall +yes", text.stdout)
     report = json.loads(run("info", "--json").stdout)
     assert report["usable"] is True
     assert report["kernel"] and report["page_size"] == PAGE_SIZE
     assert {"syscall", "syscall_user_mode_only", "device"} <= set(report["create"])
+    assert all(isinstance(c["usable"], bool) for c in report["create"].values())
     assert "SIGBUS" in report["features"] and "API" in report["api_ioctls"]
     assert report["memory"]["anonymous"]["usable"] is True
     assert "COPY" in report["memory"]["anonymous"]["ioctls"]
+    if "PAGEFAULT_FLAG_WP" in report["features"]:  # not MISSING only
+        assert report["memory"]["anonymous"]["modes"] == ["MISSING", "WP"]
+        assert "WRITEPROTECT" in report["memory"]["anonymous"]["ioctls"]
     assert (
         report["memory"]["shmem"]["usable"] is True
         and "CONTINUE" in report["memory"]["shmem"]["ioctls"]
     )
     assert isinstance(report["memory"]["hugetlb"]["reserved_huge_pages"], int)
-    assert report["sysctl_unprivileged_userfaultfd"] in ("0", "1")
+    assert report["sysctl_unprivileged_userfaultfd"] in (0, 1)
