@@ -182,6 +182,20 @@ def test_shmem_memory(server: u.PageServer) -> None:
     assert region[:4] == b"shsh" and region[16 * PAGE - 2 :] == b"sh"
 
 
+def test_dontneed_keeps_shmem_pages_and_remove_drops_them(server: u.PageServer) -> None:
+    """What the README says: MADV_DONTNEED on shared memory unmaps the page but its file keeps
+    it (writes included); MADV_REMOVE drops it, and the source serves it again."""
+    for memory, after_dontneed in (("anonymous", b"a"), ("shmem", b"z")):
+        region = server.map(4 * PAGE, u.Fill(b"a"), memory=memory)  # type: ignore[arg-type]
+        region[0] = ord("z")
+        assert Caller(libc.madvise, region.address, PAGE, MADV_DONTNEED).finish() == 0
+        assert region[:1] == after_dontneed, memory
+        if memory == "shmem":
+            assert Caller(libc.madvise, region.address, PAGE, MADV_REMOVE).finish() == 0
+            assert region[:1] == b"a"
+        region.close()
+
+
 # ---- granularity and readahead ----
 
 
