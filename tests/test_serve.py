@@ -24,6 +24,7 @@ import pytest
 
 import userfaultfd as u
 from userfaultfd import _core
+from userfaultfd.commands.serve import _listen
 from userfaultfd.handoff import (
     GuestRegion,
     HandoffError,
@@ -32,7 +33,6 @@ from userfaultfd.handoff import (
     receive_uffd,
     send_uffd,
 )
-from userfaultfd.serve import _listen
 
 from .conftest import loop_device
 

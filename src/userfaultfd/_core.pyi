@@ -1,4 +1,4 @@
-"""Type stubs of the native core (_native/module.c)."""
+"""Type stubs of the native core (_native/module.c and the py_*.c bindings it lists)."""
 
 from typing import Any
 
@@ -6,6 +6,14 @@ from typing_extensions import Buffer as _Buffer
 
 PAGE_SIZE: int
 ABI: dict[str, int]
+MODE_THREAD: int
+MODE_SIGBUS: int
+SRC_ZERO: int
+SRC_BYTES: int
+SRC_FILL: int
+SRC_CONTINUE: int
+REMOVE_REFILL: int
+REMOVE_UNREGISTER: int
 
 def create(flags: int, /) -> int: ...
 def create_dev(flags: int, /) -> int: ...
@@ -61,17 +69,31 @@ class Engine:
     def __init__(
         self,
         uffd: int,
+        *,
         mode: int,
         workers: int,
         remove_policy: int,
         base_page: int,
         spin_ns: int,
-        /,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def close(self) -> None: ...
-    def add_region(self, *params: int) -> int: ...
+    def add_region(
+        self,
+        *,
+        start: int,
+        length: int,
+        page_size: int,
+        kind: int,
+        base: int,
+        base_len: int,
+        tail: int,
+        can_zeropage: int,
+        readahead: int,
+        adaptive_min: int,
+        adaptive_max: int,
+    ) -> int: ...
     def remove_region(self, id: int, /) -> None: ...
     def populate(self, id: int, offset: int, length: int, /) -> None: ...
     def stats(self, id: int, /) -> tuple[Any, ...]: ...

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
+
+from ._ntuples import SourceFailure
 
 
 def expect_int(what: str, value: object) -> int:
@@ -54,10 +57,17 @@ class SourceError(OSError):
     """A page source could not produce pages. The pages were poisoned (the toucher got SIGBUS);
     ``failures`` lists each one as (errno, address, offset, operation)."""
 
-    def __init__(self, message: str, failures: list[tuple[int, int, int, str]]) -> None:
-        err = failures[0][0] if failures else errno.EIO
+    def __init__(self, message: str, failures: Sequence[SourceFailure]) -> None:
+        err = failures[0].errno if failures else errno.EIO
         super().__init__(err, message)
-        self.failures = failures
+        self.failures = list(failures)
+
+
+def source_error(failures: Sequence[SourceFailure], first: str = "") -> SourceError:
+    """The SourceError for pages that could not be produced and were poisoned; ``first``
+    describes the first failure in full."""
+    message = f"{len(failures)} page(s) could not be produced and were poisoned"
+    return SourceError(message + (f"; first: {first}" if first else ""), failures)
 
 
 class DetachWarning(UserWarning):

@@ -21,55 +21,27 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "clock.h"
+#include "sigbus.h"
+#include "srcu.h"
 
 #define MAX_WORKERS 64
 #define BATCH 64
 #define ERR_RING 64
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
-#define MAX_SIGBUS_ENGINES 64
-#define MAX_POISONED 64 /* per region; past that every filled granule counts as poisoned */
-
-/* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
-
-struct srcu {
-    atomic_uint epoch;
-    atomic_long readers[2];
-};
-
-static unsigned srcu_enter(struct srcu *s)
-{
-    unsigned idx = atomic_load(&s->epoch) & 1u;
-    atomic_fetch_add(&s->readers[idx], 1);
-    return idx;
-}
-
-static void srcu_exit(struct srcu *s, unsigned idx) { atomic_fetch_sub(&s->readers[idx], 1); }
-
-static void srcu_wait_idx(struct srcu *s, unsigned idx)
-{
-    struct timespec ts = {0, 20000};
-    while (atomic_load(&s->readers[idx]) != 0)
-        nanosleep(&ts, NULL);
-}
-
-/* Every reader that could still see what was unpublished before this call has left. */
-static void srcu_synchronize(struct srcu *s)
-{
-    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
-    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
-}
+#define MAX_POISONED 64         /* per region; past that every filled granule counts as poisoned */
 
 /* ---- regions and the extent table ---- */
 
 struct region {
     int id;
     struct region_params p;
-    unsigned shift;       /* log2(page_size) */
-    uint64_t npages;      /* granules */
-    uint64_t *filled;     /* one bit per granule, accessed atomically */
-    char *fill_block;     /* SRC_FILL: the pattern repeated over fill_len bytes */
+    unsigned shift;   /* log2(page_size) */
+    uint64_t npages;  /* granules */
+    uint64_t *filled; /* one bit per granule, accessed atomically */
+    char *fill_block; /* SRC_FILL: the pattern repeated over fill_len bytes */
     size_t fill_len;
-    char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
+    char *zero_block; /* where ZEROPAGE is not allowed: a read-only zero mapping */
     atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
     /* Poisoned granules. Without CONFIG_MEMORY_FAILURE a poisoned page raises SIGBUS with the same
      * si_code as a userfault, so the SIGBUS handler must know them to pass them on. */
@@ -117,13 +89,6 @@ struct engine {
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
 #define SUB(field, n) __atomic_fetch_sub(&(field), (n), __ATOMIC_RELAXED)
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static unsigned hist_bucket(uint64_t ns)
 {
@@ -271,8 +236,8 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
 }
 
 /* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
-static void count_installed(const struct engine *e, struct region *r, unsigned long req,
-                            uint64_t n, int sign)
+static void count_installed(const struct engine *e, struct region *r, unsigned long req, uint64_t n,
+                            int sign)
 {
     const uint64_t pages = n / e->base_page;
     if (sign > 0) {
@@ -292,8 +257,7 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
  * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
  * or ESRCH when the owner of the uffd is gone. */
-static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
-                   int minor)
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor)
 {
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
@@ -305,7 +269,7 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size;
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
-    const int sigbus = e->mode == ENGINE_SIGBUS;
+    const int sigbus = e->mode == MODE_SIGBUS;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
@@ -414,7 +378,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
     const struct extent *x = lookup(t, addr);
     if (!x) { /* registered with our uffd but in no region: never answer with made-up data */
         poison(e, NULL, addr & ~(e->base_page - 1), e->base_page, 0, ENXIO, "lookup");
-        if (e->mode == ENGINE_THREAD)
+        if (e->mode == MODE_THREAD)
             range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
         return 0;
     }
@@ -431,7 +395,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
     } else {
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
-                    (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
+                    (e->mode == MODE_SIGBUS && r->p.kind == SRC_CONTINUE);
         ADD(*(minor ? &r->st.faults_minor : &r->st.faults_missing), 1);
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
@@ -481,7 +445,8 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
         if (b < x.end)
             nt->x[nt->n++] = (struct extent){b, x.end, x.off + (b - x.start), x.r};
         if (move)
-            nt->x[nt->n++] = (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
+            nt->x[nt->n++] =
+                (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
     }
     qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
     return nt;
@@ -647,155 +612,24 @@ static void *worker(void *arg)
     return NULL;
 }
 
-/* ---- the SIGBUS resolver ---- */
+/* ---- the SIGBUS resolver's callback (sigbus.c) ---- */
 
-static struct engine *_Atomic sig_engines[MAX_SIGBUS_ENGINES];
-static struct srcu sig_srcu;
-
-/* Ranges of regions removed lately. A thread that faulted on a region just before it was
- * detached (unregistered) or unmapped gets its SIGBUS only when it returns to user space; by then
- * the region is gone from every table. Such a signal is stale: retrying the access finds the
- * page, a zero page, or no mapping (SIGSEGV), and raises no userfault again. A recorded range is
- * trusted for RETIRED_NS only, so that a later, real SIGBUS there (a truncated file mapped over
- * it) is passed on. Entries are written under a sequence count: the handler never uses a torn
- * one. */
-#define RETIRED 64
-#define RETIRED_NS 2000000000ull
-static struct {
-    atomic_uint_fast64_t seq, start, end, until;
-} retired[RETIRED];
-static atomic_uint retired_next;
-
-static void retire(uint64_t start, uint64_t end)
+/* Runs in the SIGBUS handler of the faulting thread: serves addr if a region of e covers it. */
+static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
 {
-    unsigned k = atomic_fetch_add(&retired_next, 1) % RETIRED;
-    atomic_fetch_add(&retired[k].seq, 1); /* odd: being written */
-    atomic_store(&retired[k].start, start);
-    atomic_store(&retired[k].end, end);
-    atomic_store(&retired[k].until, now_ns() + RETIRED_NS);
-    atomic_fetch_add(&retired[k].seq, 1);
-}
-
-static int is_retired(uint64_t addr, uint64_t now)
-{
-    for (unsigned k = 0; k < RETIRED; k++) {
-        uint64_t seq = atomic_load(&retired[k].seq);
-        int hit = addr >= atomic_load(&retired[k].start) && addr < atomic_load(&retired[k].end) &&
-                  now < atomic_load(&retired[k].until);
-        if (hit && !(seq & 1) && atomic_load(&retired[k].seq) == seq)
-            return 1;
-    }
-    return 0;
-}
-static struct sigaction sig_previous;
-static int sig_installed;
-static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static void chain_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    if (sig_previous.sa_flags & SA_SIGINFO) {
-        sig_previous.sa_sigaction(sig, si, uc);
-    } else if (sig_previous.sa_handler == SIG_DFL) {
-        signal(sig, SIG_DFL);
-        raise(sig); /* delivered when this handler returns: the default action */
-    } else if (sig_previous.sa_handler != SIG_IGN) {
-        sig_previous.sa_handler(sig);
-    }
-}
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    int saved = errno;
-    if (si->si_code == BUS_ADRERR) { /* a userfault; poisoned pages come as BUS_MCEERR_AR */
-        uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr;
-        unsigned gidx = srcu_enter(&sig_srcu);
-        for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
-            struct engine *e = atomic_load(&sig_engines[k]);
-            if (!e)
-                continue;
-            while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
-                sched_yield();
-            unsigned idx = srcu_enter(&e->srcu);
-            const struct table *t = atomic_load(&e->table);
-            const struct extent *x = lookup(t, addr);
-            /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
-            int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
-            if (ours)
-                while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
-                    sched_yield();
-            srcu_exit(&e->srcu, idx);
-            if (ours) {
-                srcu_exit(&sig_srcu, gidx);
-                errno = saved;
-                return; /* the access is retried and now finds its page */
-            }
-            if (x)
-                break;
-        }
-        srcu_exit(&sig_srcu, gidx);
-        if (is_retired(addr, now_ns())) { /* a stale signal: see retire() */
-            errno = saved;
-            return;
-        }
-    }
-    chain_sigbus(sig, si, uc);
-    errno = saved;
-}
-
-/* In a forked child no engine serves: its threads are the parent's and its regions are not
- * inherited (MADV_DONTFORK). */
-static void sigbus_forget_all(void)
-{
-    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++)
-        atomic_store(&sig_engines[k], NULL);
-    /* A parent thread may have held the lock, or been inside the handler, at the fork. */
-    pthread_mutex_init(&sig_lock, NULL);
-    atomic_store(&sig_srcu.readers[0], 0);
-    atomic_store(&sig_srcu.readers[1], 0);
-}
-
-static int sigbus_attach(struct engine *e)
-{
-    int rc = 0;
-    pthread_mutex_lock(&sig_lock);
-    if (!sig_installed) {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sa_sigaction = on_sigbus;
-        sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
-        sigemptyset(&sa.sa_mask);
-        rc = pthread_atfork(NULL, NULL, sigbus_forget_all);
-        if (!rc && sigaction(SIGBUS, &sa, &sig_previous) != 0)
-            rc = errno;
-        sig_installed = !rc;
-    }
-    int k = 0;
-    while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k]))
-        k++;
-    if (!rc && k == MAX_SIGBUS_ENGINES)
-        rc = EMFILE;
-    if (!rc)
-        atomic_store(&sig_engines[k], e);
-    pthread_mutex_unlock(&sig_lock);
-    return rc;
-}
-
-static void sigbus_detach(struct engine *e)
-{
-    pthread_mutex_lock(&sig_lock);
-    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
-        struct engine *cur = e;
-        atomic_compare_exchange_strong(&sig_engines[k], &cur, NULL);
-    }
-    srcu_synchronize(&sig_srcu);
-    pthread_mutex_unlock(&sig_lock);
-}
-
-int engine_sigbus_first(void)
-{
-    struct sigaction cur;
-    return sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
-           cur.sa_sigaction == on_sigbus;
+    struct engine *e = ctx;
+    while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
+        sched_yield();
+    unsigned idx = srcu_enter(&e->srcu);
+    const struct table *t = atomic_load(&e->table);
+    const struct extent *x = lookup(t, addr);
+    /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
+    int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
+    if (ours)
+        while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
+            sched_yield();
+    srcu_exit(&e->srcu, idx);
+    return ours ? SIGBUS_RESOLVED : x ? SIGBUS_NOT_OURS : SIGBUS_ELSEWHERE;
 }
 
 /* ---- public API ---- */
@@ -803,7 +637,7 @@ int engine_sigbus_first(void)
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns)
 {
-    if (workers < 1 || workers > MAX_WORKERS || (mode != ENGINE_THREAD && mode != ENGINE_SIGBUS)) {
+    if (workers < 1 || workers > MAX_WORKERS || (mode != MODE_THREAD && mode != MODE_SIGBUS)) {
         errno = EINVAL;
         return NULL;
     }
@@ -813,7 +647,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     e->owner = getpid();
     e->uffd = uffd;
     e->mode = mode;
-    e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
+    e->nworkers = mode == MODE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
     e->remove_policy = remove_policy;
     e->base_page = base_page;
     e->spin_ns = spin_ns;
@@ -831,7 +665,7 @@ int engine_start(struct engine *e)
 {
     sigset_t all, old;
     int rc = 0;
-    if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
+    if (e->mode == MODE_SIGBUS && (rc = sigbus_attach(e, sigbus_resolve)) != 0)
         return -rc;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
@@ -857,7 +691,7 @@ void engine_stop(struct engine *e)
     for (int k = 0; k < e->nthreads; k++)
         pthread_join(e->threads[k], NULL);
     e->nthreads = 0;
-    if (e->mode == ENGINE_SIGBUS)
+    if (e->mode == MODE_SIGBUS)
         sigbus_detach(e);
 }
 
@@ -903,8 +737,8 @@ static struct region *region_new(const struct region_params *p)
     if (p->kind == SRC_FILL) {
         uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
         r->fill_len = cap + p->base_len;
-        r->fill_block = mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        r->fill_block =
+            mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (r->fill_block == MAP_FAILED) {
             r->fill_block = NULL;
             goto fail;
@@ -932,7 +766,8 @@ int engine_add_region(struct engine *e, const struct region_params *p)
     const uint64_t g = p->page_size;
     if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
         p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
-        (p->kind == SRC_BYTES && p->base_len % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
+        (p->kind == SRC_BYTES && p->base_len % g) ||
+        (p->adaptive_min && p->adaptive_max < p->adaptive_min))
         return -EINVAL;
     struct region *r = region_new(p);
     if (!r)
@@ -1000,8 +835,8 @@ int engine_remove_region(struct engine *e, int id)
     for (size_t j = 0; t && j < t->n; j++) {
         if (t->x[j].r != r)
             nt->x[nt->n++] = t->x[j];
-        else if (e->mode == ENGINE_SIGBUS)
-            retire(t->x[j].start, t->x[j].end);
+        else if (e->mode == MODE_SIGBUS)
+            sigbus_retire(t->x[j].start, t->x[j].end);
     }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
     e->regions[k] = e->regions[--e->nregions];

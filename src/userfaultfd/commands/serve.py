@@ -1,4 +1,4 @@
-"""``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
+"""``userfaultfd serve``: the daemon that serves Firecracker-style snapshot restores.
 
 Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
 client gets native worker threads (the page server's engine) that serve its MISSING faults from the
@@ -22,31 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import _core
-from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
-from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES, open_data_file
-from .stats import Stats
-from .uffd import PAGE_SIZE
+from userfaultfd import _core
+from userfaultfd._engine import Engine, RegionSpec, parse_readahead
+from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from userfaultfd.sources import open_data_file
+from userfaultfd.uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
-REMOVE_UNREGISTER = 1
-
-
-def parse_readahead(text: str) -> tuple[int, int, int]:
-    """(fixed pages, adaptive min, adaptive max) from "adaptive", "none" or a page count."""
-    if text == "adaptive":
-        return 0, ADAPTIVE_MIN, ADAPTIVE_MAX
-    if text == "none":
-        return 0, 0, 0
-    try:
-        pages = int(text)
-    except ValueError:
-        pages = -1
-    if pages < 0:
-        raise ValueError(f"readahead {text!r} is not a page count, 'adaptive' or 'none'")
-    return pages, 0, 0
 
 
 @dataclass
@@ -58,7 +41,7 @@ class Client:
     connected: float = field(default_factory=time.monotonic)
     uffd: int = -1
     regions: list[GuestRegion] = field(default_factory=list)
-    engine: _core.Engine | None = None
+    engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
@@ -70,8 +53,8 @@ class Client:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
 
 
-class Handler:
-    """The server: accepts clients, hands each uffd to an engine, drops clients that go away."""
+class Daemon:
+    """The daemon: accepts clients, hands each uffd to an engine, drops clients that go away."""
 
     def __init__(
         self,
@@ -198,25 +181,21 @@ class Handler:
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
     def _start(self, client: Client) -> None:
-        engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
+        # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
+        engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
-        fixed, amin, amax = self.readahead
         for r in client.regions:
-            client.ids.append(
-                engine.add_region(
-                    r.base_host_virt_addr,
-                    r.size,
-                    r.page_size,
-                    SRC_BYTES,
-                    self.memory.address + r.offset,
-                    r.size,
-                    0,
-                    r.page_size == PAGE_SIZE,
-                    fixed,
-                    max(amin, r.page_size) if amin else 0,
-                    max(amax, r.page_size) if amax else 0,
-                )  # fmt: skip
+            spec = RegionSpec(
+                start=r.base_host_virt_addr,
+                length=r.size,
+                page_size=r.page_size,
+                kind=_core.SRC_BYTES,
+                base=self.memory.address + r.offset,
+                base_len=r.size,
+                can_zeropage=r.page_size == PAGE_SIZE,
+                readahead=self.readahead,
             )
+            client.ids.append(engine.add_region(spec))
         engine.start()
         if self.prefetch:
             client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
@@ -245,7 +224,7 @@ class Handler:
             self._guarded(client, self._drop_if_exited)
 
     def _drop_if_exited(self, client: Client) -> None:
-        if client.engine is not None and client.engine.info()[0]:
+        if client.engine is not None and client.engine.info().client_gone:
             self._drop(client, "its process exited")
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
@@ -265,7 +244,7 @@ class Handler:
                 engine.stop()
                 if client.prefetcher:
                     client.prefetcher.join()
-                total = Stats.from_engine(engine.stats(-1))
+                total = engine.stats()
                 if not refused:
                     log.info(
                         "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
@@ -311,7 +290,7 @@ def _listen(path: str) -> socket.socket:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
-    handler = Handler(
+    daemon = Daemon(
         args.socket,
         args.memory,
         prefetch=args.prefetch == "all",
@@ -319,14 +298,12 @@ def main(args: argparse.Namespace) -> int:
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
     )
-    previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log.info(
-        "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
-    )
+    previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
     try:
-        handler.serve_forever()
+        daemon.serve_forever()
     finally:
-        handler.close()
+        daemon.close()
         for sig, old in previous.items():
             signal.signal(sig, old)
         log.info("stopped")

@@ -19,19 +19,17 @@ import weakref
 from typing import Any, Literal
 
 from . import _core
-from .errors import DetachWarning, SourceError, expect_int
-from .flags import Feature, RegisterMode
-from .sources import SRC_CONTINUE, Prepared, Source, Zero
+from ._engine import Engine, Mode, OnRemove, RegionSpec, parse_readahead
+from ._ntuples import Failure, SourceFailure
+from ._regions import in_forked_child, registering
+from .errors import DetachWarning, SourceError, expect_int, source_error
+from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
+from .sources import Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
-MAP_HUGETLB = 0x40000
-MAP_NORESERVE = 0x4000
-MADV_DONTFORK = 10
 HUGE_PAGE_SIZE = 2 << 20
-ADAPTIVE_MIN, ADAPTIVE_MAX = 64 << 10, 4 << 20  # CRIU's lazy-pages daemon grows 64 KiB -> 4 MiB
 
-Mode = Literal["thread", "sigbus"]
 Memory = Literal["anonymous", "shmem", "hugetlb"]
 
 _servers: weakref.WeakSet[PageServer] = weakref.WeakSet()
@@ -79,7 +77,7 @@ class Region(_core.Mapping):
         """What this region has served so far. A page is counted before its toucher resumes;
         the fault's latency sample is taken just after."""
         self._check_served()
-        return Stats.from_engine(self.server._engine.stats(self.id))
+        return self.server._engine.stats(self.id)
 
     def _check_served(self) -> None:
         if self.closed:
@@ -158,7 +156,7 @@ class PageServer:
         mode: Mode = "thread",
         workers: int = 2,
         *,
-        on_remove: Literal["refill", "zero"] = "refill",
+        on_remove: OnRemove = "refill",
         spin_us: float = 50.0,
     ) -> None:
         if mode not in ("thread", "sigbus"):
@@ -182,14 +180,13 @@ class PageServer:
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
         self._error_cursor = 0
-        self._pending_errors: list[tuple[int, int, int, int, str]] = []
-        self._engine = _core.Engine(
+        self._pending_errors: list[Failure] = []
+        self._engine = Engine(
             self._uffd.fileno(),
-            1 if mode == "sigbus" else 0,
-            workers,
-            0 if on_remove == "refill" else 1,
-            PAGE_SIZE,
-            int(spin_us * 1000),
+            mode=mode,
+            workers=workers,
+            on_remove=on_remove,
+            spin_ns=int(spin_us * 1000),
         )
         try:
             self._engine.start()
@@ -244,16 +241,11 @@ class PageServer:
             raise ValueError(
                 f"length {length!r} is not a positive multiple of page_size {page_size}"
             )
-        if readahead == "adaptive":
-            ra, amin, amax = 0, max(ADAPTIVE_MIN, page_size), max(ADAPTIVE_MAX, page_size)
-        elif expect_int("readahead", readahead) >= 0:
-            ra, amin, amax = readahead, 0, 0
-        else:
-            raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
+        ahead = parse_readahead(readahead)
 
         prepared = source.prepare(length, page_size)
         mode = RegisterMode.MISSING
-        if prepared.kind == SRC_CONTINUE:
+        if prepared.kind == _core.SRC_CONTINUE:
             if memory == "hugetlb":
                 raise ValueError("a Memfd source maps its own file: use memory='shmem'")
             flags, fd, memory = mmap.MAP_SHARED, prepared.memfd, "shmem"
@@ -279,35 +271,36 @@ class PageServer:
             region.server, region.source = self, source
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
-            try:
-                # A forked child would see the region unregistered: zeros where pages are still
-                # missing, and with shared memory zero pages it allocates would be what this
-                # process reads too. Children do not inherit regions (touching one is SIGSEGV).
-                _core.madvise(region.address, length, MADV_DONTFORK)
-                self._uffd.register(region.address, length, mode)
+            with registering(self._uffd, region, mode, on_failure=prepared.release):
                 region.id = self._engine.add_region(
-                    region.address, length, page_size, prepared.kind, prepared.base,
-                    prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
-                )  # fmt: skip
+                    RegionSpec(
+                        start=region.address,
+                        length=length,
+                        page_size=page_size,
+                        kind=prepared.kind,
+                        base=prepared.base,
+                        base_len=prepared.base_len,
+                        tail=prepared.tail,
+                        can_zeropage=memory != "hugetlb",
+                        readahead=ahead,
+                    )
+                )
                 self._regions[region.id] = region
-            except BaseException:
-                _core.Mapping.close(region)
-                prepared.release()
-                raise
         return region
 
     def stats(self) -> Stats:
         """Totals over the regions currently mapped."""
         self._check_open()
-        return Stats.from_engine(self._engine.stats(-1))
+        return self._engine.stats()
 
     def events(self) -> dict[str, int]:
         """Non-cooperative events handled so far."""
         self._check_open()
-        _, remove, unmap, remap, unknown = self._engine.info()
-        return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown}
+        info = self._engine.info()
+        return {"remove": info.remove, "unmap": info.unmap, "remap": info.remap,
+                "unknown": info.unknown}  # fmt: skip
 
-    def errors(self) -> list[tuple[int, int, int, int, str]]:
+    def errors(self) -> list[Failure]:
         """Every source failure since the last call: (errno, region id, address, offset, op)."""
         self._collect()
         errs, self._pending_errors = self._pending_errors, []
@@ -329,15 +322,16 @@ class PageServer:
         errs = self.errors()
         if errs:
             first = errs[0]
-            region = self._regions.get(first[1])
+            region = self._regions.get(first.region)
             where = (
-                f"region {first[1]} ({region.source!r})" if region else "an address in no region"
+                f"region {first.region} ({region.source!r})"
+                if region
+                else "an address in no region"
             )
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned; first: {where} "
-                f"at offset {first[3]:#x}, address {first[2]:#x}: "
-                f"{os.strerror(first[0])} ({first[4]})",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
+            raise source_error(
+                _source_failures(errs),
+                f"{where} at offset {first.offset:#x}, address {first.address:#x}: "
+                f"{os.strerror(first.errno)} ({first.op})",
             )
 
     def close(self, detach: Literal["populate", "error"] = "populate") -> None:
@@ -362,9 +356,7 @@ class PageServer:
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
             return
-        if os.getpid() != self._pid:  # a forked child: the engine and the regions are the parent's
-            for region in self._regions.values():
-                region.rebase(0)  # not inherited (MADV_DONTFORK): nothing to unmap here
+        if in_forked_child(self._pid, self._regions.values()):  # engine, regions: the parent's
             self._regions.clear()
             self._engine.close()  # leaves the parent's threads alone
             self._uffd.close()  # this process's copy of the fd
@@ -391,10 +383,7 @@ class PageServer:
         _servers.discard(self)
         if self._pending_errors:
             errs, self._pending_errors = self._pending_errors, []
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
-            )
+            raise source_error(_source_failures(errs))
 
     def __enter__(self) -> PageServer:
         return self
@@ -405,3 +394,7 @@ class PageServer:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._regions)} regions"
         return f"<PageServer {self.mode} {state}>"
+
+
+def _source_failures(errs: list[Failure]) -> list[SourceFailure]:
+    return [SourceFailure(e.errno, e.address, e.offset, e.op) for e in errs]

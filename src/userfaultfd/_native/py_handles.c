@@ -1,0 +1,80 @@
+/* Capsule handles on the native helper threads: the seed's fault handler and the watchdog. */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+
+#include "py_errors.h"
+#include "py_handles.h"
+#include "seed.h"
+#include "watchdog.h"
+
+/* ---- the seed's handler thread ---- */
+
+static void seed_capsule_free(PyObject *cap)
+{
+    struct seed_handler *h = PyCapsule_GetPointer(cap, "seed_handler");
+    int faults;
+    if (h)
+        seed_stop(h, &faults);
+}
+
+PyObject *py_seed_start(PyObject *self, PyObject *args)
+{
+    int uffd, out;
+    if (!PyArg_ParseTuple(args, "ii", &uffd, &out))
+        return NULL;
+    struct seed_handler *h = seed_start(uffd, out);
+    if (!h)
+        return os_error(errno, "pthread_create");
+    return PyCapsule_New(h, "seed_handler", seed_capsule_free);
+}
+
+/* seed_stop(handle) -> (errno that ended the thread early or 0, faults handled) */
+PyObject *py_seed_stop(PyObject *self, PyObject *cap)
+{
+    struct seed_handler *h = PyCapsule_GetPointer(cap, "seed_handler");
+    int faults = 0, err = 0;
+    if (!h)
+        return NULL;
+    if (PyCapsule_SetPointer(cap, (void *)1) < 0 || PyCapsule_SetDestructor(cap, NULL) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    err = seed_stop(h, &faults);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("ii", err, faults);
+}
+
+/* ---- the watchdog of an out-of-process handler ---- */
+
+static void watchdog_capsule_free(PyObject *cap)
+{
+    struct watchdog *w = PyCapsule_GetPointer(cap, "watchdog");
+    if (w)
+        watchdog_stop(w);
+}
+
+PyObject *py_watchdog_start(PyObject *self, PyObject *args)
+{
+    int pidfd, uffd;
+    if (!PyArg_ParseTuple(args, "ii", &pidfd, &uffd))
+        return NULL;
+    struct watchdog *w = watchdog_start(pidfd, uffd);
+    if (!w)
+        return os_error(errno, "pthread_create");
+    return PyCapsule_New(w, "watchdog", watchdog_capsule_free);
+}
+
+/* watchdog_stop(handle) -> True if the handler had died and faults were poisoned */
+PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
+{
+    struct watchdog *w = PyCapsule_GetPointer(cap, "watchdog");
+    int fired;
+    if (!w || PyCapsule_SetDestructor(cap, NULL) < 0 || PyCapsule_SetPointer(cap, (void *)1) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fired = watchdog_stop(w);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(fired);
+}
