@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -152,6 +153,41 @@ def test_source_exception_poisons_and_reports_the_traceback() -> None:
         assert "RuntimeError('cannot produce 0x2000')" in text
         assert "Traceback (most recent call last)" in text and "in boom" in text
         assert err.value.failures[0][1] == region.address + 2 * PAGE
+
+
+def always_fails(offset: int, length: int) -> bytes:
+    raise RuntimeError(f"cannot produce {offset:#x}")
+
+
+def read_each_page(region: u.RemoteRegion, path: Path) -> int:
+    """Hands every page to a system call; how many came back EFAULT (poisoned)."""
+    failed = 0
+    with open(path, "wb") as f:
+        for k in range(len(region) // PAGE):
+            try:
+                os.pwrite(f.fileno(), memoryview(region)[k * PAGE : (k + 1) * PAGE], 0)
+            except OSError as e:
+                assert e.errno == errno.EFAULT
+                failed += 1
+    return failed
+
+
+@pytest.mark.kernel_faults
+def test_failure_reports_nobody_reads_never_block_serving(tmp_path: Path) -> None:
+    """The handler reports each failure before it poisons the page; a full socket (the
+    application reads reports only when it calls a method) must not stop it serving."""
+    pages = 600
+    with u.PythonSourceServer(always_fails) as server:
+        region = server.map(pages * PAGE)
+        assert Caller(read_each_page, region, tmp_path / "out").finish(30) == pages
+        with pytest.raises(u.SourceError) as err:
+            server.stats()
+        assert len(err.value.failures) < pages  # some were dropped...
+        dropped = err.value.failures[-1].operation
+        assert re.fullmatch(r"\d+ more failure report\(s\) were dropped: .*", dropped), dropped
+        n = int(dropped.split()[0])
+        assert len(err.value.failures) - 1 + n == pages  # ...and counted
+        assert server.stats()["reports_dropped"] == n
 
 
 def exits(offset: int, length: int) -> bytes:

@@ -119,11 +119,13 @@ class PythonSourceServer:
         return region
 
     def stats(self) -> dict[str, int]:
-        """Faults served, pages installed and source errors, counted by the handler."""
+        """Faults served, pages installed and source errors, counted by the handler, and the
+        failure reports it dropped because nobody read them (their pages were poisoned)."""
         reply = self._request(messages.StatsRequest())
         self._check()
         assert isinstance(reply, messages.Counts), reply
-        return {"faults": reply.faults, "pages": reply.pages, "errors": reply.errors}
+        return {"faults": reply.faults, "pages": reply.pages, "errors": reply.errors,
+                "reports_dropped": reply.reports_dropped}  # fmt: skip
 
     def _request(self, msg: messages.Message) -> messages.Message:
         self._sock.send(messages.encode(msg))

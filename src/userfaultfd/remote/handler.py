@@ -4,6 +4,7 @@ application's regions, and the loop that reads those faults and the application'
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 import pickle
 import select
@@ -23,6 +24,7 @@ from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 from . import messages
 
 SPIN_NS = 50_000
+MAX_BACKLOG = 64  # error reports kept while the application's socket is full
 
 
 @runtime_checkable
@@ -60,6 +62,9 @@ class FaultLoop:
         self.bases: list[int] = []
         self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
         self.faults = self.pages = self.errors = 0
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.dropped = 0  # reports dropped since the application last heard of it
+        self.dropped_total = 0
 
     def run(self) -> None:
         try:
@@ -72,7 +77,10 @@ class FaultLoop:
         try:
             while True:
                 fds = [self.sock] + ([self.uffd] if self.uffd else [])
-                ready, _, _ = select.select(fds, [], [])
+                waiting = [self.sock] if self.backlog or self.dropped else []
+                ready, writable, _ = select.select(fds, waiting, [])
+                if writable:
+                    self.flush()
                 if self.uffd and self.uffd in ready:
                     self.serve_burst()
                 if self.sock in ready and not self.control():
@@ -118,13 +126,48 @@ class FaultLoop:
             r, _ = self.regions[msg.base]
             self.regions[msg.base] = (r, msg.nbytes)
         elif isinstance(msg, messages.StatsRequest):
-            self.reply(messages.Counts(self.faults, self.pages, self.errors))
+            self.reply(messages.Counts(self.faults, self.pages, self.errors, self.dropped_total))
             return True
         self.reply(messages.Ok())
         return True
 
     def reply(self, msg: messages.Message) -> None:
+        """An answer the application waits for (and so reads): sent even if that blocks."""
+        self.flush()
         self.sock.send(messages.encode(msg))
+
+    def report(self, msg: messages.ErrorReport) -> None:
+        """A report nobody asked for: the application reads them only when one of its methods
+        is called. Serving never waits for that: what the socket cannot take is kept (up to
+        MAX_BACKLOG), the rest dropped and counted, and the count reported once there is
+        room."""
+        data = messages.encode(msg)
+        self.flush()
+        if self.backlog or not self.send_now(data):
+            if len(self.backlog) < MAX_BACKLOG:
+                self.backlog.append(data)
+            else:
+                self.dropped += 1
+                self.dropped_total += 1
+
+    def send_now(self, data: bytes) -> bool:
+        try:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Send what the backlog holds, as far as the socket takes it without waiting."""
+        while self.backlog and self.send_now(self.backlog[0]):
+            self.backlog.popleft()
+        if self.dropped and not self.backlog:
+            note = messages.ErrorReport(
+                f"{self.dropped} more failure report(s) were dropped: the application read "
+                "none for a while (their pages were poisoned all the same)"
+            )
+            if self.send_now(messages.encode(note)):
+                self.dropped = 0
 
     def serve(self, address: int) -> None:
         assert self.uffd is not None
@@ -178,7 +221,7 @@ class FaultLoop:
         assert self.uffd is not None
         self.errors += 1
         # The report goes first: once the toucher is woken, the application may look for it.
-        self.reply(messages.ErrorReport(message, start, offset, tb))
+        self.report(messages.ErrorReport(message, start, offset, tb))
         try:
             self.uffd.poison(start, length)
         except OSError:

@@ -40,11 +40,13 @@ class Ok:
 
 @dataclass(frozen=True)
 class Counts:
-    """Handler -> application: faults served, pages installed, source errors."""
+    """Handler -> application: faults served, pages installed, source errors, and error reports
+    dropped because the application read none of them for a while."""
 
     faults: int
     pages: int
     errors: int
+    reports_dropped: int = 0
 
 
 @dataclass(frozen=True)
