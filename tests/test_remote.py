@@ -230,6 +230,48 @@ def test_short_data_is_an_error_not_wrong_data() -> None:
             server.map(PAGE)
 
 
+def test_a_source_of_the_wrong_type_is_refused_at_construction() -> None:
+    for bad in (42, "pages", None):
+        with pytest.raises(TypeError, match=f"source {bad!r} is a {type(bad).__name__}: give"):
+            u.PythonSourceServer(bad)  # type: ignore[arg-type]
+
+
+class ReadOnly:
+    """Only read(): no open() or close() to call."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        return page_number(offset, length)
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_an_object_with_read_only_is_a_source(start: str) -> None:
+    with u.PythonSourceServer(ReadOnly(), start=start) as server:
+        assert server.map(4 * PAGE)[2 * PAGE] == 2
+
+
+@pytest.mark.kernel_faults
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ("text", "the source returned a str for 4096 bytes at offset 0x0, not a bytes-like"),
+        (None, "the source returned a NoneType for 4096 bytes at offset 0x0, not a bytes-like"),
+        (b"short", "the source returned 5 bytes for 4096 at 0x0"),
+    ],
+)
+def test_a_wrong_return_is_reported_naming_its_type_or_length(result: object, message: str) -> None:
+    with u.PythonSourceServer(lambda offset, length: result) as server:
+        region = server.map(PAGE)
+        r, w = os.pipe()
+        with pytest.raises(OSError) as info:  # poisoned, never wrong data
+            os.write(w, memoryview(region))
+        assert info.value.errno == errno.EFAULT
+        os.close(r), os.close(w)
+        with pytest.raises(u.SourceError) as err:
+            server.stats()
+        assert err.value.failures[0].operation.startswith(message)
+        assert "Traceback" not in str(err.value)  # the source's mistake, not a crash of ours
+
+
 TOUCH_CHILD = textwrap.dedent(
     """
     import userfaultfd as u

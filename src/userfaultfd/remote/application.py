@@ -19,7 +19,7 @@ from userfaultfd.handoff import GuestRegion, send_uffd
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 
 from . import messages
-from .handler import FunctionSource, PageSource
+from .handler import PageSource, as_page_source
 from .process import HandlerProcess, app_sockets
 
 REPLY_TIMEOUT = 10.0
@@ -68,9 +68,7 @@ class PythonSourceServer:
     ) -> None:
         if start not in ("fork", "spawn"):
             raise ValueError(f"start {start!r} is not 'fork' or 'spawn'")
-        self._source: PageSource = (
-            source if isinstance(source, PageSource) else FunctionSource(source)
-        )
+        self._source: PageSource = as_page_source(source)
         self._pid = os.getpid()
         self._uffd = Userfaultfd()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -53,6 +53,52 @@ class FunctionSource:
         pass
 
 
+class ReadOnlySource:
+    """An object with only ``read(offset, length)`` as a PageSource."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.read = obj.read
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a bound method does not pickle by reference
+        return ReadOnlySource, (self.obj,)
+
+
+def as_page_source(source: Any) -> PageSource:
+    """source as a PageSource: itself, an object with read() only, or a function. TypeError
+    names anything else, before the handler starts (not at the first fault)."""
+    if isinstance(source, PageSource):
+        return source
+    if callable(getattr(source, "read", None)):
+        return ReadOnlySource(source)
+    if callable(source):
+        return FunctionSource(source)
+    raise TypeError(
+        f"source {source!r} is a {type(source).__name__}: give a function (offset, length) -> "
+        "bytes, or an object with read(offset, length) (and optionally open() and close())"
+    )
+
+
+def as_bytes(result: Any, offset: int, length: int) -> memoryview:
+    """The source's answer as bytes; ValueError names a wrong type or a short length."""
+    try:
+        data = memoryview(result).cast("B")
+    except TypeError:
+        raise TypeError(
+            f"the source returned a {type(result).__name__} for {length} bytes at offset "
+            f"{offset:#x}, not a bytes-like object"
+        ) from None
+    if data.nbytes < length:
+        raise ValueError(f"the source returned {data.nbytes} bytes for {length} at {offset:#x}")
+    return data
+
+
 class FaultLoop:
     """Serves the faults of the regions handed over, and answers the application's requests."""
 
@@ -182,14 +228,15 @@ class FaultLoop:
         length = min(max(chunk, r.page_size), r.end - start)
         offset = r.offset + (start - r.base_host_virt_addr)
         try:
-            data = memoryview(self.source.read(offset, length)).cast("B")
-            if data.nbytes < length:
-                raise ValueError(
-                    f"the source returned {data.nbytes} bytes for {length} at {offset:#x}"
-                )
+            result = self.source.read(offset, length)
         except BaseException as e:  # noqa: BLE001 - reported, never swallowed (sys.exit too)
             self.fail(start, r.page_size, offset, f"source failed at offset {offset:#x}: {e!r}",
                       traceback.format_exc())  # fmt: skip
+            return
+        try:
+            data = as_bytes(result, offset, length)
+        except (TypeError, ValueError) as e:  # the source's fault, not a traceback of ours
+            self.fail(start, r.page_size, offset, str(e))
             return
         self.install(start, data, length, r.page_size)
 
