@@ -15,6 +15,7 @@ import numpy
 import pytest
 
 import userfaultfd as u
+from userfaultfd import _core
 
 from .conftest import PAGE, Caller, run_child
 
@@ -121,8 +122,6 @@ def test_a_spawned_handler_that_cannot_unpickle_the_source_is_reported() -> None
 def test_many_threads_fault_at_once() -> None:
     with u.PythonSourceServer(page_number) as server:
         region = server.map(512 * PAGE)
-        from userfaultfd import _core
-
         callers = [Caller(_core.touch, region.address + k * PAGE, 512 * PAGE - k * PAGE, 4 * PAGE,
                           False) for k in range(4)]  # fmt: skip
         for c in callers:
@@ -367,3 +366,105 @@ def test_a_fault_pending_when_the_handler_dies_gets_sigbus() -> None:
     proc = run_child(HANG_CHILD)
     assert proc.stdout == "killing the handler\n"
     assert proc.returncode == -signal.SIGBUS
+
+
+# ---- close under live views, populate, per-region stats ----
+
+
+def fails_at_page_5(offset: int, length: int) -> bytes:
+    if offset <= 5 * PAGE < offset + length:
+        raise RuntimeError("page 5 is lost")
+    return page_number(offset, length)
+
+
+@pytest.mark.kernel_faults
+def test_close_with_a_live_view_installs_every_page_then_detaches() -> None:
+    """Never torn down under live memory: the view keeps reading the source's data after
+    close, not zeros, and the page the source failed stays poisoned (EFAULT, not zeros)."""
+    server = u.PythonSourceServer(fails_at_page_5)
+    region = server.map(64 * PAGE)
+    array = numpy.frombuffer(region, dtype=numpy.uint8)
+    assert array[0] == 0  # one page served before
+    with (
+        pytest.warns(u.DetachWarning, match="installs every page"),
+        pytest.raises(u.SourceError, match="page 5 is lost"),
+    ):
+        server.close()
+    assert server._process.exitcode == 0
+    assert array[32 * PAGE] == 32 and array[63 * PAGE] == 63  # installed by the detach
+    r, w = os.pipe()
+    with pytest.raises(OSError) as info:
+        os.write(w, memoryview(region)[5 * PAGE : 6 * PAGE])
+    assert info.value.errno == errno.EFAULT
+    os.close(r), os.close(w)
+    assert "detached" in repr(region)
+    with pytest.raises(ValueError, match="detached"):
+        region.stats()
+    del array
+    region.close()
+
+
+def test_close_detach_error_and_a_dead_handler_raise_before_anything_is_closed() -> None:
+    server = u.PythonSourceServer(page_number)
+    region = server.map(8 * PAGE)
+    view = memoryview(region)
+    with pytest.raises(BufferError, match=r"1 region\(s\) still exported.*detach='error'"):
+        server.close(detach="error")
+    assert view[3 * PAGE] == 3  # still served
+    os.kill(server._process.pid, signal.SIGKILL)
+    server._process.join(10)
+    with pytest.raises(BufferError, match="the handler process died: release them first"):
+        server.close()
+    assert view[3 * PAGE] == 3  # pages served before stay, none turned to zeros
+    view.release()
+    server.close()
+    assert region.closed
+
+
+def test_populate_installs_without_faults_and_stats_are_per_region() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        a = server.map(64 * PAGE)
+        b = server.map(16 * PAGE, offset=100 * PAGE)
+        a.populate(8 * PAGE, 8 * PAGE)
+        assert a.stats() == {"faults": 0, "pages": 8, "errors": 0}
+        a.populate()
+        assert a.stats()["pages"] == 64
+        assert a[:] == page_number(0, 64 * PAGE)
+        assert a.stats()["faults"] == 0  # every page was there
+        assert b[PAGE] == 101 and b.stats() == {"faults": 1, "pages": 1, "errors": 0}
+        with pytest.raises(ValueError, match="populate: range 4096\\+999999"):
+            a.populate(PAGE, 999999)
+        with pytest.raises(TypeError, match="populate offset '0' is a str"):
+            a.populate("0")  # type: ignore[arg-type]
+        assert repr(b) == (
+            f"<RemoteRegion {16 * PAGE} bytes at {b.address:#x}, source offset {100 * PAGE:#x}, "
+            f"readahead 0, handler pid {server._process.pid}>"
+        )
+        b.close()
+        assert repr(b) == "<RemoteRegion closed>"
+        with pytest.raises(ValueError, match="the region is closed"):
+            b.populate()
+
+
+def test_adaptive_readahead_grows_on_a_sequential_stream() -> None:
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(2048 * PAGE, readahead="adaptive")
+        _core.touch(region.address, len(region), PAGE, False)  # forwards (memcpy may not)
+        assert region[:] == page_number(0, 2048 * PAGE)
+        stats = region.stats()
+        assert stats["pages"] == 2048 and stats["faults"] < 16  # 64 KiB, 128 KiB, ... 4 MiB
+        with pytest.raises(TypeError, match="readahead 'fast' is a str"):
+            server.map(PAGE, readahead="fast")  # type: ignore[arg-type]
+
+
+def test_a_dead_handler_or_a_closed_server_is_named_not_a_broken_pipe() -> None:
+    server = u.PythonSourceServer(page_number)
+    os.kill(server._process.pid, signal.SIGKILL)
+    server._process.join(10)
+    with pytest.raises(ConnectionError, match="the handler process died"):
+        server.stats()
+    server.close()
+    with pytest.raises(ValueError, match="this PythonSourceServer is closed"):
+        server.stats()
+    with pytest.raises(ValueError, match="this PythonSourceServer is closed"):
+        server.map(PAGE)

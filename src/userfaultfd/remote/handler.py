@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import os
 import pickle
 import select
@@ -14,8 +15,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from userfaultfd._engine import ADAPTIVE_MAX, ADAPTIVE_MIN
 from userfaultfd.errors import PartialError
 from userfaultfd.events import PageFault
 from userfaultfd.handoff import GuestRegion, accept_handoff, recv_with_fds
@@ -99,6 +102,23 @@ def as_bytes(result: Any, offset: int, length: int) -> memoryview:
     return data
 
 
+@dataclass
+class Served:
+    """A region the handler serves, how much it asks of the source per fault, and what the
+    region has cost so far."""
+
+    region: GuestRegion
+    chunk: int
+    adaptive: bool = False
+    sequel: int = -1  # where the last chunk ended: a fault there grows an adaptive chunk
+    faults: int = 0
+    pages: int = 0
+    errors: int = 0
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.faults, self.pages, self.errors
+
+
 class FaultLoop:
     """Serves the faults of the regions handed over, and answers the application's requests."""
 
@@ -106,8 +126,8 @@ class FaultLoop:
         self.sock, self.source = sock, source
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
-        self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
-        self.faults = self.pages = self.errors = 0
+        self.regions: dict[int, Served] = {}  # by base address
+        self.total = Served(GuestRegion(0, 0, 0, PAGE_SIZE), 0)  # the counts of every region
         self.backlog: collections.deque[bytes] = collections.deque()
         self.dropped = 0  # reports dropped since the application last heard of it
         self.dropped_total = 0
@@ -137,15 +157,19 @@ class FaultLoop:
     def serve_burst(self) -> None:
         """Serve faults until none came for SPIN_NS: waking an idle vCPU costs more than a
         fault in a VM, so the handler polls briefly before it sleeps again."""
-        assert self.uffd is not None
         deadline = time.monotonic_ns() + SPIN_NS
         while time.monotonic_ns() < deadline:
-            events = self.uffd.read_events(64, timeout=0)
-            for event in events:
-                if isinstance(event, PageFault):
-                    self.serve(event.address)
-            if events:
+            if self.serve_pending():
                 deadline = time.monotonic_ns() + SPIN_NS
+
+    def serve_pending(self) -> bool:
+        """Serve the faults already queued, without waiting; False if there were none."""
+        assert self.uffd is not None
+        events = self.uffd.read_events(64, timeout=0)
+        for event in events:
+            if isinstance(event, PageFault):
+                self.serve(event.address)
+        return bool(events)
 
     def control(self) -> bool:
         """One message from the application; False when it has gone."""
@@ -160,8 +184,9 @@ class FaultLoop:
             else:
                 os.close(fd)
             for r in regions:
-                self.regions[r.base_host_virt_addr] = (r, r.page_size)
-                bisect.insort(self.bases, r.base_host_virt_addr)
+                if r.base_host_virt_addr not in self.regions:
+                    bisect.insort(self.bases, r.base_host_virt_addr)
+                self.regions[r.base_host_virt_addr] = Served(r, r.page_size)
             self.reply(messages.Ok())
             return True
         msg = messages.decode(data)
@@ -169,10 +194,13 @@ class FaultLoop:
             if self.regions.pop(msg.base, None):
                 self.bases.remove(msg.base)
         elif isinstance(msg, messages.Readahead):
-            r, _ = self.regions[msg.base]
-            self.regions[msg.base] = (r, msg.nbytes)
+            served = self.regions[msg.base]
+            served.chunk, served.adaptive = msg.nbytes, msg.adaptive
+        elif isinstance(msg, messages.Populate):
+            self.populate(self.regions[msg.base], msg.offset, msg.length)
         elif isinstance(msg, messages.StatsRequest):
-            self.reply(messages.Counts(self.faults, self.pages, self.errors, self.dropped_total))
+            counts = (self.regions[msg.base] if msg.base else self.total).counts()
+            self.reply(messages.Counts(*counts, self.dropped_total))
             return True
         self.reply(messages.Ok())
         return True
@@ -217,62 +245,101 @@ class FaultLoop:
 
     def serve(self, address: int) -> None:
         assert self.uffd is not None
-        self.faults += 1
+        self.total.faults += 1
         k = bisect.bisect_right(self.bases, address) - 1
-        region = self.regions[self.bases[k]] if k >= 0 else None
-        if region is None or address >= region[0].end:
-            self.fail(address & ~(PAGE_SIZE - 1), PAGE_SIZE, 0, "no region covers this address")
+        served = self.regions[self.bases[k]] if k >= 0 else None
+        if served is None or address >= served.region.end:
+            self.fail(None, address & ~(PAGE_SIZE - 1), PAGE_SIZE, 0,
+                      "no region covers this address")  # fmt: skip
             return
-        r, chunk = region
+        served.faults += 1
+        r = served.region
         start = address & ~(r.page_size - 1)
-        length = min(max(chunk, r.page_size), r.end - start)
+        if served.adaptive:  # a stream grows its window (64 KiB to 4 MiB), a jump resets it
+            grown = min(served.chunk * 2, ADAPTIVE_MAX) if start == served.sequel else 0
+            served.chunk = max(grown, ADAPTIVE_MIN)
+        length = min(max(served.chunk, r.page_size), r.end - start)
+        served.sequel = start + length
+        self.produce(served, start, length, r.page_size)
+
+    def populate(self, served: Served, offset: int, length: int) -> None:
+        """Every page of the range installed, or poisoned where the source fails (never left
+        missing: a detached region would read zeros there). The source is asked for 64 KiB at
+        a time (its readahead if larger; 4 MiB if adaptive); faults keep their turn."""
+        r = served.region
+        pos, end = r.base_host_virt_addr + offset, r.base_host_virt_addr + offset + length
+        while pos < end:
+            chunk = min(max(served.chunk, ADAPTIVE_MAX if served.adaptive else ADAPTIVE_MIN),
+                        end - pos)  # fmt: skip
+            self.produce(served, pos, chunk, chunk)
+            pos += chunk
+            self.serve_pending()
+
+    def produce(self, served: Served, start: int, length: int, poison: int) -> None:
+        """Asks the source for ``length`` bytes at ``start`` and installs them; if it fails,
+        ``poison`` bytes from ``start`` are poisoned instead."""
+        r = served.region
         offset = r.offset + (start - r.base_host_virt_addr)
         try:
             result = self.source.read(offset, length)
         except BaseException as e:  # noqa: BLE001 - reported, never swallowed (sys.exit too)
-            self.fail(start, r.page_size, offset, f"source failed at offset {offset:#x}: {e!r}",
+            self.fail(served, start, poison, offset, f"source failed at offset {offset:#x}: {e!r}",
                       traceback.format_exc())  # fmt: skip
             return
         try:
             data = as_bytes(result, offset, length)
         except (TypeError, ValueError) as e:  # the source's fault, not a traceback of ours
-            self.fail(start, r.page_size, offset, str(e))
+            self.fail(served, start, poison, offset, str(e))
             return
-        self.install(start, data, length, r.page_size)
+        pages = self.install(start, data, length, r.page_size)
+        served.pages += pages
+        self.total.pages += pages
 
-    def install(self, start: int, data: memoryview, length: int, page: int) -> None:
-        """COPY, accepting pages someone else already installed; the faulter is woken."""
+    def install(self, start: int, data: memoryview, length: int, page: int) -> int:
+        """COPY, accepting pages someone else already installed; the faulter is woken. The
+        number of base pages installed."""
         assert self.uffd is not None
         try:
-            self.pages += self.uffd.copy(start, data, length) // PAGE_SIZE  # wakes the faulter
-            return
+            return self.uffd.copy(start, data, length) // PAGE_SIZE  # wakes the faulter
         except PartialError as e:
             done = e.done
         except FileExistsError:  # a duplicate fault, or a readahead race
             done = page
         except FileNotFoundError:  # unregistered meanwhile
             self.uffd.wake(start, length)
-            return
+            return 0
+        pages = done // PAGE_SIZE
         for pos in range(done, length, page):  # the rest page by page, skipping present ones
             try:
                 self.uffd.copy(start + pos, data[pos : pos + page], page, dontwake=True)
-                self.pages += page // PAGE_SIZE
+                pages += page // PAGE_SIZE
             except FileExistsError:
                 pass
             except FileNotFoundError:
                 break
         self.uffd.wake(start, length)
+        return pages
 
-    def fail(self, start: int, length: int, offset: int, message: str, tb: str = "") -> None:
-        """Never serve wrong data: poison the page (the toucher gets SIGBUS) and report."""
+    def fail(
+        self, served: Served | None, start: int, length: int, offset: int, message: str,
+        tb: str = "",
+    ) -> None:  # fmt: skip
+        """Never serve wrong data: poison the pages (the toucher gets SIGBUS) and report."""
         assert self.uffd is not None
-        self.errors += 1
+        self.total.errors += 1
+        if served:
+            served.errors += 1
         # The report goes first: once the toucher is woken, the application may look for it.
         self.report(messages.ErrorReport(message, start, offset, tb))
         try:
             self.uffd.poison(start, length)
-        except OSError:
-            self.uffd.wake(start, length)
+            return
+        except OSError:  # some pages are present (installed by a race): the rest one by one
+            pass
+        for pos in range(start, start + length, PAGE_SIZE):
+            with contextlib.suppress(OSError):
+                self.uffd.poison(pos, PAGE_SIZE, dontwake=True)
+        self.uffd.wake(start, length)
 
 
 def handler_main(

@@ -17,15 +17,29 @@ class Unmap:
 
 @dataclass(frozen=True)
 class Readahead:
-    """Application -> handler: ask the source for ``nbytes`` per fault in the region at ``base``."""
+    """Application -> handler: ask the source for ``nbytes`` per fault in the region at
+    ``base``; ``adaptive``: start there and grow on sequential faults."""
 
     base: int
     nbytes: int
+    adaptive: bool = False
+
+
+@dataclass(frozen=True)
+class Populate:
+    """Application -> handler: install (or, where the source fails, poison) every page of
+    ``length`` bytes at region offset ``offset`` of the region at ``base``; Ok when done."""
+
+    base: int
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
 class StatsRequest:
-    """Application -> handler: answer with Counts."""
+    """Application -> handler: answer with Counts, of the region at ``base`` (0: of all)."""
+
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,9 +74,10 @@ class ErrorReport:
     traceback: str = ""
 
 
-Message = Unmap | Readahead | StatsRequest | Ready | Ok | Counts | ErrorReport
+Message = Unmap | Readahead | Populate | StatsRequest | Ready | Ok | Counts | ErrorReport
 _KINDS: dict[str, type[Message]] = {
-    kind.__name__: kind for kind in (Unmap, Readahead, StatsRequest, Ready, Ok, Counts, ErrorReport)
+    kind.__name__: kind
+    for kind in (Unmap, Readahead, Populate, StatsRequest, Ready, Ok, Counts, ErrorReport)
 }
 
 
