@@ -7,7 +7,9 @@ import ctypes
 import errno
 import mmap
 import os
+import pydoc
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -588,7 +590,7 @@ REMAP_RACE_CHILD = textwrap.dedent(
     anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     region, target = _core.Mapping(4 * PAGE, anon), _core.Mapping(4 * PAGE, anon)
     old, new = region.address, target.address
-    target.rebase(0)
+    target._rebase(0)
     uffd.register(old, 4 * PAGE)
     pattern = b"m"
     engine = _core.Engine(uffd.fileno(), mode=0, workers=1, remove_policy=0, base_page=PAGE,
@@ -723,6 +725,17 @@ def test_a_closed_server_or_region_says_so(server: u.PageServer) -> None:
     for call in (lambda: server.map(PAGE), server.stats, server.events, kept.stats):
         with pytest.raises(ValueError, match=r"PageServer is closed|region \d+ is closed"):
             call()
+
+
+def test_help_shows_the_public_api_only_and_stats_repr_is_short(server: u.PageServer) -> None:
+    text = pydoc.render_doc(u.Region, renderer=pydoc.plaintext)
+    methods = set(re.findall(r"^ \|  ([a-z]\w*)\(", text, re.MULTILINE))
+    assert methods == {"close", "populate", "stats"}, methods
+    region = server.map(4 * PAGE)
+    bytes(region)
+    text = repr(settled(region, 4))
+    assert text.startswith("Stats(faults_missing=4,") and "latency_p99_ns=" in text
+    assert "histogram" not in text and len(text) < 300
 
 
 def test_stats_count_a_page_before_its_toucher_resumes(server: u.PageServer) -> None:

@@ -46,5 +46,5 @@ def in_forked_child(owner_pid: int, regions: Iterable[_core.Mapping]) -> bool:
     if os.getpid() == owner_pid:
         return False
     for region in regions:
-        region.rebase(0)
+        region._rebase(0)
     return True

@@ -103,7 +103,7 @@ class Region(_core.Mapping):
             # Unmap exactly the pieces the region still has: where the application moved them
             # (mremap), and not what it unmapped itself (something else may live there now).
             pieces = server._engine.pieces(self.id)
-            self.rebase(0)
+            self._rebase(0)
             for start, end, _ in pieces:
                 _core.munmap(start, end - start)  # the engine reads the UNMAP event
             deadline = time.monotonic() + 5.0

@@ -156,7 +156,7 @@ class File(Source):
             aligned = self.offset - self.offset % PAGE_SIZE
             delta = self.offset - aligned
             mapping = _core.Mapping.__new__(_core.Mapping)
-            mapping.map_file(fd, aligned, delta + data, delta + _round_up(length, page_size))
+            mapping._map_file(fd, aligned, delta + data, delta + _round_up(length, page_size))
         finally:
             os.close(fd)
         return Prepared(

@@ -76,7 +76,7 @@ class Daemon:
             if not self.memory_size:
                 raise ValueError(f"memory file {memory_path!r} is empty")
             self.memory = _core.Mapping.__new__(_core.Mapping)
-            self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
+            self.memory._map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
         self.path = socket_path
