@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -100,23 +101,57 @@ def test_spawn_needs_a_picklable_source_and_start_is_checked() -> None:
         u.PythonSourceServer(page_number, start="thread")
 
 
-UNIMPORTABLE_CHILD = textwrap.dedent(
+SPAWN_SCRIPT = textwrap.dedent(
     """
     import userfaultfd as u
+
     def defined_in_main(offset, length):  # pickled as __main__.defined_in_main
-        return bytes(length)
-    try:
-        u.PythonSourceServer(defined_in_main, start="spawn")
-    except u.SourceError as e:
-        print(str(e).splitlines()[0])
+        return bytes([7]) * length
+
+    print("top level ran", flush=True)  # in the application, and once more in the handler
+
+    if __name__ == "__main__":
+        with u.PythonSourceServer(defined_in_main, start="spawn") as server:
+            print(server.map(u.PAGE_SIZE)[5], flush=True)
     """
 )
 
 
-def test_a_spawned_handler_that_cannot_unpickle_the_source_is_reported() -> None:
-    proc = run_child(UNIMPORTABLE_CHILD)
-    assert "the handler could not unpickle the source:" in proc.stdout, proc.stderr
-    assert "defined_in_main" in proc.stdout and "cannot be defined in __main__" in proc.stdout
+def test_spawn_serves_a_source_defined_in_the_scripts_main(tmp_path: Path) -> None:
+    """As multiprocessing does: the handler runs the script as __mp_main__, so what the
+    __name__ guard protects does not run there, and the source unpickles."""
+    script = tmp_path / "app.py"
+    script.write_text(SPAWN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["top level ran", "top level ran", "7"]
+
+
+def test_spawn_of_a_source_from_a_main_with_no_file_is_a_type_error() -> None:
+    proc = run_child(SPAWN_SCRIPT.replace('if __name__ == "__main__":', "if True:"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "TypeError: start='spawn' needs a source the handler can import: this one is defined in "
+        "a __main__ with no file (python -c, an interactive session); define it in a module or "
+        "a script, or use start='fork'"
+    )
+
+
+class RefusesToUnpickle:
+    def __init__(self) -> None:
+        self.state = 1  # pickled: __setstate__ runs in the handler
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    def __setstate__(self, state: object) -> None:
+        raise RuntimeError("not here")
+
+
+def test_a_spawned_handler_that_cannot_load_the_source_is_reported() -> None:
+    with pytest.raises(u.SourceError, match=r"could not load the source: RuntimeError\('not here'"):
+        u.PythonSourceServer(RefusesToUnpickle(), start="spawn")
 
 
 def test_many_threads_fault_at_once() -> None:

@@ -122,7 +122,9 @@ class PythonSourceServer:
     application may touch region memory from any thread, holding the GIL.
 
     ``start``: "fork" (the handler inherits the source as it is, closures included) or "spawn"
-    (a fresh interpreter; the source must be picklable, and is imported by module name there).
+    (a fresh interpreter; the source must be picklable, and is imported by module name there;
+    one from the script's __main__ is found by running the script as __mp_main__, as
+    multiprocessing does).
     Spawn when the application runs threads that might hold a lock the source needs at the
     moment of the fork (Python 3.12+ warns about forking a threaded process)."""
 

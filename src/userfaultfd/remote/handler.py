@@ -8,12 +8,14 @@ import collections
 import contextlib
 import os
 import pickle
+import runpy
 import select
 import signal
 import socket
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -361,17 +363,25 @@ def handler_main(
         os._exit(code)
 
 
+def _load_main(kind: str, ref: str) -> None:
+    """The application's __main__, run as __mp_main__ (its guarded part does not run), standing
+    in for __main__ so that the source unpickles."""
+    run = runpy.run_module if kind == "module" else runpy.run_path
+    main = types.ModuleType("__mp_main__")
+    main.__dict__.update(run(ref, run_name="__mp_main__"))
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main
+
+
 def spawned_main() -> None:
     """The entry point of a spawned handler: the socket's fd is the argument, and the pickled
     source arrives on standard input."""
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
+        if len(sys.argv) > 3:  # the source refers to the application's __main__
+            _load_main(sys.argv[2], sys.argv[3])
         source = pickle.load(sys.stdin.buffer)
     except BaseException as e:  # noqa: BLE001 - reported to the application, which raises it
-        message = (
-            f"the handler could not unpickle the source: {e!r} (a spawned handler imports it "
-            "by its module name: it cannot be defined in __main__)"
-        )
+        message = f"the handler could not load the source: {e!r}"
         sock.send(messages.encode(messages.ErrorReport(message, traceback=traceback.format_exc())))
         os._exit(1)
     handler_main(sock, source, ())
