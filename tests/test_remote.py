@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -503,3 +504,98 @@ def test_a_dead_handler_or_a_closed_server_is_named_not_a_broken_pipe() -> None:
         server.stats()
     with pytest.raises(ValueError, match="this PythonSourceServer is closed"):
         server.map(PAGE)
+
+
+# ---- slow and stuck sources ----
+
+
+def sleeps(offset: int, length: int) -> bytes:
+    time.sleep(30)
+    return bytes(length)
+
+
+@pytest.mark.kernel_faults
+def test_a_source_call_past_the_timeout_poisons_the_page_and_says_so() -> None:
+    with u.PythonSourceServer(sleeps, timeout=0.5) as server:
+        region = server.map(PAGE)
+        r, w = os.pipe()
+        started = time.monotonic()
+        with pytest.raises(OSError) as info:  # (a view kept alive would detach at close)
+            Caller(lambda: os.write(w, memoryview(region))).finish(10)
+        assert info.value.errno == errno.EFAULT and time.monotonic() - started < 5
+        os.close(r), os.close(w)
+        with pytest.raises(u.SourceError, match=r"did not return within 0.5 s"):
+            server.stats()
+    with pytest.raises(ValueError, match="timeout 0 is not"):
+        u.PythonSourceServer(page_number, timeout=0)
+
+
+STUCK_APP = textwrap.dedent(
+    """
+    import sys, threading, time
+    import userfaultfd as u
+    def stuck(offset, length):
+        time.sleep(3600)
+        return bytes(length)
+    if __name__ == "__main__":
+        server = u.PythonSourceServer(stuck, start=sys.argv[1], timeout=None)
+        region = server.map(u.PAGE_SIZE)
+        print(server._process.pid, flush=True)
+        if sys.argv[2] == "thread":
+            threading.Thread(target=lambda: region[0], daemon=True).start()
+            time.sleep(3600)
+        region[0]  # the main thread: frozen holding the GIL, deaf to Ctrl-C
+    """
+)
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_the_handler_ends_with_the_application_even_inside_a_stuck_source(
+    tmp_path: Path, start: str
+) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(STUCK_APP)
+    app = subprocess.Popen([sys.executable, str(script), start, "thread"],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert app.stdout is not None
+        handler = int(app.stdout.readline())
+        time.sleep(0.5)  # the fault is with the handler, in the source
+        app.terminate()
+        assert app.wait(10) == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while not _gone_or_zombie(handler):
+            assert time.monotonic() < deadline, "the handler outlived the application"
+            time.sleep(0.05)
+    finally:
+        app.kill()
+        app.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handler, signal.SIGKILL)
+
+
+def test_ctrl_c_ends_an_application_frozen_on_a_stuck_source(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole foreground process group: the handler, seeing the source stuck,
+    gives up the page, and the frozen application gets SIGBUS instead of hanging forever."""
+    script = tmp_path / "app.py"
+    script.write_text(STUCK_APP)
+    app = subprocess.Popen([sys.executable, str(script), "fork", "main"],
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert app.stdout is not None
+        app.stdout.readline()
+        time.sleep(1.5)  # stuck for more than a second
+        os.killpg(app.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert app.wait(10) == -signal.SIGBUS
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(app.pid, signal.SIGKILL)
+        app.wait(10)

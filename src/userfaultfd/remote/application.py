@@ -126,13 +126,28 @@ class PythonSourceServer:
     one from the script's __main__ is found by running the script as __mp_main__, as
     multiprocessing does).
     Spawn when the application runs threads that might hold a lock the source needs at the
-    moment of the fork (Python 3.12+ warns about forking a threaded process)."""
+    moment of the fork (Python 3.12+ warns about forking a threaded process).
+
+    ``timeout``: seconds one source call may take (None: no bound). A thread touching a page
+    not yet served waits in the kernel *holding its GIL*: every Python thread of the
+    application waits with it, and Ctrl-C cannot stop it. Past the timeout the page is
+    poisoned (the toucher gets SIGBUS, a system call EFAULT) and reported; Ctrl-C (which
+    reaches the handler too) ends a call stuck for a second the same way. ``populate()``
+    waits without holding the GIL. The handler process ends when the application does."""
 
     def __init__(
-        self, source: Callable[[int, int], Any] | PageSource, *, start: str = "fork"
+        self,
+        source: Callable[[int, int], Any] | PageSource,
+        *,
+        start: str = "fork",
+        timeout: float | None = 60.0,
     ) -> None:
         if start not in ("fork", "spawn"):
             raise ValueError(f"start {start!r} is not 'fork' or 'spawn'")
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0
+        ):
+            raise ValueError(f"timeout {timeout!r} is not a number of seconds > 0 or None")
         self._source: PageSource = as_page_source(source)
         self._pid = os.getpid()
         self._uffd = Userfaultfd()
@@ -141,7 +156,7 @@ class PythonSourceServer:
         self._errors: list[messages.ErrorReport] = []
         self._regions: set[RemoteRegion] = set()
         try:
-            self._process = HandlerProcess(theirs, self._source, start)
+            self._process = HandlerProcess(theirs, self._source, start, timeout)
         except BaseException:
             self._sock.close()
             self._uffd.close()

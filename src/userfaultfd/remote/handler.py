@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import types
@@ -29,6 +30,7 @@ from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 from . import messages
 
 SPIN_NS = 50_000
+STUCK = 1.0  # seconds in one source call after which Ctrl-C interrupts it
 MAX_BACKLOG = 64  # error reports kept while the application's socket is full
 
 
@@ -121,11 +123,20 @@ class Served:
         return self.faults, self.pages, self.errors
 
 
-class FaultLoop:
-    """Serves the faults of the regions handed over, and answers the application's requests."""
+class SourceTimeout(BaseException):
+    """A source call ran past the server's timeout. A BaseException: the source's own
+    ``except Exception`` (a retry loop) must not swallow it."""
 
-    def __init__(self, sock: socket.socket, source: PageSource) -> None:
-        self.sock, self.source = sock, source
+
+class FaultLoop:
+    """Serves the faults of the regions handed over, and answers the application's requests.
+    Runs in the handler process's main thread, where its signal handlers run."""
+
+    def __init__(
+        self, sock: socket.socket, source: PageSource, timeout: float | None = None
+    ) -> None:
+        self.sock, self.source, self.timeout = sock, source, timeout
+        self.calling_since = 0.0  # when the source call in progress began
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, Served] = {}  # by base address
@@ -135,6 +146,8 @@ class FaultLoop:
         self.dropped_total = 0
 
     def run(self) -> None:
+        signal.signal(signal.SIGALRM, self.deadline)
+        signal.signal(signal.SIGINT, self.interrupt)
         try:
             self.source.open()
         except BaseException as e:  # noqa: BLE001 - the application raises it
@@ -283,7 +296,7 @@ class FaultLoop:
         r = served.region
         offset = r.offset + (start - r.base_host_virt_addr)
         try:
-            result = self.source.read(offset, length)
+            result = self.read(offset, length)
         except BaseException as e:  # noqa: BLE001 - reported, never swallowed (sys.exit too)
             self.fail(served, start, poison, offset, f"source failed at offset {offset:#x}: {e!r}",
                       traceback.format_exc())  # fmt: skip
@@ -296,6 +309,30 @@ class FaultLoop:
         pages = self.install(start, data, length, r.page_size)
         served.pages += pages
         self.total.pages += pages
+
+    def read(self, offset: int, length: int) -> Any:
+        """source.read, bounded: a thread of the application that touched the page waits in
+        the kernel holding its GIL, freezing every other thread there, until this returns."""
+        self.calling_since = time.monotonic()
+        if self.timeout:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            return self.source.read(offset, length)
+        finally:  # a deadline just past the return only poisons a page it could have served
+            if self.timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self.calling_since = 0.0
+
+    def deadline(self, *_: object) -> None:
+        raise SourceTimeout(f"the source did not return within {self.timeout} s (timeout=)")
+
+    def interrupt(self, *_: object) -> None:
+        """Ctrl-C reaches the handler too (same process group). It ends a source call stuck
+        for STUCK seconds: the faulting application, frozen holding its GIL and deaf to
+        Ctrl-C, gets its page poisoned, and with it a SIGBUS or EFAULT. Otherwise ignored:
+        the application decides when the handler stops."""
+        if self.calling_since and time.monotonic() - self.calling_since > STUCK:
+            raise KeyboardInterrupt("Ctrl-C while the source was stuck")
 
     def install(self, start: int, data: memoryview, length: int, page: int) -> int:
         """COPY, accepting pages someone else already installed; the faulter is woken. The
@@ -345,7 +382,11 @@ class FaultLoop:
 
 
 def handler_main(
-    sock: socket.socket, source: PageSource, inherited: Iterable[socket.socket]
+    sock: socket.socket,
+    source: PageSource,
+    inherited: Iterable[socket.socket],
+    app_pid: int,
+    timeout: float | None,
 ) -> None:
     """The handler process's life; it ends the process, with status 0 after a clean stop.
     ``inherited``: the application's ends of every server's socket, closed here, or the
@@ -355,7 +396,8 @@ def handler_main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
         for other in inherited:
             other.close()
-        FaultLoop(sock, source).run()
+        threading.Thread(target=_end_with, args=(app_pid,), daemon=True).start()
+        FaultLoop(sock, source, timeout).run()
         code = 0
     except BaseException:  # noqa: BLE001 - the process ends here either way
         traceback.print_exc()
@@ -363,25 +405,39 @@ def handler_main(
         os._exit(code)
 
 
-def _load_main(kind: str, ref: str) -> None:
+def _end_with(app_pid: int) -> None:
+    """Ends the handler when the application ends, even while a source call is stuck (the
+    closed socket would tell the loop only once the call returns)."""
+    try:
+        pidfd = os.pidfd_open(app_pid)
+    except ProcessLookupError:
+        os._exit(0)
+    select.select([pidfd], [], [])
+    os._exit(0)
+
+
+def _load_main(kind: str, ref: str, argv: list[str]) -> None:
     """The application's __main__, run as __mp_main__ (its guarded part does not run), standing
     in for __main__ so that the source unpickles."""
     run = runpy.run_module if kind == "module" else runpy.run_path
+    sys.argv = argv
     main = types.ModuleType("__mp_main__")
     main.__dict__.update(run(ref, run_name="__mp_main__"))
     sys.modules["__main__"] = sys.modules["__mp_main__"] = main
 
 
 def spawned_main() -> None:
-    """The entry point of a spawned handler: the socket's fd is the argument, and the pickled
-    source arrives on standard input."""
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    """The entry point of a spawned handler. Arguments: the socket's fd, the application's
+    pid, the timeout (or "none"), and if the source refers to the application's __main__, how
+    to load that and the application's argv. The pickled source arrives on standard input."""
+    fd, app_pid, timeout, *main = sys.argv[1:]
+    sock = socket.socket(fileno=int(fd))
     try:
-        if len(sys.argv) > 3:  # the source refers to the application's __main__
-            _load_main(sys.argv[2], sys.argv[3])
+        if main:
+            _load_main(main[0], main[1], main[2:])
         source = pickle.load(sys.stdin.buffer)
     except BaseException as e:  # noqa: BLE001 - reported to the application, which raises it
         message = f"the handler could not load the source: {e!r}"
         sock.send(messages.encode(messages.ErrorReport(message, traceback=traceback.format_exc())))
         os._exit(1)
-    handler_main(sock, source, ())
+    handler_main(sock, source, (), int(app_pid), None if timeout == "none" else float(timeout))

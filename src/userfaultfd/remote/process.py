@@ -43,18 +43,21 @@ class HandlerProcess:
     process it knows, and it runs in a plain os.fork() child of the application too, which
     would kill the parent's handler when that child exits."""
 
-    def __init__(self, sock: socket.socket, source: PageSource, start: str) -> None:
+    def __init__(
+        self, sock: socket.socket, source: PageSource, start: str, timeout: float | None
+    ) -> None:
         self._exitcode: int | None = None
+        app_pid = os.getpid()
         if start == "spawn":
-            self.pid = self._spawn(sock, source)
+            self.pid = self._spawn(sock, source, timeout)
         else:
             self.pid = os.fork()
             if self.pid == 0:
-                handler_main(sock, source, list(app_sockets))
+                handler_main(sock, source, list(app_sockets), app_pid, timeout)
         self.pidfd = os.pidfd_open(self.pid)
 
     @staticmethod
-    def _spawn(sock: socket.socket, source: PageSource) -> int:
+    def _spawn(sock: socket.socket, source: PageSource, timeout: float | None) -> int:
         try:
             payload = pickle.dumps(source)
         except Exception as e:
@@ -62,7 +65,12 @@ class HandlerProcess:
                 f"start='spawn' needs a picklable source (a module-level function or class "
                 f"instance): {e}"
             ) from None
-        main = _main_reference() if b"__main__" in payload else []
+        main = [*_main_reference(), *sys.argv] if b"__main__" in payload else []
+        settings = [
+            str(sock.fileno()),
+            str(os.getpid()),
+            "none" if timeout is None else str(timeout),
+        ]
         code = "from userfaultfd.remote.handler import spawned_main; spawned_main()"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         r, w = os.pipe()
@@ -70,7 +78,7 @@ class HandlerProcess:
         try:
             pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-c", code, str(sock.fileno()), *main],
+                [sys.executable, "-c", code, *settings, *main],
                 env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
             )
