@@ -14,15 +14,14 @@ import mmap
 import os
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Literal
 
 from . import _core
 from ._engine import Engine, Mode, OnRemove, RegionSpec, parse_readahead
 from ._ntuples import Failure, SourceFailure
-from ._regions import in_forked_child, registering
-from .errors import DetachWarning, SourceError, expect_int, source_error
+from ._regions import exported, in_forked_child, registering, warn_detaching
+from .errors import SourceError, expect_int, source_error
 from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
 from .sources import Prepared, Source, Zero
 from .stats import Stats
@@ -341,16 +340,8 @@ class PageServer:
         (the views keep reading correct data; the memory stays until they are gone), with a
         :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
         is closed. Raises SourceError for failures not yet reported."""
-        if detach not in ("populate", "error"):
-            raise ValueError(f"detach {detach!r} is not 'populate' or 'error'")
-        if detach == "error" and not self.closed and os.getpid() == self._pid:
-            exported = [r for r in self._regions.values() if r.exports]
-            if exported:
-                raise BufferError(
-                    f"cannot close: {len(exported)} region(s) still exported, first "
-                    f"{exported[0]!r} ({exported[0].exports} buffer(s)); release them, or "
-                    "close(detach='populate') to install their pages and detach them"
-                )
+        if not self.closed and os.getpid() == self._pid:
+            exported(self._regions.values(), detach)
         self._shutdown(at_exit=False)
 
     def _shutdown(self, at_exit: bool) -> None:
@@ -366,14 +357,8 @@ class PageServer:
             if region.exports and at_exit:  # nothing reads the views any more: no install
                 region._detach(populate=False)
             elif region.exports:
-                warnings.warn(
-                    f"{region!r} is still exported ({region.exports} buffer(s)) as its server "
-                    f"closes: detaching it after installing every page of its {len(region)} "
-                    "bytes not yet served. Release the views (numpy arrays, memoryviews) "
-                    "before closing, or close(detach='error') to be told instead",
-                    DetachWarning,
-                    stacklevel=3,
-                )
+                how = f"installing every page of its {len(region)} bytes not yet served"
+                warn_detaching(region, how, stacklevel=3)
                 region._detach(populate=True)
             else:
                 region._unmap_and_forget()

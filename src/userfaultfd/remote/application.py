@@ -8,15 +8,14 @@ import mmap
 import os
 import select
 import socket
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 from userfaultfd import _core
 from userfaultfd._engine import ADAPTIVE_MIN
 from userfaultfd._ntuples import SourceFailure
-from userfaultfd._regions import in_forked_child, registering
-from userfaultfd.errors import DetachWarning, SourceError, expect_int, source_error
+from userfaultfd._regions import exported, in_forked_child, registering, warn_detaching
+from userfaultfd.errors import SourceError, expect_int, source_error
 from userfaultfd.flags import RegisterMode
 from userfaultfd.handoff import GuestRegion, send_uffd
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
@@ -281,8 +280,6 @@ class PythonSourceServer:
         unregisters it (the views keep reading correct data), with a DetachWarning;
         ``detach="error"`` raises BufferError instead, before anything is closed, as it does
         if the handler has died (nothing could install those pages any more)."""
-        if detach not in ("populate", "error"):
-            raise ValueError(f"detach {detach!r} is not 'populate' or 'error'")
         self._close(detach)
 
     def _close(self, detach: str) -> None:
@@ -295,23 +292,11 @@ class PythonSourceServer:
             os.close(self._pidfd)
             self._uffd.close()
             return
-        exported = [r for r in self._regions if r.exports]
-        if exported and (detach == "error" or self._process.exitcode is not None):
-            why = "the handler process died" if detach == "populate" else "detach='error'"
-            raise BufferError(
-                f"cannot close: {len(exported)} region(s) still exported, first {exported[0]!r} "
-                f"({exported[0].exports} buffer(s)), and {why}: release them first"
-            )
+        dead = "the handler process died" if self._process.exitcode is not None else ""
+        live = exported(self._regions, detach, dead)
         self._drain()
-        for region in exported:  # if this fails, nothing is torn down under live memory
-            warnings.warn(
-                f"{region!r} is still exported ({region.exports} buffer(s)) as its server "
-                "closes: detaching it after the handler installs every page not yet served. "
-                "Release the views (numpy arrays, memoryviews) before closing, or "
-                "close(detach='error') to be told instead",
-                DetachWarning,
-                stacklevel=3,
-            )
+        for region in live:  # if this fails, nothing is torn down under live memory
+            warn_detaching(region, "the handler installs every page not yet served", 3)
             region._detach()
         try:
             for region in list(self._regions):
