@@ -68,6 +68,7 @@ class RegionSpec:
     tail: int = 0
     can_zeropage: bool = True  # UFFDIO_ZEROPAGE works here (not on hugetlb)
     readahead: Readahead = field(default_factory=Readahead)
+    label: str | None = None  # what it serves, for the line a poisoned page's toucher leaves
 
 
 class Engine:
@@ -118,6 +119,7 @@ class Engine:
             readahead=readahead.fixed,
             adaptive_min=readahead.adaptive_min,
             adaptive_max=readahead.adaptive_max,
+            label=spec.label,
         )
 
     def remove_region(self, region: int) -> None:
@@ -140,5 +142,5 @@ class Engine:
         return cursor, [Failure(*e) for e in errs]
 
     def info(self) -> EngineInfo:
-        gone, remove, unmap, remap, unknown = self._native.info()
-        return EngineInfo(bool(gone), remove, unmap, remap, unknown)
+        gone, remove, unmap, remap, unknown, fork = self._native.info()
+        return EngineInfo(bool(gone), remove, unmap, remap, unknown, fork)

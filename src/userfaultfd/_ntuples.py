@@ -33,6 +33,7 @@ class EngineInfo(NamedTuple):
     unmap: int
     remap: int
     unknown: int
+    fork: int  # FORK events: the child's uffd was closed, nobody serves children
 
 
 class Piece(NamedTuple):

@@ -9,6 +9,13 @@ from collections.abc import Sequence
 
 from ._ntuples import SourceFailure
 
+# Where EFAULT comes from when the memory is a region's: in sigbus mode the kernel's own
+# accesses get no fault (README: "System calls on sigbus-mode regions").
+EFAULT_HINT = (
+    "if this is memory of a sigbus-mode region, populate() that range first (the kernel's own "
+    "accesses are not served in sigbus mode), or use mode='thread'"
+)
+
 
 def expect_int(what: str, value: object) -> int:
     """value, if it is an int (not a bool); else TypeError naming what and the value."""
@@ -18,8 +25,10 @@ def expect_int(what: str, value: object) -> int:
 
 
 def os_error(err: int, call: str) -> OSError:
-    """The OSError subclass Python picks for err, with a message naming the call."""
-    return OSError(err, f"{os.strerror(err)} ({call})")
+    """The OSError subclass Python picks for err, with a message naming the call (and, for
+    EFAULT, the likely cause)."""
+    hint = f": {EFAULT_HINT}" if err == errno.EFAULT else ""
+    return OSError(err, f"{os.strerror(err)} ({call}){hint}")
 
 
 class PartialError(BlockingIOError):

@@ -23,6 +23,7 @@ from ._ntuples import Failure, SourceFailure
 from ._regions import exported, in_forked_child, registering, warn_detaching
 from .errors import SourceError, expect_int, source_error
 from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
+from .progress import populate_in_slices
 from .sources import Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
@@ -59,8 +60,13 @@ class Region(_core.Mapping):
         self._prepared: Prepared | None = None
         self._served = True  # False once detached: plain memory
 
-    def populate(self, offset: int = 0, length: int | None = None) -> None:
-        """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
+    def populate(
+        self, offset: int = 0, length: int | None = None, *, progress: bool = False
+    ) -> None:
+        """Install every page of ``[offset, offset + length)`` now (the GIL is released).
+        Ctrl-C interrupts it within tens of milliseconds (KeyboardInterrupt; what was installed
+        stays). ``progress``: show a tqdm bar (``pip install 'userfaultfd[progress]'``), or a
+        plain stderr line without tqdm."""
         self._check_served()
         expect_int("populate offset", offset)
         length = len(self) - offset if length is None else expect_int("populate length", length)
@@ -69,7 +75,10 @@ class Region(_core.Mapping):
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
             )
         self.server._check()
-        self.server._engine.populate(self.id, offset, length)
+        engine = self.server._engine
+        populate_in_slices(
+            lambda at, n: engine.populate(self.id, at, n), offset, length, self.page_size, progress
+        )
         self.server._check()
 
     def stats(self) -> Stats:
@@ -282,6 +291,7 @@ class PageServer:
                         tail=prepared.tail,
                         can_zeropage=memory != "hugetlb",
                         readahead=ahead,
+                        label=repr(source),
                     )
                 )
                 self._regions[region.id] = region
@@ -297,7 +307,7 @@ class PageServer:
         self._check_open()
         info = self._engine.info()
         return {"remove": info.remove, "unmap": info.unmap, "remap": info.remap,
-                "unknown": info.unknown}  # fmt: skip
+                "unknown": info.unknown, "fork": info.fork}  # fmt: skip
 
     def errors(self) -> list[Failure]:
         """Every source failure since the last call: (errno, region id, address, offset, op)."""
@@ -353,7 +363,9 @@ class PageServer:
             self._uffd.close()  # this process's copy of the fd
             _servers.discard(self)
             return
-        for region in list(self._regions.values()):
+        # Newest first: a region that is another's Buffer source is exported by that one,
+        # and closing that one first releases it instead of detaching it.
+        for region in reversed(list(self._regions.values())):
             if region.exports and at_exit:  # nothing reads the views any more: no install
                 region._detach(populate=False)
             elif region.exports:

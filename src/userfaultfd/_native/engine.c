@@ -22,6 +22,7 @@
 
 #include "abi.h"
 #include "clock.h"
+#include "notice.h"
 #include "sigbus.h"
 #include "srcu.h"
 
@@ -48,6 +49,7 @@ struct region {
     atomic_uint_fast64_t poisoned[MAX_POISONED];
     atomic_uint npoisoned;
     atomic_int poison_overflow;
+    char label[160];        /* "region ID SOURCE", for notices */
     struct region_stats st; /* updated with relaxed atomics */
 };
 
@@ -84,7 +86,7 @@ struct engine {
         atomic_uint_fast64_t seq; /* n + 1 once error n is written: readers stop before it */
     } errors[ERR_RING];
     atomic_int gone, stopping;
-    atomic_uint_fast64_t events[4];
+    atomic_uint_fast64_t events[5]; /* remove, unmap, remap, unknown, fork */
 };
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
@@ -219,6 +221,19 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
                    int err, const char *op)
 {
     uint64_t done;
+    /* The toucher dies of this SIGBUS unless it handles it: the line it leaves is written now. */
+    char text[NOTICE_TEXT];
+    struct fmt f = {text, text + sizeof(text)};
+    fmt_str(&f, r ? r->label : "an address in no region");
+    if (r) {
+        fmt_str(&f, " at offset ");
+        fmt_hex(&f, off);
+    }
+    fmt_str(&f, " could not be produced and was poisoned: ");
+    fmt_errno(&f, err);
+    fmt_str(&f, " in ");
+    fmt_str(&f, op);
+    notice_record(addr, addr + len, text);
     if (r) {
         unsigned k = atomic_fetch_add(&r->npoisoned, 1);
         if (k < MAX_POISONED)
@@ -255,9 +270,11 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
 
 /* Installs the part of [addr, addr + len) (granule aligned) inside extent x from its source: a
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
- * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
- * or ESRCH when the owner of the uffd is gone. */
-static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor)
+ * present, poisoned, or gone (see ENOENT below). Returns 0, EAGAIN when an event is pending (the
+ * rest was not attempted), ESRCH when the owner of the uffd is gone, or ENOENT when the unit at
+ * `fault` (UINT64_MAX: none) is gone. */
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor,
+                   uint64_t fault)
 {
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
@@ -270,10 +287,12 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == MODE_SIGBUS;
+    uint64_t cap = UINT64_MAX; /* the longest next op: halved on ENOENT, doubled on success */
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
-        unsigned long req = plan_op(r, off, hole ? unit : end - pos, minor && !hole, &src, &seg);
+        uint64_t want = hole ? unit : end - pos;
+        unsigned long req = plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg);
         hole = 0;
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. It is
          * counted before, so that the stats never trail a toucher who has resumed. */
@@ -294,8 +313,10 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
                 bits_set(r, gi, gj - gi, 1);
             pos += done;
         }
-        if (err == 0 || (err == EAGAIN && done))
+        if (err == 0 || (err == EAGAIN && done)) {
+            cap = cap > UINT64_MAX / 2 ? UINT64_MAX : cap * 2;
             continue;
+        }
         if (err == EAGAIN) {
             ret = EAGAIN;
             break;
@@ -307,8 +328,23 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             need_wake = 1;
             continue;
         }
-        if (err == ENOENT) /* no longer registered or mapped: the wake lets the faulter retry */
-            break;
+        if (err == ENOENT && seg - done > unit) {
+            /* Part of the op is in no VMA registered with us: a split (mprotect, mlock,
+             * madvise(MADV_DONTDUMP) on part of the region) ends inside it, and a COPY must lie
+             * in one VMA; or pages went away. Halving finds the boundary in a few ops. */
+            cap = ((seg - done) / 2) & ~(unit - 1);
+            continue;
+        }
+        if (err == ENOENT) {
+            /* This unit alone is not ours any more: unmapped by a client that asked for no UNMAP
+             * event, or being unregistered. Marked filled, so that neither readahead nor
+             * populate tries it again; the wake lets a faulter retry (and fault elsewhere). */
+            bits_set(r, (off + done) >> r->shift, 1, 1);
+            if (fault >= pos && fault < pos + unit)
+                ret = ENOENT;
+            pos += unit;
+            continue;
+        }
         if (err == ESRCH) {
             atomic_store(&e->gone, 1);
             ret = ESRCH;
@@ -318,9 +354,13 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             hole = 1;
             continue;
         }
-        /* The source could not produce this page: never install wrong data. */
+        /* The source could not produce this page: never install wrong data. EFAULT on a COPY:
+         * reading the source's memory faulted (a mapped file shrank). */
         poison(e, r, pos, unit, off + done, err,
-               req == UFFDIO_COPY       ? "UFFDIO_COPY"
+               req == UFFDIO_COPY && err == EFAULT
+                   ? "UFFDIO_COPY, reading the source (a file that shrank, or an unpopulated "
+                     "sigbus-mode region?)"
+               : req == UFFDIO_COPY     ? "UFFDIO_COPY"
                : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
                                         : "UFFDIO_ZEROPAGE");
         bits_set(r, (off + done) >> r->shift, 1, 1);
@@ -400,7 +440,8 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor,
+                     addr & ~(e->base_page - 1));
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -489,6 +530,13 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
         ADD(e->events[2], 1);
         nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
         break;
+    case UFFD_EVENT_FORK:
+        /* The kernel put a uffd for the child in our fd table. Nobody serves children here: it
+         * is closed, which unregisters the child's copy of the regions (it reads them as plain
+         * memory, as without EVENT_FORK). */
+        ADD(e->events[4], 1);
+        close((int)m->arg.fork.ufd);
+        break;
     default:
         ADD(e->events[3], 1);
         record_error(e, EPROTO, -1, m->event, 0, "unexpected event");
@@ -573,7 +621,13 @@ static void *worker(void *arg)
                 continue;
             }
         } else {
-            if (poll(pf, 2, -1) < 0 && errno != EINTR) {
+            int sigbus = e->mode == MODE_SIGBUS; /* the only thread: it guards the handler */
+            if (sigbus)
+                sigbus_guard();
+            int ready = poll(pf, 2, sigbus ? SIGBUS_GUARD_MS : -1);
+            if (ready == 0)
+                continue;
+            if (ready < 0 && errno != EINTR) {
                 record_error(e, errno, -1, 0, 0, "poll");
                 break;
             }
@@ -625,11 +679,32 @@ static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
     const struct extent *x = lookup(t, addr);
     /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
     int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
-    if (ours)
-        while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
+    int rc = EAGAIN;
+    while (ours && rc == EAGAIN) /* EAGAIN: an event is being read */
+        if ((rc = resolve(e, t, addr, 0, t0)) == EAGAIN)
             sched_yield();
+    if (rc == ENOENT) /* not registered with us after all: retrying would loop */
+        ours = 0;
     srcu_exit(&e->srcu, idx);
     return ours ? SIGBUS_RESOLVED : x ? SIGBUS_NOT_OURS : SIGBUS_ELSEWHERE;
+}
+
+/* For sigbus.c's message when a later handler took a fault: "region ID SOURCE at offset OFF"
+ * if a region of e serves addr (a page not poisoned). */
+static int sigbus_describe(void *ctx, uint64_t addr, struct fmt *f)
+{
+    struct engine *e = ctx;
+    unsigned idx = srcu_enter(&e->srcu);
+    const struct extent *x = lookup(atomic_load(&e->table), addr);
+    uint64_t off = x ? x->off + (addr - x->start) : 0;
+    int ours = x && !is_poisoned(x->r, off >> x->r->shift);
+    if (ours) {
+        fmt_str(f, x->r->label);
+        fmt_str(f, " at offset ");
+        fmt_hex(f, off);
+    }
+    srcu_exit(&e->srcu, idx);
+    return ours;
 }
 
 /* ---- public API ---- */
@@ -664,8 +739,10 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
 int engine_start(struct engine *e)
 {
     sigset_t all, old;
-    int rc = 0;
-    if (e->mode == MODE_SIGBUS && (rc = sigbus_attach(e, sigbus_resolve)) != 0)
+    /* sigbus mode: the handler resolves faults; thread mode: it leaves a poisoned page's notice */
+    int rc = e->mode == MODE_SIGBUS ? sigbus_attach(e, sigbus_resolve, sigbus_describe)
+                                    : sigbus_install();
+    if (rc)
         return -rc;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
@@ -797,6 +874,14 @@ int engine_add_region(struct engine *e, const struct region_params *p)
         return rc;
     }
     r->id = e->next_id++;
+    struct fmt f = {r->label, r->label + sizeof(r->label)};
+    fmt_str(&f, "region ");
+    fmt_dec(&f, (uint64_t)r->id);
+    if (p->label) {
+        fmt_str(&f, " ");
+        fmt_str(&f, p->label);
+    }
+    r->p.label = NULL; /* the caller's string */
     e->regions[e->nregions++] = r;
     if (n)
         memcpy(nt->x, t->x, n * sizeof(struct extent));
@@ -885,7 +970,7 @@ int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         upto = upto < xend ? upto : xend;
         if (n) /* the granule may also start before the extent: install keeps to it */
             rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
-                         r->p.kind == SRC_CONTINUE);
+                         r->p.kind == SRC_CONTINUE, UINT64_MAX);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
@@ -962,8 +1047,8 @@ int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, 
 
 int engine_client_gone(struct engine *e) { return atomic_load(&e->gone); }
 
-void engine_event_counts(struct engine *e, uint64_t out[4])
+void engine_event_counts(struct engine *e, uint64_t out[5])
 {
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
         out[k] = atomic_load(&e->events[k]);
 }

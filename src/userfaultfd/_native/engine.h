@@ -21,6 +21,7 @@ struct region_params {
     uint64_t readahead;     /* fixed: granules installed after the faulting one */
     uint64_t adaptive_min;  /* bytes; 0 disables adaptive readahead */
     uint64_t adaptive_max;
+    const char *label; /* NULL, or what the region serves (copied): for failure notices */
 };
 
 #define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */
@@ -62,7 +63,8 @@ int engine_region_stats(struct engine *e, int id, struct region_stats *out);
 int engine_region_pieces(struct engine *e, int id, uint64_t **out, size_t *n);
 /* Copies up to max errors recorded since *cursor; returns how many, advances *cursor. */
 int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max);
-int engine_client_gone(struct engine *e);                    /* the owner's mm went away (ESRCH) */
-void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
+int engine_client_gone(struct engine *e); /* the owner's mm went away (ESRCH) */
+/* remove, unmap, remap, unknown, fork */
+void engine_event_counts(struct engine *e, uint64_t out[5]);
 
 #endif

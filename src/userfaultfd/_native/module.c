@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "notice.h"
 #include "py_engine.h"
 #include "py_handles.h"
 #include "py_mapping.h"
@@ -40,6 +41,8 @@ static PyMethodDef core_methods[] = {
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
     {"watchdog_start", py_watchdog_start, METH_VARARGS, "poison faults once pidfd's process dies"},
     {"watchdog_stop", py_watchdog_stop, METH_O, "stop it -> whether it fired"},
+    {"notice_board", py_notice_board, METH_VARARGS, "say the failure notices at address"},
+    {"notice_board_remove", py_notice_board_remove, METH_VARARGS, "stop saying them"},
     {NULL}};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -1, core_methods};
@@ -61,7 +64,8 @@ PyMODINIT_FUNC PyInit__core(void)
     if (ADD_INT_MACRO(m, MODE_THREAD) < 0 || ADD_INT_MACRO(m, MODE_SIGBUS) < 0 ||
         ADD_INT_MACRO(m, SRC_ZERO) < 0 || ADD_INT_MACRO(m, SRC_BYTES) < 0 ||
         ADD_INT_MACRO(m, SRC_FILL) < 0 || ADD_INT_MACRO(m, SRC_CONTINUE) < 0 ||
-        ADD_INT_MACRO(m, REMOVE_REFILL) < 0 || ADD_INT_MACRO(m, REMOVE_UNREGISTER) < 0)
+        ADD_INT_MACRO(m, REMOVE_REFILL) < 0 || ADD_INT_MACRO(m, REMOVE_UNREGISTER) < 0 ||
+        ADD_INT_MACRO(m, NOTICE_TEXT) < 0 || ADD_INT_MACRO(m, NOTICE_BOARD_SLOTS) < 0)
         return NULL;
     return m;
 }

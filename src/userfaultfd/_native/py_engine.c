@@ -109,19 +109,22 @@ static PyObject *engineobj_close(EngineObject *o, PyObject *unused)
 }
 
 /* add_region(*, start, length, page_size, kind, base, base_len, tail, can_zeropage, readahead,
- *            adaptive_min, adaptive_max) -> id. The caller keeps base and tail alive. */
+ *            adaptive_min, adaptive_max, label) -> id. The caller keeps base and tail alive;
+ * label (what the region serves) goes into the line a poisoned page's toucher leaves. */
 static PyObject *engineobj_add_region(EngineObject *o, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"start",     "length",       "page_size",    "kind",
-                             "base",      "base_len",     "tail",         "can_zeropage",
-                             "readahead", "adaptive_min", "adaptive_max", NULL};
+    static char *kwlist[] = {
+        "start",        "length",    "page_size",    "kind",         "base",  "base_len", "tail",
+        "can_zeropage", "readahead", "adaptive_min", "adaptive_max", "label", NULL};
     struct region_params p;
     unsigned long long base, tail;
     int kind, can_zero;
+    p.label = NULL;
     if (engine_check(o) < 0 ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "$KKKiKKKiKKK:add_region", kwlist, &p.start,
+        !PyArg_ParseTupleAndKeywords(args, kw, "$KKKiKKKiKKKz:add_region", kwlist, &p.start,
                                      &p.length, &p.page_size, &kind, &base, &p.base_len, &tail,
-                                     &can_zero, &p.readahead, &p.adaptive_min, &p.adaptive_max))
+                                     &can_zero, &p.readahead, &p.adaptive_min, &p.adaptive_max,
+                                     &p.label))
         return NULL;
     p.kind = kind;
     p.base = (const char *)(uintptr_t)base;
@@ -229,11 +232,11 @@ static PyObject *engineobj_errors(EngineObject *o, PyObject *args)
 
 static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
 {
-    uint64_t ev[4];
+    uint64_t ev[5];
     if (engine_check(o) < 0)
         return NULL;
     engine_event_counts(o->e, ev);
-    return Py_BuildValue("iKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3]);
+    return Py_BuildValue("iKKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3], ev[4]);
 }
 
 /* Every method raises ValueError once the engine is closed or in a forked child of its owner. */
@@ -247,8 +250,10 @@ static PyMethodDef engine_methods[] = {
      "Stop the threads and free the engine (once; the uffd is the caller's)."},
     {"add_region", (PyCFunction)(void (*)(void))engineobj_add_region, METH_VARARGS | METH_KEYWORDS,
      "add_region(*, start, length, page_size, kind, base, base_len, tail, can_zeropage, "
-     "readahead, adaptive_min, adaptive_max) -> id: serve faults in [start, start+length) from "
-     "the source (SRC_*); the caller keeps base and tail alive. OSError EINVAL (bad parameters), "
+     "readahead, adaptive_min, adaptive_max, label) -> id: serve faults in [start, "
+     "start+length) from the source (SRC_*); the caller keeps base and tail alive; label names "
+     "the source (or None) in the line a poisoned page's toucher leaves. OSError EINVAL (bad "
+     "parameters), "
      "EEXIST (overlaps a region), ENOMEM."},
     {"remove_region", (PyCFunction)engineobj_remove_region, METH_VARARGS,
      "remove_region(id): stop serving a region. OSError ENOENT for an unknown id."},
@@ -267,8 +272,8 @@ static PyMethodDef engine_methods[] = {
      "errors(cursor) -> (new cursor, [(errno, region_id, address, offset, op)]): the source "
      "failures recorded since cursor (pages poisoned)."},
     {"info", (PyCFunction)engineobj_info, METH_NOARGS,
-     "info() -> (client_gone, remove, unmap, remap, unknown): whether the owner's memory went "
-     "away, and the non-cooperative events handled."},
+     "info() -> (client_gone, remove, unmap, remap, unknown, fork): whether the owner's memory "
+     "went away, and the non-cooperative events handled (a FORK event's uffd is closed)."},
     {NULL}};
 
 PyTypeObject EngineType = {

@@ -5,9 +5,11 @@
 
 #include <errno.h>
 
+#include "notice.h"
 #include "py_errors.h"
 #include "py_handles.h"
 #include "seed.h"
+#include "sigbus.h"
 #include "watchdog.h"
 
 /* ---- the seed's handler thread ---- */
@@ -60,6 +62,9 @@ PyObject *py_watchdog_start(PyObject *self, PyObject *args)
     int pidfd, uffd;
     if (!PyArg_ParseTuple(args, "ii", &pidfd, &uffd))
         return NULL;
+    int rc = sigbus_install(); /* for the notice of a page it poisons */
+    if (rc)
+        return os_error(rc, "sigaction");
     struct watchdog *w = watchdog_start(pidfd, uffd);
     if (!w)
         return os_error(errno, "pthread_create");
@@ -77,4 +82,30 @@ PyObject *py_watchdog_stop(PyObject *self, PyObject *cap)
     fired = watchdog_stop(w);
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(fired);
+}
+
+/* ---- notice boards: failure lines written by a handler process ---- */
+
+/* notice_board(address) -> bool: say the NOTICE_BOARD_SLOTS notice slots at address (shared
+ * memory a handler process writes before it poisons a page) when a toucher dies of it; installs
+ * the SIGBUS handler that says them. False when every board slot is taken: the notices of this
+ * one are not said, which is no reason to refuse serving. */
+PyObject *py_notice_board(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr))
+        return NULL;
+    int rc = sigbus_install();
+    if (rc)
+        return os_error(rc, "sigaction");
+    return PyBool_FromLong(notice_board_add((const struct notice_slot *)(uintptr_t)addr) == 0);
+}
+
+PyObject *py_notice_board_remove(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr))
+        return NULL;
+    notice_board_remove((const struct notice_slot *)(uintptr_t)addr);
+    Py_RETURN_NONE;
 }

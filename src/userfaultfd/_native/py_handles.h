@@ -9,5 +9,7 @@ PyObject *py_seed_start(PyObject *self, PyObject *args);
 PyObject *py_seed_stop(PyObject *self, PyObject *cap);
 PyObject *py_watchdog_start(PyObject *self, PyObject *args);
 PyObject *py_watchdog_stop(PyObject *self, PyObject *cap);
+PyObject *py_notice_board(PyObject *self, PyObject *args);
+PyObject *py_notice_board_remove(PyObject *self, PyObject *args);
 
 #endif

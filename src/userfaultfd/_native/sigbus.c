@@ -21,6 +21,7 @@
 static struct {
     void *_Atomic engine;
     _Atomic(sigbus_resolver) resolve;
+    _Atomic(sigbus_describer) describe;
 } sig_engines[MAX_SIGBUS_ENGINES];
 static struct srcu sig_srcu; /* readers: handlers walking sig_engines */
 
@@ -63,17 +64,33 @@ static int is_retired(uint64_t addr, uint64_t now)
 static struct sigaction sig_previous;
 static int sig_installed;
 static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Handlers installed after ours, in front of which sigbus_guard put on_sigbus_late. */
+#define DISPLACERS 8
+static struct sigaction displacers[DISPLACERS];
+static atomic_uint displacer_now;
 
-static void chain_sigbus(int sig, siginfo_t *si, void *uc)
+static void chain_to(const struct sigaction *prev, int sig, siginfo_t *si, void *uc)
 {
-    if (sig_previous.sa_flags & SA_SIGINFO) {
-        sig_previous.sa_sigaction(sig, si, uc);
-    } else if (sig_previous.sa_handler == SIG_DFL) {
+    if (prev->sa_flags & SA_SIGINFO) {
+        prev->sa_sigaction(sig, si, uc);
+    } else if (prev->sa_handler == SIG_DFL) {
         signal(sig, SIG_DFL);
         raise(sig); /* delivered when this handler returns: the default action */
-    } else if (sig_previous.sa_handler != SIG_IGN) {
-        sig_previous.sa_handler(sig);
+    } else if (prev->sa_handler != SIG_IGN) {
+        prev->sa_handler(sig);
     }
+}
+
+static void chain_sigbus(int sig, siginfo_t *si, void *uc) { chain_to(&sig_previous, sig, si, uc); }
+
+/* The notice of a poisoned page of ours, once: a previous handler that returns makes the access
+ * fault again, and the line would repeat for ever. */
+static void say_once(const siginfo_t *si)
+{
+    static atomic_uint_fast64_t last = UINT64_MAX;
+    uint64_t addr = (uint64_t)(uintptr_t)si->si_addr;
+    if (si->si_code > 0 && atomic_exchange(&last, addr) != addr) /* si_addr: kernel signals */
+        notice_say(addr);
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
@@ -95,8 +112,74 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
             return;
         }
     }
+    say_once(si);
     chain_sigbus(sig, si, uc);
     errno = saved;
+}
+
+/* Whether an attached engine serves addr; if so its "region ID SOURCE at offset OFF" is in f. */
+static int describe(uint64_t addr, struct fmt *f)
+{
+    int found = 0;
+    unsigned gidx = srcu_enter(&sig_srcu);
+    for (int k = 0; k < MAX_SIGBUS_ENGINES && !found; k++) {
+        void *e = atomic_load(&sig_engines[k].engine);
+        if (e)
+            found = atomic_load(&sig_engines[k].describe)(e, addr, f);
+    }
+    srcu_exit(&sig_srcu, gidx);
+    return found;
+}
+
+/* In front of a handler that displaced ours (see sigbus_guard). Everything goes on to that
+ * handler, but a userfault on a sigbus-mode region ends the process with a line saying why:
+ * passed on alone, it would return to an access that faults again, for ever. */
+static void on_sigbus_late(int sig, siginfo_t *si, void *uc)
+{
+    int saved = errno;
+    const struct sigaction *displacer = &displacers[atomic_load(&displacer_now) % DISPLACERS];
+    char text[560];
+    struct fmt f = {text, text + sizeof(text)};
+    fmt_str(&f, "a SIGBUS handler installed after the sigbus-mode PageServer started "
+                "(faulthandler.enable(), signal.signal(SIGBUS, ...)) takes the faults of ");
+    if (si->si_code == BUS_ADRERR && describe((uint64_t)(uintptr_t)si->si_addr, &f)) {
+        fmt_str(&f, " and they would never end: install such handlers before creating the "
+                    "server, or use mode='thread'");
+        notice_write((uint64_t)(uintptr_t)si->si_addr, text);
+        chain_to(displacer, sig, si, uc); /* faulthandler prints its traceback */
+        signal(sig, SIG_DFL);
+        raise(sig); /* blocked in this handler: delivered, fatally, when it returns */
+    } else {
+        say_once(si);
+        chain_to(displacer, sig, si, uc);
+    }
+    errno = saved;
+}
+
+/* A handler installed after ours sees our userfaults first, and returns: the access faults again
+ * at once, for ever, at 100% CPU (a Python handler can never even run if the faulting thread
+ * holds the GIL). Put on_sigbus_late in front of it. The default and ignore dispositions already
+ * end the process. */
+void sigbus_guard(void)
+{
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) != 0)
+        return;
+    if (cur.sa_flags & SA_SIGINFO
+            ? cur.sa_sigaction == on_sigbus || cur.sa_sigaction == on_sigbus_late
+            : cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)
+        return;
+    pthread_mutex_lock(&sig_lock);
+    unsigned k = (atomic_load(&displacer_now) + 1) % DISPLACERS;
+    displacers[k] = cur; /* ready before on_sigbus_late can run */
+    atomic_store(&displacer_now, k);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus_late;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+    pthread_mutex_unlock(&sig_lock);
 }
 
 /* In a forked child no engine serves: its threads are the parent's and its regions are not
@@ -111,10 +194,9 @@ static void sigbus_forget_all(void)
     atomic_store(&sig_srcu.readers[1], 0);
 }
 
-int sigbus_attach(void *e, sigbus_resolver resolve)
+static int install_locked(void)
 {
     int rc = 0;
-    pthread_mutex_lock(&sig_lock);
     if (!sig_installed) {
         struct sigaction sa;
         memset(&sa, 0, sizeof(sa));
@@ -126,6 +208,21 @@ int sigbus_attach(void *e, sigbus_resolver resolve)
             rc = errno;
         sig_installed = !rc;
     }
+    return rc;
+}
+
+int sigbus_install(void)
+{
+    pthread_mutex_lock(&sig_lock);
+    int rc = install_locked();
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+int sigbus_attach(void *e, sigbus_resolver resolve, sigbus_describer describe)
+{
+    pthread_mutex_lock(&sig_lock);
+    int rc = install_locked();
     int k = 0;
     while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k].engine))
         k++;
@@ -133,6 +230,7 @@ int sigbus_attach(void *e, sigbus_resolver resolve)
         rc = EMFILE;
     if (!rc) {
         atomic_store(&sig_engines[k].resolve, resolve);
+        atomic_store(&sig_engines[k].describe, describe);
         atomic_store(&sig_engines[k].engine, e);
     }
     pthread_mutex_unlock(&sig_lock);

@@ -45,6 +45,7 @@ class Client:
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
+    error_cursor: int = 0  # the engine's failure records logged so far
 
     def __post_init__(self) -> None:
         self.key = self.conn.fileno()  # stays valid after the socket is closed
@@ -221,11 +222,26 @@ class Daemon:
                     client, lambda c: self._drop(c, "refused: no hand-off message in time", True)
                 )
         for client in list(self.clients.values()):
-            self._guarded(client, self._drop_if_exited)
+            self._guarded(client, self._reap_client)
 
-    def _drop_if_exited(self, client: Client) -> None:
-        if client.engine is not None and client.engine.info().client_gone:
-            self._drop(client, "its process exited")
+    def _reap_client(self, client: Client) -> None:
+        if client.engine is not None:
+            self._log_failures(client, client.engine)
+            if client.engine.info().client_gone:
+                self._drop(client, "its process exited")
+
+    def _log_failures(self, client: Client, engine: Engine) -> None:
+        """A page that could not be produced is poisoned: the guest thread touching it dies of
+        SIGBUS in the client, which cannot say why. The server says it, as it happens."""
+        client.error_cursor, errs = engine.errors(client.error_cursor)
+        regions = dict(zip(client.ids, client.regions, strict=False))  # ids: as far as _start got
+        for failure in errs:
+            base = regions[failure.region].offset if failure.region in regions else 0
+            log.error(
+                "%s: poisoned the page at %#x (memory file offset %#x): %s (%s)",
+                client.name(), failure.address, base + failure.offset,
+                os.strerror(failure.errno), failure.op,
+            )  # fmt: skip
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
         """Forget the client and close what it had. Safe to call again after a step failed:
@@ -244,13 +260,15 @@ class Daemon:
                 engine.stop()
                 if client.prefetcher:
                     client.prefetcher.join()
+                self._log_failures(client, engine)
                 total = engine.stats()
+                forks = engine.info().fork  # their uffds were closed: children are not served
                 if not refused:
                     log.info(
                         "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                        "removes %d",
+                        "removes %d, forks %d",
                         client.name(), why, total.faults, total.pages_installed,
-                        total.bytes_installed, total.eexist, total.errors, total.removes,
+                        total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                     )  # fmt: skip
         finally:
             if engine is not None:

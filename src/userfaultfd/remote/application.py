@@ -22,6 +22,7 @@ from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 
 from . import messages
 from .handler import PageSource, as_page_source
+from .notices import Board
 from .process import HandlerProcess, app_sockets
 
 REPLY_TIMEOUT = 10.0
@@ -155,13 +156,22 @@ class PythonSourceServer:
         self._errors: list[messages.ErrorReport] = []
         self._regions: set[RemoteRegion] = set()
         try:
-            self._process = HandlerProcess(theirs, self._source, start, timeout)
+            self._board = Board()
         except BaseException:
+            theirs.close()
+            self._sock.close()
+            self._uffd.close()
+            raise
+        try:
+            self._process = HandlerProcess(theirs, self._source, start, self._board.fd, timeout)
+        except BaseException:
+            self._board.close()
             self._sock.close()
             self._uffd.close()
             raise
         finally:
             theirs.close()
+            os.close(self._board.fd)
         self._pidfd = self._process.pidfd
         # If the handler dies, faulting threads (which may hold the GIL) get SIGBUS, not a hang.
         self._watchdog = _core.watchdog_start(self._pidfd, self._uffd.fileno())
@@ -290,6 +300,7 @@ class PythonSourceServer:
             _core.watchdog_stop(self._watchdog)  # leaves the parent's watchdog alone
             self._sock.close()
             os.close(self._pidfd)
+            self._board.close()
             self._uffd.close()
             return
         dead = "the handler process died" if self._process.exitcode is not None else ""
@@ -309,6 +320,7 @@ class PythonSourceServer:
                 self._process.join(REPLY_TIMEOUT)
             _core.watchdog_stop(self._watchdog)
             os.close(self._pidfd)
+            self._board.close()
             self._uffd.close()
         self._raise_errors()
 

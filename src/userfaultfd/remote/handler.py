@@ -27,7 +27,7 @@ from userfaultfd.events import PageFault
 from userfaultfd.handoff import GuestRegion, accept_handoff, recv_with_fds
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 
-from . import messages
+from . import messages, notices
 
 SPIN_NS = 50_000
 STUCK = 1.0  # seconds in one source call after which Ctrl-C interrupts it
@@ -133,9 +133,13 @@ class FaultLoop:
     Runs in the handler process's main thread, where its signal handlers run."""
 
     def __init__(
-        self, sock: socket.socket, source: PageSource, timeout: float | None = None
+        self,
+        sock: socket.socket,
+        source: PageSource,
+        board: notices.Writer,
+        timeout: float | None = None,
     ) -> None:
-        self.sock, self.source, self.timeout = sock, source, timeout
+        self.sock, self.source, self.board, self.timeout = sock, source, board, timeout
         self.calling_since = 0.0  # when the source call in progress began
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
@@ -344,18 +348,17 @@ class FaultLoop:
             done = e.done
         except FileExistsError:  # a duplicate fault, or a readahead race
             done = page
-        except FileNotFoundError:  # unregistered meanwhile
-            self.uffd.wake(start, length)
-            return 0
+        except FileNotFoundError:
+            # A COPY must lie in one VMA: the range crosses a split (mprotect or madvise on
+            # part of the region), or was unregistered meanwhile. Page by page tells which.
+            done = 0
         pages = done // PAGE_SIZE
         for pos in range(done, length, page):  # the rest page by page, skipping present ones
             try:
                 self.uffd.copy(start + pos, data[pos : pos + page], page, dontwake=True)
                 pages += page // PAGE_SIZE
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):  # present, or this page is gone
                 pass
-            except FileNotFoundError:
-                break
         self.uffd.wake(start, length)
         return pages
 
@@ -368,6 +371,11 @@ class FaultLoop:
         self.total.errors += 1
         if served:
             served.errors += 1
+        # The toucher may die of the SIGBUS before the application reads any report: its line
+        # (said by the application's SIGBUS handler) and the traceback are written first.
+        self.board.write(start, length, f"a PythonSourceServer page was poisoned: {message}")
+        sys.stderr.write(f"userfaultfd: the page at {start:#x} was poisoned: {message}\n{tb}")
+        sys.stderr.flush()
         # The report goes first: once the toucher is woken, the application may look for it.
         self.report(messages.ErrorReport(message, start, offset, tb))
         try:
@@ -384,20 +392,24 @@ class FaultLoop:
 def handler_main(
     sock: socket.socket,
     source: PageSource,
+    board: int,
     inherited: Iterable[socket.socket],
     app_pid: int,
     timeout: float | None,
 ) -> None:
     """The handler process's life; it ends the process, with status 0 after a clean stop.
-    ``inherited``: the application's ends of every server's socket, closed here, or the
-    application closing one would not reach that server's handler as EOF."""
+    ``board``: the notice board's fd. ``inherited``: the application's ends of every server's
+    socket, closed here, or the application closing one would not reach that server's handler
+    as EOF."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
         for other in inherited:
             other.close()
         threading.Thread(target=_end_with, args=(app_pid,), daemon=True).start()
-        FaultLoop(sock, source, timeout).run()
+        writer = notices.Writer(board)
+        os.close(board)
+        FaultLoop(sock, source, writer, timeout).run()
         code = 0
     except BaseException:  # noqa: BLE001 - the process ends here either way
         traceback.print_exc()
@@ -427,10 +439,11 @@ def _load_main(kind: str, ref: str, argv: list[str]) -> None:
 
 
 def spawned_main() -> None:
-    """The entry point of a spawned handler. Arguments: the socket's fd, the application's
-    pid, the timeout (or "none"), and if the source refers to the application's __main__, how
-    to load that and the application's argv. The pickled source arrives on standard input."""
-    fd, app_pid, timeout, *main = sys.argv[1:]
+    """The entry point of a spawned handler. Arguments: the socket's and the notice board's
+    fds, the application's pid, the timeout (or "none"), and if the source refers to the
+    application's __main__, how to load that and the application's argv. The pickled source
+    arrives on standard input."""
+    fd, board, app_pid, timeout, *main = sys.argv[1:]
     sock = socket.socket(fileno=int(fd))
     try:
         if main:
@@ -440,4 +453,6 @@ def spawned_main() -> None:
         message = f"the handler could not load the source: {e!r}"
         sock.send(messages.encode(messages.ErrorReport(message, traceback=traceback.format_exc())))
         os._exit(1)
-    handler_main(sock, source, (), int(app_pid), None if timeout == "none" else float(timeout))
+    handler_main(
+        sock, source, int(board), (), int(app_pid), None if timeout == "none" else float(timeout)
+    )

@@ -44,20 +44,25 @@ class HandlerProcess:
     would kill the parent's handler when that child exits."""
 
     def __init__(
-        self, sock: socket.socket, source: PageSource, start: str, timeout: float | None
+        self,
+        sock: socket.socket,
+        source: PageSource,
+        start: str,
+        board: int,
+        timeout: float | None,
     ) -> None:
         self._exitcode: int | None = None
         app_pid = os.getpid()
         if start == "spawn":
-            self.pid = self._spawn(sock, source, timeout)
+            self.pid = self._spawn(sock, source, board, timeout)
         else:
             self.pid = os.fork()
             if self.pid == 0:
-                handler_main(sock, source, list(app_sockets), app_pid, timeout)
+                handler_main(sock, source, board, list(app_sockets), app_pid, timeout)
         self.pidfd = os.pidfd_open(self.pid)
 
     @staticmethod
-    def _spawn(sock: socket.socket, source: PageSource, timeout: float | None) -> int:
+    def _spawn(sock: socket.socket, source: PageSource, board: int, timeout: float | None) -> int:
         try:
             payload = pickle.dumps(source)
         except Exception as e:
@@ -68,13 +73,16 @@ class HandlerProcess:
         main = [*_main_reference(), *sys.argv] if b"__main__" in payload else []
         settings = [
             str(sock.fileno()),
+            str(board),
             str(os.getpid()),
             "none" if timeout is None else str(timeout),
         ]
         code = "from userfaultfd.remote.handler import spawned_main; spawned_main()"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         r, w = os.pipe()
-        os.set_inheritable(sock.fileno(), True)
+        inherited = (sock.fileno(), board)
+        for fd in inherited:
+            os.set_inheritable(fd, True)
         try:
             pid = os.posix_spawn(
                 sys.executable,
@@ -83,7 +91,8 @@ class HandlerProcess:
                 file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
             )
         finally:
-            os.set_inheritable(sock.fileno(), False)
+            for fd in inherited:
+                os.set_inheritable(fd, False)
             os.close(r)
         with open(w, "wb") as pipe:  # the child reads it at once: no deadlock past the buffer
             pipe.write(payload)
