@@ -876,6 +876,8 @@ def test_wrong_types_are_type_errors_naming_the_value(server: u.PageServer) -> N
         server.map(PAGE, page_size=4096.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fill pattern 'x' is a str: give a byte value"):
         u.Fill("x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="buffer source 'x' is a str, not a bytes-like"):
+        u.Buffer("x")
     with pytest.raises(TypeError, match="file offset '0' is a str"):
         u.File("x", offset="0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="workers '2' is a str"):
@@ -974,6 +976,17 @@ def test_leaving_a_server_with_a_live_view_warns_visibly_by_default() -> None:
     assert proc.stdout == "w\n"
     assert "DetachWarning" in proc.stderr and "installing every page" in proc.stderr
     assert proc.stderr.startswith("<string>:3: DetachWarning")  # the user's with statement
+
+
+def test_close_detach_error_does_not_count_a_buffer_source_of_its_own() -> None:
+    """A region that is another region's Buffer source is exported by that one, which the
+    close releases first: no live view of the user's, nothing to refuse or to detach."""
+    server = u.PageServer("thread")
+    source = server.map(4 * PAGE, u.Fill(b"b"))
+    copy = server.map(4 * PAGE, u.Buffer(source))
+    assert copy[:4] == b"bbbb"
+    server.close(detach="error")
+    assert source.closed and copy.closed
 
 
 def test_close_detach_error_raises_before_closing_anything() -> None:

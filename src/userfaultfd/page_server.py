@@ -24,7 +24,7 @@ from ._regions import exported, in_forked_child, registering, warn_detaching
 from .errors import SourceError, expect_int, source_error
 from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
 from .progress import populate_in_slices
-from .sources import Prepared, Source, Zero
+from .sources import Buffer, Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
@@ -351,8 +351,17 @@ class PageServer:
         :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
         is closed. Raises SourceError for failures not yet reported."""
         if not self.closed and os.getpid() == self._pid:
-            exported(self._regions.values(), detach)
+            exported(self._viewed(), detach)
         self._shutdown(at_exit=False)
+
+    def _viewed(self) -> list[Region]:
+        """The regions exported beyond what this server's own Buffer sources hold of them
+        (each holds one view of its region while it is served, released as it closes)."""
+        held: dict[int, int] = {}
+        for region in self._regions.values():
+            if isinstance(region.source, Buffer) and region._prepared:
+                held[id(region.source.obj)] = held.get(id(region.source.obj), 0) + 1
+        return [r for r in self._regions.values() if r.exports > held.get(id(r), 0)]
 
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:

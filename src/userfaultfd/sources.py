@@ -93,7 +93,13 @@ class Buffer(Source):
     end read as zeros."""
 
     def __init__(self, obj: Any) -> None:
-        with memoryview(obj) as view:
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(
+                f"buffer source {obj!r:.60} is a {type(obj).__name__}, not a bytes-like object"
+            ) from None
+        with view:
             if not view.contiguous:
                 raise ValueError("buffer source must be C-contiguous")
             self.nbytes = view.nbytes
