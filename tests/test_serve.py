@@ -9,6 +9,7 @@ import mmap
 import os
 import queue
 import random
+import resource
 import signal
 import socket
 import stat
@@ -46,12 +47,17 @@ MIB = 1 << 20
 class Server:
     """`userfaultfd serve` in a subprocess; its log lines arrive in a queue."""
 
-    def __init__(self, tmp: Path, memory: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, memory: Path, *extra: str, max_fds: int = 0) -> None:
         self.socket = tmp / "uffd.sock"
+
+        def limit() -> None:
+            if max_fds:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(self.socket),
              "--memory", str(memory), *extra],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE, text=True, preexec_fn=limit,
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
@@ -483,6 +489,41 @@ def test_fuzzed_hand_offs_leave_the_server_serving(server: Server, memory: Path)
         server.log.append(server.lines.get())
     unforeseen = [line for line in server.log if "unexpected error" in line]
     assert not unforeseen, f"FUZZ_SEED={seed}: {unforeseen[:3]}"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_fds_the_server_pauses_accepting_instead_of_spinning(
+    tmp_path: Path, memory: Path
+) -> None:
+    """Idle connections use up the server's fds: accept fails while the listener stays
+    readable. The server says so once and retries now and then, not in a busy loop; once the
+    connections go, it serves again."""
+    s = Server(tmp_path, memory, max_fds=24)
+    idle = []
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(s.socket))  # the backlog takes it even when accept cannot
+            idle.append(sock)
+        s.expect("cannot accept connections")
+        before = _cpu_seconds(s.proc.pid)
+        time.sleep(1.5)
+        assert _cpu_seconds(s.proc.pid) - before < 0.5  # a spinning loop takes ~1.5 s
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        assert finish(client(s, memory, f"{MIB}@0")).split()[-1] == "OK"
+        while not s.lines.empty():
+            s.log.append(s.lines.get())
+        assert sum("cannot accept" in line for line in s.log) == 1
+    finally:
+        for sock in idle:
+            sock.close()
+        assert s.stop() == 0
 
 
 def test_bad_fds_are_refused(server: Server, memory: Path) -> None:

@@ -30,6 +30,7 @@ from userfaultfd.uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
+ACCEPT_PAUSE = 0.5  # seconds between accept attempts while out of fds
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Client:
     prefetcher: threading.Thread | None = None
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
     error_cursor: int = 0  # the engine's failure records logged so far
+    chatty: bool = False  # it sent bytes after its hand-off (logged once)
 
     def __post_init__(self) -> None:
         self.key = self.conn.fileno()  # stays valid after the socket is closed
@@ -88,6 +90,8 @@ class Daemon:
         self.clients: dict[int, Client] = {}
         self.counter = 0
         self.stopping = False
+        self.short_of_fds = False
+        self.accept_again = 0.0  # while out of fds: when the listener is watched again
 
     # main loop
 
@@ -132,11 +136,15 @@ class Daemon:
             pid, uid, _ = struct.unpack(
                 "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             )
-        except OSError as e:  # the peer is already gone (or we are out of fds)
-            log.warning("accept failed: %s", e)
+        except OSError as e:  # the peer is already gone, or we are out of fds
             with contextlib.suppress(UnboundLocalError):
                 conn.close()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._pause_accepting(e)
+            else:
+                log.warning("accept failed: %s", e)
             return
+        self.short_of_fds = False
         self.counter += 1
         client = Client(self.counter, conn, pid, uid)
         if uid not in self.allowed:
@@ -146,6 +154,15 @@ class Daemon:
         conn.setblocking(False)
         self.pending[client.key] = client
         self.selector.register(conn, selectors.EVENT_READ, client)
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of fds, the listener stays readable and every accept fails: without a pause the
+        loop would spin (and log) at full speed. Connections wait in the backlog meanwhile."""
+        if not self.short_of_fds:
+            log.warning("cannot accept connections: %s; retrying every %.1f s", e, ACCEPT_PAUSE)
+            self.short_of_fds = True
+        self.selector.unregister(self.listener)
+        self.accept_again = time.monotonic() + ACCEPT_PAUSE
 
     def _readable(self, client: Client) -> None:
         if client.engine is None:
@@ -159,10 +176,9 @@ class Daemon:
             why = "closed the connection"
         if not data:
             self._drop(client, why)
-        else:
-            log.warning(
-                "%s sent %d unexpected bytes after its hand-off: ignored", client.name(), len(data)
-            )
+        elif not client.chatty:  # said once: a client sending on and on must not flood the log
+            client.chatty = True
+            log.warning("%s sends unexpected bytes after its hand-off: ignored", client.name())
 
     def _handshake(self, client: Client) -> None:
         """Reads what has arrived of the hand-off, without waiting for the rest: a client
@@ -216,6 +232,9 @@ class Daemon:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        if self.accept_again and now >= self.accept_again:
+            self.accept_again = 0.0
+            self.selector.register(self.listener, selectors.EVENT_READ)
         for client in list(self.pending.values()):
             if now - client.connected > HANDSHAKE_TIMEOUT:
                 self._guarded(
