@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -231,6 +232,42 @@ def test_failure_reports_nobody_reads_never_block_serving(tmp_path: Path) -> Non
         dropped = sum(int(n.split()[0]) for n in notes)
         assert notes and dropped == stats["reports_dropped"]  # some were dropped, and counted
         assert len(reports) - len(notes) + dropped == pages
+
+
+UNREAD_STDERR_APP = textwrap.dedent(
+    """
+    import errno, os, sys
+    import userfaultfd as u
+    def fails(offset, length):
+        raise RuntimeError("x" * 2000)  # a long traceback for each page
+    with u.PythonSourceServer(fails) as server:
+        region = server.map(400 * u.PAGE_SIZE)
+        r, w = os.pipe()
+        for k in range(400):
+            try:
+                os.write(w, memoryview(region)[k * u.PAGE_SIZE : (k + 1) * u.PAGE_SIZE])
+            except OSError as e:  # poisoned: nothing reaches the pipe
+                assert e.errno == errno.EFAULT
+        print("all 400 answered", flush=True)
+        os._exit(0)
+    """
+)
+
+
+@pytest.mark.kernel_faults
+def test_a_stderr_nobody_reads_never_blocks_serving() -> None:
+    """The handler prints each failure to the application's stderr: a pipe nobody reads fills
+    after a few dozen tracebacks, and a blocking write there would stop it serving."""
+    app = subprocess.Popen([sys.executable, "-c", UNREAD_STDERR_APP], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert app.stdout is not None
+        ready, _, _ = select.select([app.stdout], [], [], 30)
+        assert ready, "the application hangs: the handler is blocked writing to stderr"
+        assert app.stdout.readline() == "all 400 answered\n"
+    finally:
+        app.kill()
+        app.communicate(timeout=30)
 
 
 def exits(offset: int, length: int) -> bytes:

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import os
 import pickle
+import queue
 import runpy
 import select
 import signal
@@ -123,6 +124,32 @@ class Served:
         return self.faults, self.pages, self.errors
 
 
+class StderrWriter:
+    """Writes to stderr from a thread of its own. The handler shares the application's stderr,
+    which may be a pipe nobody reads until later: a write blocked on it must not stop serving.
+    What the queue cannot hold is dropped, and the count said once there is room."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.queue: queue.Queue[str] = queue.Queue(size)
+        self.dropped = 0
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def write(self, text: str) -> None:
+        try:
+            self.queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while True:
+            text = self.queue.get()
+            dropped, self.dropped = self.dropped, 0  # (a count lost to a race is only a count)
+            if dropped:
+                text = f"userfaultfd: {dropped} message(s) not written: stderr was full\n{text}"
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
 class SourceTimeout(BaseException):
     """A source call ran past the server's timeout. A BaseException: the source's own
     ``except Exception`` (a retry loop) must not swallow it."""
@@ -141,6 +168,7 @@ class FaultLoop:
     ) -> None:
         self.sock, self.source, self.board, self.timeout = sock, source, board, timeout
         self.calling_since = 0.0  # when the source call in progress began
+        self.stderr = StderrWriter()
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, Served] = {}  # by base address
@@ -374,8 +402,7 @@ class FaultLoop:
         # The toucher may die of the SIGBUS before the application reads any report: its line
         # (said by the application's SIGBUS handler) and the traceback are written first.
         self.board.write(start, length, f"a PythonSourceServer page was poisoned: {message}")
-        sys.stderr.write(f"userfaultfd: the page at {start:#x} was poisoned: {message}\n{tb}")
-        sys.stderr.flush()
+        self.stderr.write(f"userfaultfd: the page at {start:#x} was poisoned: {message}\n{tb}")
         # The report goes first: once the toucher is woken, the application may look for it.
         self.report(messages.ErrorReport(message, start, offset, tb))
         try:
