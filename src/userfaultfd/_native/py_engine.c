@@ -167,7 +167,7 @@ static PyObject *engineobj_populate(EngineObject *o, PyObject *args)
 }
 
 /* stats(id) -> (faults_missing, faults_minor, faults_wp, pages, bytes, zero_pages, eexist,
- *               poisoned, errors, removes, histogram bytes); id -1: all regions. */
+ *               poisoned, errors, removes, prefetched, histogram bytes); id -1: all regions. */
 static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
 {
     int id;
@@ -176,9 +176,10 @@ static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
         return NULL;
     if (engine_region_stats(o->e, id, &s) < 0)
         return os_error(ENOENT, "stats");
-    return Py_BuildValue("KKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
+    return Py_BuildValue("KKKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
                          s.pages_installed, s.bytes_installed, s.zero_pages, s.eexist, s.poisoned,
-                         s.errors, s.removes, (const char *)s.hist, (Py_ssize_t)sizeof(s.hist));
+                         s.errors, s.removes, s.prefetched, (const char *)s.hist,
+                         (Py_ssize_t)sizeof(s.hist));
 }
 
 /* pieces(id) -> [(start, end, offset), ...]: where the region's memory is mapped now */
@@ -239,6 +240,71 @@ static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
     return Py_BuildValue("iKKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3], ev[4]);
 }
 
+/* record_start(id): first touches of region id are recorded from now on */
+static PyObject *engineobj_record_start(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_record_start(o->e, id);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "record_start");
+    Py_RETURN_NONE;
+}
+
+/* record_finish(id) -> bytes: (offset, ns) pairs as native uint64, in first-touch order */
+static PyObject *engineobj_record_finish(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    uint64_t *p;
+    size_t n;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_record_finish(o->e, id, &p, &n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "record_finish");
+    PyObject *out = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)(n * 2 * sizeof(*p)));
+    free(p);
+    return out;
+}
+
+/* replay(runs, *, threads=1, speculative=False): runs is a buffer of (region id, offset, length)
+ * native uint64 triples */
+static PyObject *engineobj_replay(EngineObject *o, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"runs", "threads", "speculative", NULL};
+    Py_buffer runs;
+    int threads = 1, speculative = 0, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTupleAndKeywords(args, kw, "y*|$ip:replay", kwlist,
+                                                            &runs, &threads, &speculative))
+        return NULL;
+    if (runs.len % (Py_ssize_t)(3 * sizeof(uint64_t))) {
+        PyErr_Format(PyExc_ValueError, "replay: %zd bytes is not a whole number of runs", runs.len);
+        PyBuffer_Release(&runs);
+        return NULL;
+    }
+    size_t n = (size_t)runs.len / (3 * sizeof(uint64_t));
+    const uint64_t *buf = runs.buf;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_replay(o->e, buf, n, threads, speculative);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&runs);
+    if (rc < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "replay");
+    Py_RETURN_NONE;
+}
+
+static PyObject *engineobj_replays_running(EngineObject *o, PyObject *unused)
+{
+    if (engine_check(o) < 0)
+        return NULL;
+    return PyLong_FromLong(engine_replays_running(o->e));
+}
+
 /* Every method raises ValueError once the engine is closed or in a forked child of its owner. */
 static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engineobj_start, METH_NOARGS,
@@ -263,8 +329,8 @@ static PyMethodDef engine_methods[] = {
      "ESRCH (the owner's memory is gone)."},
     {"stats", (PyCFunction)engineobj_stats, METH_VARARGS,
      "stats(id) -> (faults_missing, faults_minor, faults_wp, pages, bytes, zero_pages, eexist, "
-     "poisoned, errors, removes, histogram); id -1: all regions. OSError ENOENT for an unknown "
-     "id."},
+     "poisoned, errors, removes, prefetched, histogram); id -1: all regions. OSError ENOENT for "
+     "an unknown id."},
     {"pieces", (PyCFunction)engineobj_pieces, METH_VARARGS,
      "pieces(id) -> [(start, end, offset)]: where the region's memory is mapped now. OSError "
      "ENOENT for an unknown id."},
@@ -274,6 +340,20 @@ static PyMethodDef engine_methods[] = {
     {"info", (PyCFunction)engineobj_info, METH_NOARGS,
      "info() -> (client_gone, remove, unmap, remap, unknown, fork): whether the owner's memory "
      "went away, and the non-cooperative events handled (a FORK event's uffd is closed)."},
+    {"record_start", (PyCFunction)engineobj_record_start, METH_VARARGS,
+     "record_start(id): record the first touch of every granule of the region from now on (its "
+     "offset and the ns since now). OSError ENOENT (unknown id), EBUSY (recorded before), "
+     "ENOMEM."},
+    {"record_finish", (PyCFunction)engineobj_record_finish, METH_VARARGS,
+     "record_finish(id) -> bytes: end the recording and return its (offset, ns) pairs as native "
+     "uint64, in first-touch order; again: the same. OSError ENOENT, EINVAL (never recorded)."},
+    {"replay", (PyCFunction)(void (*)(void))engineobj_replay, METH_VARARGS | METH_KEYWORDS,
+     "replay(runs, *, threads=1, speculative=False): install (region id, offset, length) native "
+     "uint64 triples in this order in `threads` background threads, faults first; present and "
+     "removed granules are skipped. speculative: only with CPU time that would otherwise idle. "
+     "OSError EINVAL (threads not in 1..16), EAGAIN (16 replays running)."},
+    {"replays_running", (PyCFunction)engineobj_replays_running, METH_NOARGS,
+     "replays_running() -> how many replays still have threads installing."},
     {NULL}};
 
 PyTypeObject EngineType = {

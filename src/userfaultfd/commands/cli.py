@@ -1,4 +1,5 @@
-"""The command line: ``userfaultfd demo|info|serve|bench``. Thin: parse, call the library, print."""
+"""The command line: ``userfaultfd demo|info|serve|bench|ws``. Thin: parse, call the library,
+print."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import serve
 
+    if args.record_seconds is not None and not args.record:
+        raise ValueError("--record-seconds needs --record PATH")
+    if args.replay_threads > 16:
+        raise ValueError(f"--replay-threads {args.replay_threads} is above the limit of 16")
     return int(serve.main(args))
 
 
@@ -116,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept peers of this uid too (default: our own uid only)",
     )
     p.add_argument("--workers", type=_positive_int, default=1, help="threads per client")
+    p.add_argument(
+        "--record",
+        metavar="PATH",
+        help="record the first client's first touches into this working-set file (written when "
+        "it disconnects, on SIGUSR1, after --record-seconds, or when the server stops)",
+    )
+    p.add_argument(
+        "--record-seconds",
+        type=_non_negative_float,
+        metavar="S",
+        help="end the recording this many seconds after the client connected",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="PATH",
+        help="install this working set for every client in the background, faults first",
+    )
+    p.add_argument(
+        "--replay-threads", type=_positive_int, default=1, metavar="N", help="(default 1)"
+    )
     p.set_defaults(func=_cmd_serve)
 
     from .bench import SCENARIOS
@@ -140,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"run only these (repeatable or comma-separated): {', '.join(SCENARIOS)}",
     )
     p.set_defaults(func=_cmd_bench)
+
+    from . import ws
+
+    ws.add_parser(sub)
     return parser
 
 

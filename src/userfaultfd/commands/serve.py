@@ -3,7 +3,11 @@
 Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
 client gets native worker threads (the page server's engine) that serve its MISSING faults from the
 memory file at ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the
-range, so the client later reads fresh zero pages, as Firecracker's example handler does."""
+range, so the client later reads fresh zero pages, as Firecracker's example handler does.
+
+Working sets: ``--record`` records the first client's first touches into a working-set file;
+``--replay`` installs a recorded set for every client in the background while its faults are
+served first (working_set.py)."""
 
 from __future__ import annotations
 
@@ -17,16 +21,16 @@ import signal
 import socket
 import stat
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from userfaultfd import _core
-from userfaultfd._engine import Engine, RegionSpec, parse_readahead
+from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
 from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
 from userfaultfd.sources import open_data_file
 from userfaultfd.uffd import PAGE_SIZE
+from userfaultfd.working_set import WorkingSet, plan_replay
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -44,7 +48,7 @@ class Client:
     regions: list[GuestRegion] = field(default_factory=list)
     engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
-    prefetcher: threading.Thread | None = None
+    recording: bool = False  # its first touches are being recorded (--record)
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
     error_cursor: int = 0  # the engine's failure records logged so far
     chatty: bool = False  # it sent bytes after its hand-off (logged once)
@@ -68,8 +72,18 @@ class Daemon:
         readahead: str = "adaptive",
         allow_uids: tuple[int, ...] = (),
         workers: int = 1,
+        record: str | None = None,
+        record_seconds: float | None = None,
+        replay: WorkingSet | None = None,
+        replay_threads: int = 1,
     ) -> None:
         self.readahead = parse_readahead(readahead)
+        self.record_path = record  # None once the recording is written (one client is recorded)
+        self.record_seconds = record_seconds
+        self.record_deadline = float("inf")
+        self.end_recording = False  # set by SIGUSR1
+        self.replay = replay
+        self.replay_threads = replay_threads
         self.prefetch = prefetch
         self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
@@ -82,6 +96,13 @@ class Daemon:
             self.memory._map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
+        if replay is not None:
+            beyond = sum(max(0, o + n - max(o, self.memory_size)) for o, n in replay) // PAGE_SIZE
+            if beyond:
+                log.warning(
+                    "%d page(s) of the working set lie beyond the memory file's %d bytes: ignored",
+                    beyond, self.memory_size,
+                )  # fmt: skip
         self.path = socket_path
         self.listener = _listen(socket_path)
         self.selector = selectors.DefaultSelector()
@@ -103,6 +124,8 @@ class Daemon:
                 else:
                     self._guarded(key.data, self._readable)
             self._reap()
+            if self.end_recording or time.monotonic() >= self.record_deadline:
+                self._end_recording("asked to" if self.end_recording else "time is up")
 
     def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
         """Whatever one client makes go wrong costs that client only: an error nobody foresaw
@@ -118,6 +141,36 @@ class Daemon:
 
     def stop(self, *_: object) -> None:
         self.stopping = True
+
+    def request_end_of_recording(self, *_: object) -> None:
+        """SIGUSR1: write the working set recorded so far (the loop does it, not the signal)."""
+        self.end_recording = True
+
+    def _end_recording(self, why: str) -> None:
+        self.end_recording = False
+        self.record_deadline = float("inf")
+        for client in self.clients.values():
+            if client.recording:
+                self._finish_recording(client, why)
+
+    def _finish_recording(self, client: Client, why: str) -> None:
+        """Writes the client's first touches, in memory-file offsets, to the --record file."""
+        assert client.engine is not None and self.record_path is not None
+        client.recording = False
+        touches: list[tuple[int, int]] = []
+        for rid, region in zip(client.ids, client.regions, strict=True):
+            for offset, ns in client.engine.record_finish(rid):
+                start = region.offset + offset  # a huge page's granule: all its base pages
+                touches += [(o, ns) for o in range(start, start + region.page_size, PAGE_SIZE)]
+        touches.sort(key=lambda t: t[1])  # the regions' touches interleaved by time (stable)
+        duration = int((time.monotonic() - client.connected) * 1e9)
+        ws = WorkingSet.from_touches(touches, PAGE_SIZE, self.memory_size, duration)
+        ws.save(self.record_path)
+        log.info(
+            "recorded %s (%s): %d pages in %d runs to %s",
+            client.name(), why, len(ws), len(ws.runs), self.record_path,
+        )  # fmt: skip
+        self.record_path = None
 
     def close(self) -> None:
         for client in [*self.pending.values(), *self.clients.values()]:
@@ -201,6 +254,10 @@ class Daemon:
         # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
         engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
+        # The first client is recorded, if asked, with readahead off: every first touch a fault.
+        recorded = client.recording = self.record_path is not None and not any(
+            c.recording for c in self.clients.values()
+        )
         for r in client.regions:
             spec = RegionSpec(
                 start=r.base_host_virt_addr,
@@ -210,25 +267,30 @@ class Daemon:
                 base=self.memory.address + r.offset,
                 base_len=r.size,
                 can_zeropage=r.page_size == PAGE_SIZE,
-                readahead=self.readahead,
+                readahead=Readahead() if recorded else self.readahead,
             )
             client.ids.append(engine.add_region(spec))
+            if recorded:
+                engine.record_start(client.ids[-1])
+        if recorded and self.record_seconds is not None:
+            self.record_deadline = time.monotonic() + self.record_seconds
         engine.start()
-        if self.prefetch:
-            client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
-            client.prefetcher.start()
+        if not recorded:
+            self._replay(engine, client)
 
-    def _prefetch(self, client: Client) -> None:
-        """Install every region in the background; the workers serve faults meanwhile."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # faults come first
-        assert client.engine is not None
-        for rid, region in zip(client.ids, client.regions, strict=True):
-            try:
-                client.engine.populate(rid, 0, region.size)
-            except OSError as e:
-                if e.errno not in (errno.ECANCELED, errno.ESRCH):
-                    log.warning("%s: prefetch failed: %s", client.name(), e)
-                return
+    def _replay(self, engine: Engine, client: Client) -> None:
+        """The working set first, in its order, below the workers; with --prefetch all the rest
+        of the memory streamed in address order, speculatively: only with CPU time nothing else
+        wants, so it never competes with the set or with a fault."""
+        pairs = zip(client.ids, client.regions, strict=True)
+        layout = [(rid, r.offset, r.size) for rid, r in pairs]
+        if self.replay:
+            runs = plan_replay(self.replay, layout, self.memory_size)[0]
+            if runs:
+                engine.replay(runs, threads=self.replay_threads)
+        if self.prefetch:
+            rest = b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
+            engine.replay(rest, threads=self.replay_threads, speculative=True)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -264,7 +326,7 @@ class Daemon:
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
         """Forget the client and close what it had. Safe to call again after a step failed:
-        every resource is taken off the client before it is released."""
+        every resource is taken off the client as it is released."""
         self.pending.pop(client.key, None)
         self.clients.pop(client.key, None)
         with contextlib.suppress(KeyError, ValueError):
@@ -272,24 +334,25 @@ class Daemon:
         client.conn.close()
         if refused:
             log.warning("%s %s", client.name(), why)
-        engine, client.engine = client.engine, None
-        uffd, client.uffd = client.uffd, -1
+        engine, uffd = client.engine, client.uffd
+        client.uffd = -1
         try:
             if engine is not None:
                 engine.stop()
-                if client.prefetcher:
-                    client.prefetcher.join()
+                if client.recording:
+                    self._finish_recording(client, why)
                 self._log_failures(client, engine)
                 total = engine.stats()
                 forks = engine.info().fork  # their uffds were closed: children are not served
                 if not refused:
                     log.info(
-                        "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                        "removes %d, forks %d",
-                        client.name(), why, total.faults, total.pages_installed,
+                        "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
+                        "races %d, errors %d, removes %d, forks %d",
+                        client.name(), why, total.faults, total.prefetched, total.pages_installed,
                         total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                     )  # fmt: skip
         finally:
+            client.engine = None  # (a second _drop, after a failed step, finds nothing left)
             if engine is not None:
                 engine.close()
             client.reader.close()
@@ -313,15 +376,25 @@ def _listen(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Bound aside and renamed into place once listening: a client that waits for the path to
+    # appear and connects at once is never refused.
+    aside = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
     old = os.umask(0o177)
     try:
-        sock.bind(path)
+        sock.bind(aside)
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    sock.listen(64)
+    try:
+        sock.listen(64)
+        os.rename(aside, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        raise
     return sock
 
 
@@ -334,8 +407,13 @@ def main(args: argparse.Namespace) -> int:
         readahead=args.readahead,
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
+        record=args.record,
+        record_seconds=args.record_seconds,
+        replay=WorkingSet.load(args.replay, page_size=PAGE_SIZE) if args.replay else None,
+        replay_threads=args.replay_threads,
     )
     previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, daemon.request_end_of_recording)
     log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
     try:
         daemon.serve_forever()

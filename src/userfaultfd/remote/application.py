@@ -8,6 +8,7 @@ import mmap
 import os
 import select
 import socket
+import tempfile
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from userfaultfd.errors import SourceError, expect_int, source_error
 from userfaultfd.flags import RegisterMode
 from userfaultfd.handoff import GuestRegion, send_uffd
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd.working_set import WorkingSet
 
 from . import messages
 from .handler import PageSource, as_page_source
@@ -36,6 +38,8 @@ class RemoteRegion(_core.Mapping):
     offset: int
     readahead: int | str
     _detached: bool = False
+    _recording: bool = False
+    _working_set: WorkingSet | None = None
 
     def populate(self, offset: int = 0, length: int | None = None) -> None:
         """Install every page of ``[offset, offset + length)`` now: the handler asks the source
@@ -72,6 +76,18 @@ class RemoteRegion(_core.Mapping):
         if self._detached:
             raise ValueError("the region was detached from its server as it closed")
 
+    def working_set(self) -> WorkingSet:
+        """The first touches recorded since the region was mapped with ``record=True``, in
+        region offsets. Ends the recording (as closing the region does); later calls return the
+        same set."""
+        if self._working_set is None:
+            if not self._recording:
+                raise ValueError("this region was not mapped with record=True")
+            if self.closed:
+                raise ValueError("the region was closed before its working set was taken")
+            self._working_set = self.server._fetch_working_set(self.address)
+        return self._working_set
+
     def close(self) -> None:
         if self.closed:
             return
@@ -81,6 +97,8 @@ class RemoteRegion(_core.Mapping):
         server, address = self.server, self.address
         try:
             if server._process.exitcode is None:
+                if self._recording and self._working_set is None:
+                    self._working_set = server._fetch_working_set(address)
                 server._request(messages.Unmap(address))
         finally:
             # munmap ends the registration, whatever the handler answered: nothing can read the
@@ -185,12 +203,20 @@ class PythonSourceServer:
             raise
 
     def map(
-        self, length: int, *, offset: int = 0, readahead: int | Literal["adaptive"] = 0
+        self,
+        length: int,
+        *,
+        offset: int = 0,
+        readahead: int | Literal["adaptive"] = 0,
+        record: bool = False,
     ) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
         ``readahead``: extra pages asked of the source with each fault, or "adaptive" (64 KiB
-        growing to 4 MiB on sequential streams)."""
+        growing to 4 MiB on sequential streams). ``record``: record the first touches
+        (:meth:`RemoteRegion.working_set`); readahead must be off meanwhile."""
         self._check()
+        if record and readahead:
+            raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
         if expect_int("length", length) <= 0 or length % PAGE_SIZE:
             raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
         if expect_int("offset", offset) < 0 or offset % PAGE_SIZE:
@@ -207,10 +233,21 @@ class PythonSourceServer:
             send_uffd(self._sock, self._uffd.fileno(),
                       [GuestRegion(region.address, length, offset, PAGE_SIZE)])  # fmt: skip
             self._reply()
+            if record:
+                self._request(messages.Record(region.address))
+                region._recording = True
             if readahead:
                 self._request(dataclasses.replace(ahead, base=region.address))
         self._regions.add(region)
         return region
+
+    def _fetch_working_set(self, base: int) -> WorkingSet:
+        """The handler writes the region's recording to a file (a set can outgrow a message)."""
+        with tempfile.TemporaryDirectory(prefix="uffd-ws-") as tmp:
+            path = os.path.join(tmp, "recording")
+            self._request(messages.WorkingSetRequest(base, path))
+            self._check()
+            return WorkingSet.load(path)
 
     def stats(self) -> dict[str, int]:
         """Faults served, pages installed and source errors, counted by the handler, and the

@@ -27,6 +27,7 @@ from userfaultfd.errors import PartialError
 from userfaultfd.events import PageFault
 from userfaultfd.handoff import GuestRegion, accept_handoff, recv_with_fds
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd.working_set import WorkingSet
 
 from . import messages, notices
 
@@ -172,6 +173,8 @@ class FaultLoop:
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, Served] = {}  # by base address
+        # base -> (start ns, {region offset: ns since the start}) in first-touch order
+        self.recordings: dict[int, tuple[int, dict[int, int]]] = {}
         self.total = Served(GuestRegion(0, 0, 0, PAGE_SIZE), 0)  # the counts of every region
         self.backlog: collections.deque[bytes] = collections.deque()
         self.dropped = 0  # reports dropped since the application last heard of it
@@ -240,6 +243,13 @@ class FaultLoop:
         if isinstance(msg, messages.Unmap):
             if self.regions.pop(msg.base, None):
                 self.bases.remove(msg.base)
+            self.recordings.pop(msg.base, None)
+        elif isinstance(msg, messages.Record):
+            self.recordings[msg.base] = (time.monotonic_ns(), {})
+        elif isinstance(msg, messages.WorkingSetRequest):  # ends the recording
+            size = self.regions[msg.base].region.size
+            _, touches = self.recordings.pop(msg.base)
+            WorkingSet.from_touches(touches.items(), PAGE_SIZE, size).save(msg.path)
         elif isinstance(msg, messages.Readahead):
             served = self.regions[msg.base]
             served.chunk, served.adaptive = msg.nbytes, msg.adaptive
@@ -302,6 +312,10 @@ class FaultLoop:
         served.faults += 1
         r = served.region
         start = address & ~(r.page_size - 1)
+        recording = self.recordings.get(r.base_host_virt_addr)
+        if recording:  # dict order is first-touch order; a page touched again keeps its time
+            since = time.monotonic_ns() - recording[0]
+            recording[1].setdefault(start - r.base_host_virt_addr, since)
         if served.adaptive:  # a stream grows its window (64 KiB to 4 MiB), a jump resets it
             grown = min(served.chunk * 2, ADAPTIVE_MAX) if start == served.sequel else 0
             served.chunk = max(grown, ADAPTIVE_MIN)

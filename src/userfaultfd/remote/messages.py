@@ -36,6 +36,22 @@ class Populate:
 
 
 @dataclass(frozen=True)
+class Record:
+    """Application -> handler: record the first touches of the region at ``base`` from now."""
+
+    base: int
+
+
+@dataclass(frozen=True)
+class WorkingSetRequest:
+    """Application -> handler: end the recording of the region at ``base`` and write it as a
+    working-set file at ``path`` (a set can outgrow a message)."""
+
+    base: int
+    path: str
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     """Application -> handler: answer with Counts, of the region at ``base`` (0: of all)."""
 
@@ -74,11 +90,25 @@ class ErrorReport:
     traceback: str = ""
 
 
-Message = Unmap | Readahead | Populate | StatsRequest | Ready | Ok | Counts | ErrorReport
+Message = (
+    Unmap
+    | Readahead
+    | Populate
+    | Record
+    | WorkingSetRequest
+    | StatsRequest
+    | Ready
+    | Ok
+    | Counts
+    | ErrorReport
+)
 _KINDS: dict[str, type[Message]] = {
     kind.__name__: kind
-    for kind in (Unmap, Readahead, Populate, StatsRequest, Ready, Ok, Counts, ErrorReport)
-}
+    for kind in (
+        Unmap, Readahead, Populate, Record, WorkingSetRequest, StatsRequest, Ready, Ok, Counts,
+        ErrorReport,
+    )
+}  # fmt: skip
 
 
 def encode(msg: Message) -> bytes:
