@@ -5,13 +5,20 @@ serves regions from native sources in GIL-free threads or in the faulting thread
 Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and
 :class:`PythonSourceServer`."""
 
-from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
+from .errors import (
+    DetachWarning,
+    FeatureUnavailableError,
+    PartialError,
+    ProtocolError,
+    SourceError,
+)
 from .events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .flags import EventCode, Feature, Ioctl, PageFaultFlag, RegisterMode
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
 __all__ = [
     "PAGE_SIZE",
+    "DetachWarning",
     "Event",
     "EventCode",
     "Feature",
