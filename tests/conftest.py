@@ -69,7 +69,7 @@ def move(address: int, length: int) -> int:
     its REMAP event to be read); returns the new address."""
     target = _core.Mapping(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     new = target.address
-    target.rebase(0)  # its range is taken over by the move
+    target._rebase(0)  # its range is taken over by the move
     moved = Caller(libc.mremap, address, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, new)
     assert moved.finish() == new
     return new

@@ -450,7 +450,7 @@ def test_unmap_event() -> None:
         region = anon(2)
         addr = region.address
         f.register(addr, 2 * PAGE)
-        region.rebase(0)  # unmapped by hand below
+        region._rebase(0)  # unmapped by hand below
         unmap = Caller(libc.munmap, addr, 2 * PAGE)
         assert read_one(f) == u.Unmap(addr, addr + 2 * PAGE)
         assert unmap.finish() == 0
@@ -461,7 +461,7 @@ def test_remap_event() -> None:
         region, target = anon(2), anon(2)
         old, new = region.address, target.address
         f.register(old, 2 * PAGE)
-        target.rebase(0), region.rebase(0)
+        target._rebase(0), region._rebase(0)
         remap = Caller(libc.mremap, old, 2 * PAGE, 2 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new)
         # the move, then the unmapping of the old range: mremap blocks until both are read
         assert read_one(f) == u.Remap(old, new, 2 * PAGE)

@@ -391,7 +391,7 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     server = u.PageServer()
     region = server.map(16 * PAGE, u.Fill(b"z"))
     tracker = region.track_writes()
-    with pytest.warns(ResourceWarning, match="still exported"):
+    with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()
     assert region[0] == ord("z")  # detached: every page installed
     tracker.close()
@@ -447,7 +447,7 @@ def test_a_pageserver_closed_during_a_snapshot_finishes_it_first(tmp_path: Path)
     order = random.Random(5).sample(range(8192), 8192)  # every page once, while it is copied
     writer = _writer(region, order)
     snap = region.snapshot(tmp_path / "img", wait=False)
-    with pytest.warns(ResourceWarning, match="still exported"):
+    with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()  # waits for the copy: the engine holds the writes until then
     writer.join(TIMEOUT)
     snap.wait(TIMEOUT)

@@ -7,13 +7,20 @@ Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and
 
 from typing import TYPE_CHECKING
 
-from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
+from .errors import (
+    DetachWarning,
+    FeatureUnavailableError,
+    PartialError,
+    ProtocolError,
+    SourceError,
+)
 from .events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .flags import EventCode, Feature, Ioctl, PageFaultFlag, RegisterMode
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
 __all__ = [
     "PAGE_SIZE",
+    "DetachWarning",
     "Event",
     "EventCode",
     "Feature",

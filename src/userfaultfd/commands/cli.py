@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -150,10 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("bench", help="performance as ratios against C references")
+    from .bench import SCENARIOS
+
+    p = sub.add_parser(
+        "bench",
+        help="performance as ratios against C references",
+        description="Each scenario measures ours and a C reference side by side in one run.",
+        epilog="scenarios:\n"
+        + "\n".join(
+            textwrap.fill(text, 78, initial_indent=f"  {name:15}", subsequent_indent=" " * 17)
+            for name, (text, _) in SCENARIOS.items()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help=f"run only these (repeatable or comma-separated): {', '.join(SCENARIOS)}",
+    )
     p.set_defaults(func=_cmd_bench)
 
     from . import ws

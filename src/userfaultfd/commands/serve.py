@@ -22,13 +22,14 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from userfaultfd import _core
 from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
 from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from userfaultfd.sources import open_data_file
 from userfaultfd.uffd import PAGE_SIZE
 from userfaultfd.working_set import WorkingSet, plan_replay
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
+ACCEPT_PAUSE = 0.5  # seconds between accept attempts while out of fds
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Client:
     recording: bool = False  # its first touches are being recorded (--record)
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
     error_cursor: int = 0  # the engine's failure records logged so far
+    chatty: bool = False  # it sent bytes after its hand-off (logged once)
+
+    def __post_init__(self) -> None:
+        self.key = self.conn.fileno()  # stays valid after the socket is closed
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -114,15 +120,17 @@ class Daemon:
         self.clients: dict[int, Client] = {}
         self.counter = 0
         self.stopping = False
+        self.short_of_fds = False
+        self.accept_again = 0.0  # while out of fds: when the listener is watched again
 
     def _map_memory(self, memory_path: str) -> None:
-        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_data_file(memory_path, "memory file")
         try:
             self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
             if not self.memory_size:
                 raise ValueError(f"memory file {memory_path!r} is empty")
             self.memory = _core.Mapping.__new__(_core.Mapping)
-            self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
+            self.memory._map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
 
@@ -157,7 +165,7 @@ class Daemon:
                     log.info("process %d has ended: stopping", self.exit_with)
                     self.stopping = True
                 else:
-                    self._readable(key.data)
+                    self._guarded(key.data, self._readable)
             self._reap()
             if self.end_recording or time.monotonic() >= self.record_deadline:
                 self._end_recording("asked to" if self.end_recording else "time is up")
@@ -168,6 +176,18 @@ class Daemon:
         self.exit_with = pid
         self.parent_fd = os.pidfd_open(pid)
         self.selector.register(self.parent_fd, selectors.EVENT_READ, None)
+
+    def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
+        """Whatever one client makes go wrong costs that client only: an error nobody foresaw
+        is logged and the client dropped; the others keep their handler."""
+        try:
+            step(client)
+        except Exception:
+            log.exception("%s: unexpected error; dropping it", client.name())
+            try:
+                self._drop(client, "dropped after an unexpected error", refused=True)
+            except Exception:
+                log.exception("%s: dropping it failed too", client.name())
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -218,11 +238,18 @@ class Daemon:
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except OSError:
+            pid, uid, _ = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        except OSError as e:  # the peer is already gone, or we are out of fds
+            with contextlib.suppress(UnboundLocalError):
+                conn.close()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._pause_accepting(e)
+            else:
+                log.warning("accept failed: %s", e)
             return
-        pid, uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
+        self.short_of_fds = False
         self.counter += 1
         client = Client(self.counter, conn, pid, uid)
         if uid not in self.allowed:
@@ -230,8 +257,17 @@ class Daemon:
             conn.close()
             return
         conn.setblocking(False)
-        self.pending[conn.fileno()] = client
+        self.pending[client.key] = client
         self.selector.register(conn, selectors.EVENT_READ, client)
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of fds, the listener stays readable and every accept fails: without a pause the
+        loop would spin (and log) at full speed. Connections wait in the backlog meanwhile."""
+        if not self.short_of_fds:
+            log.warning("cannot accept connections: %s; retrying every %.1f s", e, ACCEPT_PAUSE)
+            self.short_of_fds = True
+        self.selector.unregister(self.listener)
+        self.accept_again = time.monotonic() + ACCEPT_PAUSE
 
     def _readable(self, client: Client) -> None:
         if client.engine is None:
@@ -245,10 +281,9 @@ class Daemon:
             why = "closed the connection"
         if not data:
             self._drop(client, why)
-        else:
-            log.warning(
-                "%s sent %d unexpected bytes after its hand-off: ignored", client.name(), len(data)
-            )
+        elif not client.chatty:  # said once: a client sending on and on must not flood the log
+            client.chatty = True
+            log.warning("%s sends unexpected bytes after its hand-off: ignored", client.name())
 
     def _handshake(self, client: Client) -> None:
         """Reads what has arrived of the hand-off, without waiting for the rest: a client
@@ -258,12 +293,12 @@ class Daemon:
                 return
             fds, client.reader.fds = client.reader.fds, []
             client.uffd, client.regions = accept_handoff(client.reader.data, fds, self.memory_size)
-            del self.pending[client.conn.fileno()]
+            del self.pending[client.key]
             self._start(client)
         except (HandoffError, ConnectionError, OSError) as e:
             self._drop(client, f"refused: {e}", refused=True)
             return
-        self.clients[client.conn.fileno()] = client
+        self.clients[client.key] = client
         size = sum(r.size for r in client.regions)
         log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
 
@@ -316,21 +351,28 @@ class Daemon:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        if self.accept_again and now >= self.accept_again:
+            self.accept_again = 0.0
+            self.selector.register(self.listener, selectors.EVENT_READ)
         for client in list(self.pending.values()):
             if now - client.connected > HANDSHAKE_TIMEOUT:
-                self._drop(client, "refused: no hand-off message in time", refused=True)
+                self._guarded(
+                    client, lambda c: self._drop(c, "refused: no hand-off message in time", True)
+                )
         for client in list(self.clients.values()):
-            if client.engine is not None:
-                self._log_failures(client)
-                if client.engine.info().client_gone:
-                    self._drop(client, "its process exited")
+            self._guarded(client, self._reap_client)
 
-    def _log_failures(self, client: Client) -> None:
+    def _reap_client(self, client: Client) -> None:
+        if client.engine is not None:
+            self._log_failures(client, client.engine)
+            if client.engine.info().client_gone:
+                self._drop(client, "its process exited")
+
+    def _log_failures(self, client: Client, engine: Engine) -> None:
         """A page that could not be produced is poisoned: the guest thread touching it dies of
         SIGBUS in the client, which cannot say why. The server says it, as it happens."""
-        assert client.engine is not None
-        client.error_cursor, errs = client.engine.errors(client.error_cursor)
-        regions = dict(zip(client.ids, client.regions, strict=True))
+        client.error_cursor, errs = engine.errors(client.error_cursor)
+        regions = dict(zip(client.ids, client.regions, strict=False))  # ids: as far as _start got
         for failure in errs:
             base = regions[failure.region].offset if failure.region in regions else 0
             log.error(
@@ -340,33 +382,39 @@ class Daemon:
             )  # fmt: skip
 
     def _drop(self, client: Client, why: str, refused: bool = False) -> None:
-        fileno = client.conn.fileno()
-        self.pending.pop(fileno, None)
-        self.clients.pop(fileno, None)
+        """Forget the client and close what it had. Safe to call again after a step failed:
+        every resource is taken off the client as it is released."""
+        self.pending.pop(client.key, None)
+        self.clients.pop(client.key, None)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(client.conn)
         client.conn.close()
         if refused:
             log.warning("%s %s", client.name(), why)
-        if client.engine is not None:
-            client.engine.stop()
-            if client.recording:
-                self._finish_recording(client, why)
-            self._log_failures(client)
-            total = client.engine.stats()
-            forks = client.engine.info().fork  # their uffds were closed: children are not served
-            client.engine.close()
-            if not refused:
-                log.info(
-                    "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
-                    "races %d, errors %d, removes %d, forks %d",
-                    client.name(), why, total.faults, total.prefetched, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes, forks,
-                )  # fmt: skip
-        client.reader.close()
-        if client.uffd >= 0:
-            os.close(client.uffd)
-            client.uffd = -1
+        engine, uffd = client.engine, client.uffd
+        client.uffd = -1
+        try:
+            if engine is not None:
+                engine.stop()
+                if client.recording:
+                    self._finish_recording(client, why)
+                self._log_failures(client, engine)
+                total = engine.stats()
+                forks = engine.info().fork  # their uffds were closed: children are not served
+                if not refused:
+                    log.info(
+                        "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
+                        "races %d, errors %d, removes %d, forks %d",
+                        client.name(), why, total.faults, total.prefetched, total.pages_installed,
+                        total.bytes_installed, total.eexist, total.errors, total.removes, forks,
+                    )  # fmt: skip
+        finally:
+            client.engine = None  # (a second _drop, after a failed step, finds nothing left)
+            if engine is not None:
+                engine.close()
+            client.reader.close()
+            if uffd >= 0:
+                os.close(uffd)
 
 
 def _listen(path: str) -> socket.socket:
@@ -391,6 +439,9 @@ def _listen(path: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         sock.bind(aside)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
     finally:
         os.umask(old)
     try:
@@ -418,9 +469,6 @@ def _open_snapshot(address: str, budget: int, fetch_timeout: float, daemon: Daem
 def main(args: argparse.Namespace) -> int:
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="userfaultfd serve: %(message)s")
-    stored = "://" in args.memory
-    if not (stored or Path(args.memory).is_file() or Path(args.memory).is_block_device()):
-        raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
     daemon = Daemon(
         args.socket,
         args.memory,
