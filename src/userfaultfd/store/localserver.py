@@ -111,7 +111,8 @@ class S3Server:
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"the S3 server never took a write: see {self.log}") from None
+                    why = f"the S3 server never took a write: see {self.log}"
+                    raise RuntimeError(why) from None
                 time.sleep(0.2)
 
     def create_bucket(self, name: str) -> None:
