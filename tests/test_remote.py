@@ -386,6 +386,35 @@ def test_notice_boards_past_the_table_are_refused_quietly() -> None:
             b.close()
 
 
+def _mapped(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def test_a_closed_servers_notice_board_stays_mapped_and_is_reused_clean() -> None:
+    """A thread dying of a SIGBUS may be reading a board in the signal handler as its server
+    closes: the board is never unmapped (reading it there would fault in the handler), and
+    the next server reuses it, without the old server's notices."""
+    from userfaultfd.remote.notices import Board, Writer
+
+    board = Board()
+    address = board._memory.address
+    Writer(board.fd).write(0x1000, PAGE, "stale")
+    os.close(board.fd)
+    board.close()
+    assert _mapped(address)
+    again = Board()
+    try:
+        assert again._memory.address == address
+        assert bytes(again._memory) == bytes(len(again._memory))
+    finally:
+        os.close(again.fd)
+        again.close()
+
+
 TOUCH_CHILD = textwrap.dedent(
     """
     import userfaultfd as u
