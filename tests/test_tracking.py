@@ -398,6 +398,18 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     region.close()
 
 
+def test_closing_a_region_under_its_tracker_says_to_close_the_tracker_first() -> None:
+    with u.PageServer() as server:
+        region = server.map(16 * PAGE, u.Fill(b"z"))
+        tracker = region.track_writes()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            region.close()
+        assert region[0] == ord("z")  # still served
+        tracker.close()
+        region.close()
+        assert region.closed
+
+
 def test_a_forked_child_cannot_use_the_tracker_and_leaves_the_parent_alone() -> None:
     m = mmap.mmap(-1, 8 * PAGE)
     with u.track_writes(m, mechanism="sync") as tracker:

@@ -138,6 +138,12 @@ class Region(_core.Mapping):
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
         if self.closed:
             return
+        if self.exports and self._served:
+            from .tracking import holder
+
+            held = holder(self)
+            if held:
+                raise BufferError(f"{self!r} cannot be closed: it is held by {held}")
         if self.exports or not self._served:
             super().close()  # raises BufferError naming the count, or unmaps plain memory
             return

@@ -219,6 +219,17 @@ def finish_copies(region: Any) -> None:
         att.ctx.snapshot_wait(-1)
 
 
+def holder(region: Any) -> str | None:
+    """What of this module holds a view of ``region``, said for a BufferError; None if nothing."""
+    with _lock:
+        att = next((a for a in _attached.values() if a.span.region is region), None)
+        if att is None:
+            return None
+        if att.trackers:
+            return "an open write tracker (region.track_writes()): close the tracker first"
+        return "a live snapshot still copying: wait() for it first"
+
+
 def _refused(span: _Span, e: OSError) -> OSError:
     if e.errno == errno.EBUSY:
         why = (
