@@ -411,6 +411,29 @@ def test_serve_refuses_a_bad_replay_file_naming_it(tmp_path: Path, memory: Path)
     assert proc.returncode == 1 and "--record-seconds needs --record" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--replay-threads", "3"], "--replay-threads needs --replay PATH"),
+        (["--record", "/missing/dir/ws"], "/missing/dir is not a writable directory"),
+        (["--record", "."], "is a directory"),
+    ],
+)
+def test_serve_refuses_record_and_replay_options_it_could_not_honour(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """Before the fix a --record path in a missing folder was found out only when the restore
+    was over (the recording lost), and --replay-threads without --replay was ignored."""
+    memory = tmp_path / "mem"
+    memory.write_bytes(bytes(PAGE))
+    proc = subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(tmp_path / "s"),
+         "--memory", str(memory), *args],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr
+
+
 # ---- `userfaultfd ws` ----
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -67,6 +68,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.record_seconds is not None and not args.record:
         raise ValueError("--record-seconds needs --record PATH")
+    if args.replay_threads != 1 and not args.replay:
+        raise ValueError("--replay-threads needs --replay PATH")
+    if args.record:  # the set is written after the restore: a bad path would lose it then
+        folder = os.path.dirname(os.path.abspath(args.record))
+        if os.path.isdir(args.record):
+            raise ValueError(f"--record {args.record!r} is a directory, not a file path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--record {args.record!r}: {folder} is not a writable directory")
     if args.replay_threads > 16:
         raise ValueError(f"--replay-threads {args.replay_threads} is above the limit of 16")
     return int(serve.main(args))
