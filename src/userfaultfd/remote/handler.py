@@ -62,21 +62,24 @@ class FunctionSource:
         pass
 
 
-class ReadOnlySource:
-    """An object with only ``read(offset, length)`` as a PageSource."""
+class ObjectSource:
+    """An object with ``read(offset, length)``, and ``open()`` or ``close()`` if it has either
+    (one without the other is still called: a source whose open() connects needs it)."""
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
         self.read = obj.read
 
     def open(self) -> None:
-        pass
+        if callable(getattr(self.obj, "open", None)):
+            self.obj.open()
 
     def close(self) -> None:
-        pass
+        if callable(getattr(self.obj, "close", None)):
+            self.obj.close()
 
     def __reduce__(self) -> tuple[Any, ...]:  # a bound method does not pickle by reference
-        return ReadOnlySource, (self.obj,)
+        return ObjectSource, (self.obj,)
 
 
 def as_page_source(source: Any) -> PageSource:
@@ -85,7 +88,7 @@ def as_page_source(source: Any) -> PageSource:
     if isinstance(source, PageSource):
         return source
     if callable(getattr(source, "read", None)):
-        return ReadOnlySource(source)
+        return ObjectSource(source)
     if callable(source):
         return FunctionSource(source)
     raise TypeError(
