@@ -96,6 +96,31 @@ def test_a_source_that_cannot_open_fails_the_constructor_with_its_traceback() ->
     assert "the store is down" in str(err.value) and "in open" in str(err.value)
 
 
+class OpenWithoutClose:
+    def open(self) -> None:
+        raise ConnectionRefusedError("the store is down")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+
+def test_a_source_with_open_but_no_close_is_still_opened() -> None:
+    """Before the fix only an object with all of open, read and close was opened: this one's
+    open() was skipped, and its reads ran unconnected."""
+    with pytest.raises(u.SourceError, match="the store is down"):
+        u.PythonSourceServer(OpenWithoutClose())
+
+
+def test_tracking_a_remote_region_is_refused_without_pointing_at_pageserver_methods() -> None:
+    """Before the fix the error advised region.track_writes(), which RemoteRegion lacks."""
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(4 * PAGE)
+        with pytest.raises(OSError, match="served by its handler process") as err:
+            u.track_writes(region)
+        assert "track_writes()" not in str(err.value)
+        region.close()
+
+
 def test_spawn_needs_a_picklable_source_and_start_is_checked() -> None:
     with pytest.raises(TypeError, match="start='spawn' needs a picklable source"):
         u.PythonSourceServer(lambda offset, length: bytes(length), start="spawn")
@@ -603,8 +628,10 @@ def test_adaptive_readahead_grows_on_a_sequential_stream() -> None:
         assert region[:] == page_number(0, 2048 * PAGE)
         stats = region.stats()
         assert stats["pages"] == 2048 and stats["faults"] < 16  # 64 KiB, 128 KiB, ... 4 MiB
-        with pytest.raises(TypeError, match="readahead 'fast' is a str"):
+        # one vocabulary with PageServer.map (before the fix "fast" was "a str, not an int")
+        with pytest.raises(ValueError, match="readahead 'fast' is not a page count >= 0, 'adap"):
             server.map(PAGE, readahead="fast")  # type: ignore[arg-type]
+        assert server.map(PAGE, readahead="none", record=True)[0] == 0
 
 
 def test_a_dead_handler_or_a_closed_server_is_named_not_a_broken_pipe() -> None:

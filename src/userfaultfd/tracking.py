@@ -231,7 +231,9 @@ def holder(region: Any) -> str | None:
 
 
 def _refused(span: _Span, e: OSError) -> OSError:
-    if e.errno == errno.EBUSY:
+    if e.errno == errno.EBUSY and span.name.startswith("RemoteRegion"):
+        why = "a PythonSourceServer region's uffd is served by its handler process, not here"
+    elif e.errno == errno.EBUSY:
         why = (
             "it is registered with another userfaultfd (a PageServer region: use "
             "region.track_writes() and region.snapshot())"

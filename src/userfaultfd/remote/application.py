@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from userfaultfd import _core
-from userfaultfd._engine import ADAPTIVE_MIN
+from userfaultfd._engine import ADAPTIVE_MIN, Readahead, parse_readahead
 from userfaultfd._ntuples import SourceFailure
 from userfaultfd._regions import exported, in_forked_child, registering, warn_detaching
 from userfaultfd.errors import SourceError, expect_int, source_error
@@ -207,26 +207,25 @@ class PythonSourceServer:
         length: int,
         *,
         offset: int = 0,
-        readahead: int | Literal["adaptive"] = 0,
+        readahead: int | Literal["adaptive", "none"] = 0,
         record: bool = False,
     ) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
-        ``readahead``: extra pages asked of the source with each fault, or "adaptive" (64 KiB
-        growing to 4 MiB on sequential streams). ``record``: record the first touches
+        ``readahead``: extra pages asked of the source with each fault, "none", or "adaptive"
+        (64 KiB growing to 4 MiB on sequential streams). ``record``: record the first touches
         (:meth:`RemoteRegion.working_set`); readahead must be off meanwhile."""
         self._check()
-        if record and readahead:
+        parsed = parse_readahead(readahead)  # the vocabulary PageServer.map and serve take
+        if record and parsed != Readahead():
             raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
         if expect_int("length", length) <= 0 or length % PAGE_SIZE:
             raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
         if expect_int("offset", offset) < 0 or offset % PAGE_SIZE:
             raise ValueError(f"offset {offset!r} is not a non-negative multiple of {PAGE_SIZE}")
-        if readahead == "adaptive":
+        if parsed.adaptive_max:
             ahead = messages.Readahead(0, ADAPTIVE_MIN, adaptive=True)
-        elif expect_int("readahead", readahead) >= 0:
-            ahead = messages.Readahead(0, (readahead + 1) * PAGE_SIZE)
         else:
-            raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
+            ahead = messages.Readahead(0, (parsed.fixed + 1) * PAGE_SIZE)
         region = RemoteRegion(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.server, region.offset, region.readahead = self, offset, readahead
         with registering(self._uffd, region, RegisterMode.MISSING):
@@ -236,7 +235,7 @@ class PythonSourceServer:
             if record:
                 self._request(messages.Record(region.address))
                 region._recording = True
-            if readahead:
+            if parsed != Readahead():
                 self._request(dataclasses.replace(ahead, base=region.address))
         self._regions.add(region)
         return region
