@@ -89,6 +89,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"userfaultfd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="the userfaultfd(2) example program, reproduced")
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import ws
 
     ws.add_parser(sub)
+    # Named in the error a bare `userfaultfd` gets (argparse would say "required: command").
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 
