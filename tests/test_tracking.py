@@ -394,6 +394,9 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()
     assert region[0] == ord("z")  # detached: every page installed
+    region[PAGE] = 1
+    with pytest.raises(ValueError, match="no longer tracked"):  # it said [] before the fix
+        tracker.written()
     tracker.close()
     region.close()
 
@@ -404,6 +407,8 @@ def test_closing_a_region_under_its_tracker_says_to_close_the_tracker_first() ->
         tracker = region.track_writes()
         with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
             region.close()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            server.close(detach="error")
         assert region[0] == ord("z")  # still served
         tracker.close()
         region.close()

@@ -435,6 +435,13 @@ class PageServer:
         :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
         is closed. Raises SourceError for failures not yet reported."""
         if not self.closed and os.getpid() == self._pid:
+            if detach == "error":
+                from .tracking import holder
+
+                for region in self._viewed():
+                    held = holder(region)
+                    if held:
+                        raise BufferError(f"cannot close: {region!r} is held by {held}")
             exported(self._viewed(), detach)
         self._shutdown(at_exit=False)
 

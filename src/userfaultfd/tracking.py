@@ -163,6 +163,12 @@ class _Attachment:
                 f"this tracker watches process {self.pid}'s memory: a forked child cannot use it"
             )
         span = self.span
+        if span.region is not None and not span.region._served:
+            # Unregistered, its writes raise no WP fault: the bitmap would say "none written".
+            raise ValueError(
+                f"{span.region!r} was detached as its PageServer closed: its writes are no "
+                "longer tracked (close the tracker before the server)"
+            )
         if self.mechanism == "async":
             return _core.pagemap_scan(self.pagemap, span.start, span.end, reset, span.lo, span.hi)
         assert self.ctx is not None
