@@ -740,3 +740,42 @@ def test_ctrl_c_ends_an_application_frozen_on_a_stuck_source(tmp_path: Path) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(app.pid, signal.SIGKILL)
         app.wait(10)
+
+
+POPULATE_APP = textwrap.dedent(
+    """
+    import time, userfaultfd as u
+    def slow(offset, length):
+        time.sleep(0.2)
+        return b"s" * length
+    with u.PythonSourceServer(slow) as server:
+        region = server.map(64 << 20)
+        print("populating", flush=True)
+        try:
+            region.populate()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        assert region[len(region) - 1] == ord("s")  # still served after
+        print(region.stats()["pages"] < 16384, flush=True)
+    """
+)
+
+
+def test_ctrl_c_in_a_remote_populate_stops_the_handler_populating_too(tmp_path: Path) -> None:
+    """Before the fix the handler went on populating after the KeyboardInterrupt (here for
+    minutes): the next call timed out, and its reply would have answered the call after."""
+    script = tmp_path / "app.py"
+    script.write_text(POPULATE_APP)
+    app = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline() == "populating\n"
+        time.sleep(1)
+        app.send_signal(signal.SIGINT)
+        out, err = app.communicate(timeout=10)
+        assert app.returncode == 0, err
+        assert out == "interrupted\nTrue\n"
+    finally:
+        app.kill()
+        app.wait(10)

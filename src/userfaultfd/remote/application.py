@@ -44,8 +44,9 @@ class RemoteRegion(_core.Mapping):
     def populate(self, offset: int = 0, length: int | None = None) -> None:
         """Install every page of ``[offset, offset + length)`` now: the handler asks the source
         for what is missing (in chunks of at least 64 KiB) and keeps serving faults meanwhile.
-        Waits as long as the source takes (Ctrl-C interrupts the wait). SourceError for pages
-        the source could not produce: they are poisoned."""
+        Waits as long as the source takes; Ctrl-C stops it, the handler included, after the
+        chunk in hand (what was installed stays). SourceError for pages the source could not
+        produce: they are poisoned."""
         self._check_served()
         expect_int("populate offset", offset)
         length = len(self) - offset if length is None else expect_int("populate length", length)
@@ -61,7 +62,16 @@ class RemoteRegion(_core.Mapping):
     def _install(self, offset: int, length: int) -> None:
         """The handler installs (or poisons) every page of the range; its reports are kept
         for the next check."""
-        self.server._request(messages.Populate(self.address, offset, length), timeout=None)
+        server = self.server
+        server._send(messages.Populate(self.address, offset, length))
+        try:
+            server._reply(timeout=None)
+        except KeyboardInterrupt:
+            # The handler would go on populating, and its reply would answer our next request:
+            # it stops after the chunk in hand (bounded by the source's timeout) and replies.
+            server._sock.send(messages.encode(messages.Cancel()))
+            server._reply(timeout=None)
+            raise
 
     def stats(self) -> dict[str, int]:
         """What the handler has done for this region: faults, pages installed, source errors."""
@@ -260,6 +270,10 @@ class PythonSourceServer:
     def _request(
         self, msg: messages.Message, timeout: float | None = REPLY_TIMEOUT
     ) -> messages.Message:
+        self._send(msg)
+        return self._reply(timeout)
+
+    def _send(self, msg: messages.Message) -> None:
         self._check_alive()
         try:
             self._sock.send(messages.encode(msg))
@@ -267,7 +281,6 @@ class PythonSourceServer:
             self._process.join(REPLY_TIMEOUT)
             self._check_alive()
             raise
-        return self._reply(timeout)
 
     def _reply(self, timeout: float | None = REPLY_TIMEOUT) -> messages.Message:
         """The next reply; error reports that come first are kept for _check."""

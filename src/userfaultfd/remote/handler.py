@@ -243,6 +243,8 @@ class FaultLoop:
             self.reply(messages.Ok())
             return True
         msg = messages.decode(data)
+        if isinstance(msg, messages.Cancel):  # the populate it meant has ended already
+            return True
         if isinstance(msg, messages.Unmap):
             if self.regions.pop(msg.base, None):
                 self.bases.remove(msg.base)
@@ -338,6 +340,20 @@ class FaultLoop:
             self.produce(served, pos, chunk, chunk)
             pos += chunk
             self.serve_pending()
+            if self.cancelled():
+                return
+
+    def cancelled(self) -> bool:
+        """Whether the application sent Cancel (Ctrl-C) during a populate: it waits for the
+        populate's reply meanwhile, so nothing else can be queued (a peek leaves EOF)."""
+        try:
+            data = self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if data != messages.encode(messages.Cancel()):
+            return False
+        self.sock.recv(1 << 16)
+        return True
 
     def produce(self, served: Served, start: int, length: int, poison: int) -> None:
         """Asks the source for ``length`` bytes at ``start`` and installs them; if it fails,
