@@ -15,6 +15,7 @@ pytestmark = pytest.mark.needs_uffd
 TINY = bench.Size(pages=64, file_bytes=4 << 20, runs=2)
 UNITS = {
     "restore-seq": "MB/s",
+    "restore-remote": "MB/s",
     "readahead-seq": "MB/s",
     "restore-ws": "pages/s",
     "dirty-scan": "scans/s",
@@ -44,6 +45,9 @@ def test_tiny_run_of_every_scenario() -> None:
     ws = report["scenarios"]["restore-ws"]
     assert ws["resident"] > 0 and ws["wrong_set"] > 0 and 0 <= ws["demand_fault_fraction"] <= 1
     assert ws["resident"] == pytest.approx(ws["resident_walk"]["value"] / ws["ours"])
+    remote = report["scenarios"]["restore-remote"]
+    assert remote["cached_fault_ratio"] > 0 and remote["compression_ratio"] >= 1
+    assert remote["dedup_ratio"] > 1
     m = report["machine"]
     assert m["cpus"] >= 1 and m["kernel_populate_MBps"] > 0 and m["kernel"]
     text = bench.render(report)

@@ -145,6 +145,6 @@ def test_info_reports_write_protection_per_memory_type() -> None:
 def test_a_bare_command_line_names_the_commands_and_version_answers() -> None:
     proc = run()
     assert proc.returncode == 2
-    assert "required: {demo,info,serve,bench,ws}" in proc.stderr, proc.stderr
+    assert "required: {demo,info,serve,bench,ws," in proc.stderr, proc.stderr
     proc = run("--version")
     assert proc.returncode == 0 and re.fullmatch(r"userfaultfd \d+\.\d+\.\d+\n", proc.stdout)

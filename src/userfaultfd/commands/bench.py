@@ -404,6 +404,12 @@ def _serve(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str
     return ours, _c_handler(w, ref), "faults/s", {}
 
 
+def _restore_remote(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    from .bench_store import restore_remote
+
+    return restore_remote(w, ref)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
     "fault-thread": (
         "4 KiB faults in random order, page server in thread mode (1 worker) vs a C handler "
@@ -443,6 +449,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "a restore walking a recorded working set (10% of the memory file in clustered runs): "
         "replay of the set vs lazy (adaptive readahead); also resident memory and a wrong set",
         _restore_ws,
+    ),
+    "restore-remote": (
+        "time to walk a 10% working set of a snapshot in a local S3 server: lazily from the "
+        "store (chunk cache filled on demand) vs `snapshot pull` then restore from the file",
+        _restore_remote,
     ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
@@ -575,6 +586,11 @@ def render_scenario(name: str, s: dict[str, Any]) -> list[str]:
         c = s["c_sigbus_resolver"]
         lines.append(
             f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+        )
+    if "cached_fault_ratio" in s:
+        lines.append(
+            f"{'':14} cached faults {s['cached_fault_ratio']:.2f}x a local file; compression "
+            f"{s['compression_ratio']:.2f}x, base + diff dedup {s['dedup_ratio']:.2f}x"
         )
     if "resident" in s:
         lines.append(

@@ -88,6 +88,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import snapshot
+
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
     from .. import __version__
 
@@ -111,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a page-fault handler for Firecracker-style snapshot restore")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
-    p.add_argument("--memory", required=True, metavar="FILE", help="the guest memory file")
+    p.add_argument(
+        "--memory",
+        required=True,
+        metavar="FILE|ADDRESS",
+        help="the guest memory file, or a stored snapshot (file:///DIR/NAME, s3://BUCKET/.../NAME)",
+    )
     p.add_argument(
         "--prefetch",
         choices=["none", "all"],
@@ -153,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replay-threads", type=_positive_int, default=1, metavar="N", help="(default 1)"
     )
+    snapshot.add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
     from .bench import SCENARIOS
@@ -181,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import ws
 
     ws.add_parser(sub)
+    snapshot.add_parser(sub)
     # Named in the error a bare `userfaultfd` gets (argparse would say "required: command").
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser

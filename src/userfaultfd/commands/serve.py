@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from userfaultfd import _core
 from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
@@ -31,6 +32,9 @@ from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept
 from userfaultfd.sources import open_data_file
 from userfaultfd.uffd import PAGE_SIZE
 from userfaultfd.working_set import WorkingSet, plan_replay
+
+if TYPE_CHECKING:
+    from userfaultfd.store.serving import StoreCache
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -76,6 +80,8 @@ class Daemon:
         record_seconds: float | None = None,
         replay: WorkingSet | None = None,
         replay_threads: int = 1,
+        cache_bytes: int = 1 << 30,
+        fetch_timeout: float = 30.0,
     ) -> None:
         self.readahead = parse_readahead(readahead)
         self.record_path = record  # None once the recording is written (one client is recorded)
@@ -87,6 +93,37 @@ class Daemon:
         self.prefetch = prefetch
         self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
+        self.memory: _core.Mapping | None = None
+        self.store_cache: StoreCache | None = None
+        if "://" in memory_path:  # a snapshot in a store: served from a chunk cache
+            self.store_cache = _open_snapshot(memory_path, cache_bytes, fetch_timeout, self)
+            self.memory_size = self.store_cache.snapshot.size
+        else:
+            self._map_memory(memory_path)
+        if replay is not None:
+            beyond = sum(max(0, o + n - max(o, self.memory_size)) for o, n in replay) // PAGE_SIZE
+            if beyond:
+                log.warning(
+                    "%d page(s) of the working set lie beyond the memory file's %d bytes: ignored",
+                    beyond, self.memory_size,
+                )  # fmt: skip
+        self.path = socket_path
+        try:
+            self.listener = _listen(socket_path)
+        except BaseException:
+            self._close_memory()
+            raise
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.exit_with, self.parent_fd = 0, -1
+        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
+        self.clients: dict[int, Client] = {}
+        self.counter = 0
+        self.stopping = False
+        self.short_of_fds = False
+        self.accept_again = 0.0  # while out of fds: when the listener is watched again
+
+    def _map_memory(self, memory_path: str) -> None:
         fd = open_data_file(memory_path, "memory file")
         try:
             self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
@@ -96,23 +133,26 @@ class Daemon:
             self.memory._map_file(fd, 0, self.memory_size, self.memory_size)
         finally:
             os.close(fd)
-        if replay is not None:
-            beyond = sum(max(0, o + n - max(o, self.memory_size)) for o, n in replay) // PAGE_SIZE
-            if beyond:
-                log.warning(
-                    "%d page(s) of the working set lie beyond the memory file's %d bytes: ignored",
-                    beyond, self.memory_size,
-                )  # fmt: skip
-        self.path = socket_path
-        self.listener = _listen(socket_path)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
-        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
-        self.clients: dict[int, Client] = {}
-        self.counter = 0
-        self.stopping = False
-        self.short_of_fds = False
-        self.accept_again = 0.0  # while out of fds: when the listener is watched again
+
+    def _close_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+        if self.store_cache is not None:
+            self.store_cache.close()
+
+    def report_poison(self, chunk: int, start: int, end: int, cause: str) -> None:
+        """A chunk could not be served: log where its pages are in every client."""
+        where = [
+            f"{c.name()} {r.base_host_virt_addr + max(start, r.offset) - r.offset:#x}-"
+            f"{r.base_host_virt_addr + min(end, r.offset + r.size) - r.offset:#x}"
+            for c in list(self.clients.values())
+            for r in c.regions
+            if r.offset < end and start < r.offset + r.size
+        ]
+        log.error(
+            "chunk %d (snapshot offsets %#x-%#x) poisoned: %s; pages at: %s",
+            chunk, start, end, cause, ", ".join(where) or "no client maps it",
+        )  # fmt: skip
 
     # main loop
 
@@ -121,11 +161,21 @@ class Daemon:
             for key, _ in self.selector.select(timeout=0.2):
                 if key.fileobj is self.listener:
                     self._accept()
+                elif key.data is None:  # the process we serve for has ended (--exit-with)
+                    log.info("process %d has ended: stopping", self.exit_with)
+                    self.stopping = True
                 else:
                     self._guarded(key.data, self._readable)
             self._reap()
             if self.end_recording or time.monotonic() >= self.record_deadline:
                 self._end_recording("asked to" if self.end_recording else "time is up")
+
+    def end_with(self, pid: int) -> None:
+        """Stop once process pid has ended (SnapshotStore.map: a handler must not outlive its
+        application, which may die of the very SIGBUS a poisoned chunk raises)."""
+        self.exit_with = pid
+        self.parent_fd = os.pidfd_open(pid)
+        self.selector.register(self.parent_fd, selectors.EVENT_READ, None)
 
     def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
         """Whatever one client makes go wrong costs that client only: an error nobody foresaw
@@ -176,10 +226,12 @@ class Daemon:
         for client in [*self.pending.values(), *self.clients.values()]:
             self._drop(client, "server stopping")
         self.selector.close()
+        if self.parent_fd >= 0:
+            os.close(self.parent_fd)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        self.memory.close()
+        self._close_memory()
 
     # connections
 
@@ -259,13 +311,18 @@ class Daemon:
             c.recording for c in self.clients.values()
         )
         for r in client.regions:
+            if self.store_cache is not None:  # the chunk cache, at the region's offset
+                kind, base, base_len = _core.SRC_CACHE, self.store_cache.handle, r.offset
+            else:
+                assert self.memory is not None
+                kind, base, base_len = _core.SRC_BYTES, self.memory.address + r.offset, r.size
             spec = RegionSpec(
                 start=r.base_host_virt_addr,
                 length=r.size,
                 page_size=r.page_size,
-                kind=_core.SRC_BYTES,
-                base=self.memory.address + r.offset,
-                base_len=r.size,
+                kind=kind,
+                base=base,
+                base_len=base_len,
                 can_zeropage=r.page_size == PAGE_SIZE,
                 readahead=Readahead() if recorded else self.readahead,
             )
@@ -398,8 +455,20 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
+def _open_snapshot(address: str, budget: int, fetch_timeout: float, daemon: Daemon) -> StoreCache:
+    from userfaultfd.store import SnapshotStore
+    from userfaultfd.store.serving import StoreCache
+
+    store, name = SnapshotStore.at(address, timeout=min(30.0, fetch_timeout))
+    return StoreCache(
+        store.open(name), budget=budget, fetch_timeout=fetch_timeout,
+        on_poison=daemon.report_poison,
+    )  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="userfaultfd serve: %(message)s")
     daemon = Daemon(
         args.socket,
         args.memory,
@@ -407,11 +476,15 @@ def main(args: argparse.Namespace) -> int:
         readahead=args.readahead,
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
+        cache_bytes=args.cache_size,
+        fetch_timeout=args.fetch_timeout,
         record=args.record,
         record_seconds=args.record_seconds,
         replay=WorkingSet.load(args.replay, page_size=PAGE_SIZE) if args.replay else None,
         replay_threads=args.replay_threads,
     )
+    if getattr(args, "exit_with", None) is not None:
+        daemon.end_with(args.exit_with)
     previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, daemon.request_end_of_recording)
     log.info("listening on %s, serving %s (%d bytes)", args.socket, args.memory, daemon.memory_size)
