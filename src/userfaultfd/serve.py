@@ -1,37 +1,42 @@
 """``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
 
-Clients connect to a UNIX socket and send their uffd with a JSON region list (handoff.py). Each
-client gets native worker threads (the page server's engine) that serve its MISSING faults from the
-memory file at ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the
-range, so the client later reads fresh zero pages, as Firecracker's example handler does."""
+Two processes. The supervisor (supervisor.py) listens on the UNIX socket, takes each client's
+hand-off (handoff.py) and keeps the client's uffd and region list; it never serves a fault. The
+serving process, this module's :class:`Handler`, gets each client from it and runs native worker
+threads (the page server's engine) that serve the client's MISSING faults from the memory file at
+``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the range, so the
+client later reads fresh zero pages, as Firecracker's example handler does. When the serving
+process dies or is upgraded, the supervisor hands every client to a replacement."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
+import json
 import logging
 import os
 import selectors
 import signal
 import socket
-import stat
-import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-from . import _core
-from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from . import _core, servelog
+from .handoff import GuestRegion, parse_regions
 from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
 from .sources import SRC_BYTES
 from .stats import Stats
+from .supervisor import Supervisor, _listen  # noqa: F401 - _listen: part of this module's API
 from .uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
-HANDSHAKE_TIMEOUT = 10.0
 REMOVE_UNREGISTER = 1
+DRAIN_CHUNK = 8 << 20  # a stop's drain checks its deadline between chunks of this many bytes
+REAP_INTERVAL = 0.2
+STATS_INTERVAL = 0.5  # how often the serving process reports counters for --metrics
 
 
 def parse_readahead(text: str) -> tuple[int, int, int]:
@@ -51,133 +56,138 @@ def parse_readahead(text: str) -> tuple[int, int, int]:
 
 @dataclass
 class Client:
+    """A client as the serving process knows it: its uffd (a copy; the supervisor keeps the
+    original) and the engine serving it."""
+
     number: int
-    conn: socket.socket
     pid: int
     uid: int
-    connected: float = field(default_factory=time.monotonic)
-    uffd: int = -1
-    regions: list[GuestRegion] = field(default_factory=list)
+    uffd: int
+    regions: list[GuestRegion]
     engine: _core.Engine | None = None
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
-    reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
 
+    def fields(self) -> dict[str, Any]:
+        return {"client": self.number, "client_pid": self.pid, "client_uid": self.uid}
+
+    def stats(self) -> Stats:
+        assert self.engine is not None
+        return Stats.from_engine(self.engine.stats(-1))
+
+    @property
+    def pages(self) -> int:
+        return sum(r.size for r in self.regions) // PAGE_SIZE
+
 
 class Handler:
-    """The server: accepts clients, hands each uffd to an engine, drops clients that go away."""
+    """The serving process: one engine per client, clients given and taken by the supervisor
+    over the control socket ``ctl`` (SOCK_SEQPACKET, one JSON message per packet)."""
 
     def __init__(
         self,
-        socket_path: str,
-        memory_path: str,
+        ctl: socket.socket,
+        memory_fd: int,
         *,
         prefetch: bool = False,
         readahead: str = "adaptive",
-        allow_uids: tuple[int, ...] = (),
         workers: int = 1,
+        report_stats: bool = False,
     ) -> None:
+        self.ctl = ctl
         self.readahead = parse_readahead(readahead)
         self.prefetch = prefetch
-        self.allowed = {os.getuid(), *allow_uids}
         self.workers = workers
-        fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.memory_size = os.lseek(fd, 0, os.SEEK_END)  # a block device's st_size is 0
-            if not self.memory_size:
-                raise ValueError(f"memory file {memory_path!r} is empty")
-            self.memory = _core.Mapping.__new__(_core.Mapping)
-            self.memory.map_file(fd, 0, self.memory_size, self.memory_size)
-        finally:
-            os.close(fd)
-        self.path = socket_path
-        self.listener = _listen(socket_path)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ)
-        self.pending: dict[int, Client] = {}  # connected, handshake not yet received
+        self.report_stats = report_stats
+        self.memory_size = os.lseek(memory_fd, 0, os.SEEK_END)  # a block device's st_size is 0
+        self.memory = _core.Mapping.__new__(_core.Mapping)
+        self.memory.map_file(memory_fd, 0, self.memory_size, self.memory_size)
         self.clients: dict[int, Client] = {}
-        self.counter = 0
         self.stopping = False
 
-    # main loop
-
-    def serve_forever(self) -> None:
-        while not self.stopping:
-            for key, _ in self.selector.select(timeout=0.2):
-                if key.fileobj is self.listener:
-                    self._accept()
-                else:
-                    self._readable(key.data)
-            self._reap()
-
-    def stop(self, *_: object) -> None:
-        self.stopping = True
-
-    def close(self) -> None:
-        for client in [*self.pending.values(), *self.clients.values()]:
-            self._drop(client, "server stopping")
-        self.selector.close()
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.memory.close()
-
-    # connections
-
-    def _accept(self) -> None:
+    def run(self) -> None:
+        """Serves until the supervisor says stop or release, or goes away."""
+        self.send({"event": "ready"})
+        selector = selectors.DefaultSelector()
+        selector.register(self.ctl, selectors.EVENT_READ)
+        last_stats = 0.0
         try:
-            conn, _ = self.listener.accept()
+            while not self.stopping:
+                if selector.select(timeout=REAP_INTERVAL) and not self._control():
+                    break
+                self._reap()
+                now = time.monotonic()
+                if self.report_stats and now - last_stats >= STATS_INTERVAL:
+                    last_stats = now
+                    self.send({"event": "stats", "clients": self._all_stats()})
+        finally:
+            selector.close()
+            for client in list(self.clients.values()):
+                self._release(client)
+            self.memory.close()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.ctl.send(json.dumps(msg).encode())
+        except OSError:  # the supervisor has gone: we are about to stop too
+            self.stopping = True
+
+    def _control(self) -> bool:
+        """One message from the supervisor; False when it has gone."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.ctl, 1 << 20, 4)
         except OSError:
-            return
-        pid, uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
-        self.counter += 1
-        client = Client(self.counter, conn, pid, uid)
-        if uid not in self.allowed:
-            log.warning("refused %s: uid %d is not allowed (--allow-uid)", client.name(), uid)
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.pending[conn.fileno()] = client
-        self.selector.register(conn, selectors.EVENT_READ, client)
-
-    def _readable(self, client: Client) -> None:
-        if client.engine is None:
-            self._handshake(client)
-            return
-        try:
-            data = client.conn.recv(4096)
-        except OSError as e:
-            data, why = b"", str(e)
-        else:
-            why = "closed the connection"
+            return False
         if not data:
-            self._drop(client, why)
-        else:
-            log.warning(
-                "%s sent %d unexpected bytes after its hand-off: ignored", client.name(), len(data)
-            )
+            return False
+        msg = json.loads(data)
+        op = msg["op"]
+        if op == "attach":
+            self._attach(msg, fds[0])
+        elif op == "detach":
+            client = self.clients.pop(msg["number"], None)
+            if client is not None:
+                self._release(client, msg["why"])
+            self.send({"event": "detached", "number": msg["number"]})
+        elif op == "stop":
+            self._stop(msg["on_stop"], float(msg["timeout"]))
+            return False
+        elif op == "release":  # an upgrade: our replacement takes over once we have exited
+            log.info("handing %d client(s) over to a new serving process", len(self.clients))
+            return False
+        return True
 
-    def _handshake(self, client: Client) -> None:
-        """Reads what has arrived of the hand-off, without waiting for the rest: a client
-        sending it slowly holds up nobody (and is refused after HANDSHAKE_TIMEOUT)."""
+    def _attach(self, msg: dict[str, Any], uffd: int) -> None:
+        info = msg["client"]
+        regions = parse_regions(json.dumps(info["regions"]).encode(), self.memory_size)
+        client = Client(info["number"], info["pid"], info["uid"], uffd, regions)
         try:
-            if not client.reader.feed(client.conn):
-                return
-            fds, client.reader.fds = client.reader.fds, []
-            client.uffd, client.regions = accept_handoff(client.reader.data, fds, self.memory_size)
-            del self.pending[client.conn.fileno()]
             self._start(client)
-        except (HandoffError, ConnectionError, OSError) as e:
-            self._drop(client, f"refused: {e}", refused=True)
+        except OSError as e:
+            log.error(
+                "%s: cannot serve it: %s", client.name(), e, extra={"fields": client.fields()}
+            )
+            self.send({"event": "gone", "number": client.number, "why": f"cannot serve it: {e}"})
+            if client.engine is not None:
+                client.engine.close()
+            os.close(uffd)
             return
-        self.clients[client.conn.fileno()] = client
-        size = sum(r.size for r in client.regions)
-        log.info("connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20)
+        self.clients[client.number] = client
+        if msg["resumed"]:
+            # Faults the previous serving process read but never answered: their threads
+            # sleep until woken. Woken, they fault again, and this process reads those faults.
+            for r in client.regions:
+                _core.wake(uffd, r.base_host_virt_addr, r.size)
+            log.info("resume %s", client.name(), extra={"fields": client.fields()})
+        else:
+            size = sum(r.size for r in client.regions)
+            log.info(
+                "connect %s: %d region(s), %d MiB", client.name(), len(client.regions), size >> 20,
+                extra={"fields": {**client.fields(), "bytes": size}},
+            )  # fmt: skip
 
     def _start(self, client: Client) -> None:
         engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
@@ -207,98 +217,171 @@ class Handler:
     def _prefetch(self, client: Client) -> None:
         """Install every region in the background; the workers serve faults meanwhile."""
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # faults come first
+        try:
+            self._populate(client, None)
+        except OSError as e:
+            log.warning("%s: prefetch failed: %s", client.name(), e)
+
+    def _populate(self, client: Client, deadline: float | None) -> int:
+        """Installs every page of the client's regions (chunk by chunk, stopping at deadline);
+        returns the bytes not yet gone through. ECANCELED (the engine stopped) and ESRCH (the
+        client's process has gone) end it early and quietly."""
         assert client.engine is not None
+        left = sum(r.size for r in client.regions)
         for rid, region in zip(client.ids, client.regions, strict=True):
-            try:
-                client.engine.populate(rid, 0, region.size)
-            except OSError as e:
-                if e.errno not in (errno.ECANCELED, errno.ESRCH):
-                    log.warning("%s: prefetch failed: %s", client.name(), e)
-                return
+            for offset in range(0, region.size, DRAIN_CHUNK):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return left
+                length = min(DRAIN_CHUNK, region.size - offset)
+                try:
+                    client.engine.populate(rid, offset, length)
+                except OSError as e:
+                    if e.errno in (errno.ECANCELED, errno.ESRCH):
+                        return left
+                    raise
+                left -= length
+        return left
+
+    def _all_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for number, client in self.clients.items():
+            assert client.engine is not None
+            out[str(number)] = {
+                "pid": client.pid,
+                "uid": client.uid,
+                "stats": list(client.engine.stats(-1)[:-1]),
+                "histogram": client.stats().histogram,
+            }
+        return out
 
     def _reap(self) -> None:
-        now = time.monotonic()
-        for client in list(self.pending.values()):
-            if now - client.connected > HANDSHAKE_TIMEOUT:
-                self._drop(client, "refused: no hand-off message in time", refused=True)
         for client in list(self.clients.values()):
             if client.engine is not None and client.engine.info()[0]:
-                self._drop(client, "its process exited")
+                self.clients.pop(client.number)
+                self._release(client, "its process exited")
+                self.send({"event": "gone", "number": client.number, "why": "its process exited"})
 
-    def _drop(self, client: Client, why: str, refused: bool = False) -> None:
-        fileno = client.conn.fileno()
-        self.pending.pop(fileno, None)
-        self.clients.pop(fileno, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(client.conn)
-        client.conn.close()
-        if refused:
-            log.warning("%s %s", client.name(), why)
+    def _stop(self, on_stop: str, timeout: float) -> None:
+        """Drain (install every page each client still misses, all clients at once, for at most
+        timeout seconds) or abandon; either way the log says how each client ended."""
+        self.stopping = True
+        if on_stop == "abandon":
+            for client in self.clients.values():
+                s = client.stats()
+                log.warning(
+                    "stop %s: abandoned; it may hang on the first page it touches that was "
+                    "never installed (this process installed %d of its %d pages)",
+                    client.name(), s.pages_installed, client.pages,
+                    extra={"fields": {**client.fields(), "ended": "abandoned"}},
+                )  # fmt: skip
+            return
+        if self.clients:
+            log.info("stop: draining %d client(s), at most %.1f s", len(self.clients), timeout)
+        deadline = time.monotonic() + timeout
+        results: dict[int, tuple[int, int, float, str]] = {}
+
+        def drain(client: Client) -> None:
+            t0, before = time.monotonic(), client.stats().pages_installed
+            try:
+                left = self._populate(client, deadline)
+                how = "drained" if not left else "timed out"
+            except OSError as e:
+                left, how = -1, f"failed: {e}"
+            gone = client.engine is not None and client.engine.info()[0]
+            installed = client.stats().pages_installed - before
+            results[client.number] = (installed, left, time.monotonic() - t0,
+                                      "its process exited" if gone else how)  # fmt: skip
+
+        threads = [threading.Thread(target=drain, args=(c,)) for c in self.clients.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 5)
+        for client in self.clients.values():
+            installed, left, took, how = results.get(client.number, (0, -1, timeout, "timed out"))
+            fields = {**client.fields(), "ended": how, "missing_pages": installed}
+            if how == "drained" or how == "its process exited":
+                log.info(
+                    "stop %s: %s; it was still missing %d page(s), installed in %.2f s",
+                    client.name(), how, installed, took, extra={"fields": fields},
+                )  # fmt: skip
+            else:
+                fields["unchecked_bytes"] = left
+                log.warning(
+                    "stop %s: %s after %.2f s; %d page(s) installed, up to %d more page(s) "
+                    "never installed: it may hang on one of them",
+                    client.name(), how, took, installed, max(left, 0) // PAGE_SIZE,
+                    extra={"fields": fields},
+                )  # fmt: skip
+
+    def _release(self, client: Client, why: str | None = None) -> None:
+        """Stops serving client and closes our copy of its uffd; with why, logs the
+        disconnect and what the client was served."""
         if client.engine is not None:
             client.engine.stop()
             if client.prefetcher:
                 client.prefetcher.join()
-            total = Stats.from_engine(client.engine.stats(-1))
+            total = client.stats()
             client.engine.close()
-            if not refused:
+            if why is not None:
                 log.info(
                     "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
                     "removes %d",
                     client.name(), why, total.faults, total.pages_installed,
                     total.bytes_installed, total.eexist, total.errors, total.removes,
+                    extra={"fields": {**client.fields(), "why": why}},
                 )  # fmt: skip
-        client.reader.close()
-        if client.uffd >= 0:
-            os.close(client.uffd)
-            client.uffd = -1
+        os.close(client.uffd)
 
 
-def _listen(path: str) -> socket.socket:
-    """A listening socket at path, mode 0600. A stale socket file is replaced; anything else at
-    path is an error."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise FileExistsError(errno.EADDRINUSE, f"another server is listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(64)
-    return sock
+def worker_main() -> None:
+    """The serving process: argv[1] is its configuration (JSON), fds ctl and memory inherited."""
+    config = json.loads(sys.argv[1])
+    servelog.configure(config["log_format"], config["verbosity"], "serving")
+    # The supervisor decides when this process ends: a terminal's Ctrl-C must not stop it
+    # unannounced, and it must not outlive the supervisor (a replacement would race it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
+    ctl = socket.socket(fileno=config["ctl"])
+    handler = Handler(
+        ctl,
+        config["memory_fd"],
+        prefetch=config["prefetch"],
+        readahead=config["readahead"],
+        workers=config["workers"],
+        report_stats=config["report_stats"],
+    )
+    os.close(config["memory_fd"])
+    handler.run()
+    sys.exit(0)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() == 1:  # the supervisor died before the prctl
+        sys.exit(1)
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="userfaultfd serve: %(message)s")
-    if not (Path(args.memory).is_file() or Path(args.memory).is_block_device()):
-        raise ValueError(f"memory file {args.memory!r} is not a regular file or a block device")
-    handler = Handler(
+    servelog.configure(args.log_format, args.verbosity, "supervisor")
+    parse_readahead(args.readahead)  # bad input is refused before anything starts
+    supervisor = Supervisor(
         args.socket,
         args.memory,
         prefetch=args.prefetch == "all",
         readahead=args.readahead,
         allow_uids=tuple(args.allow_uid),
         workers=args.workers,
+        on_stop=args.on_stop,
+        stop_timeout=args.stop_timeout,
+        metrics=args.metrics,
+        log_format=args.log_format,
+        verbosity=args.verbosity,
     )
-    previous = {sig: signal.signal(sig, handler.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log.info(
-        "listening on %s, serving %s (%d bytes)", args.socket, args.memory, handler.memory_size
-    )
-    try:
-        handler.serve_forever()
-    finally:
-        handler.close()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        log.info("stopped")
-    return 0
+    return supervisor.run()

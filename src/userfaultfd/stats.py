@@ -43,6 +43,7 @@ class Stats:
     poisoned: int
     errors: int
     removes: int
+    prefetched: int  # installed by populate (prefetch, a stop's drain), not by a fault
     histogram: tuple[int, ...]
 
     @property

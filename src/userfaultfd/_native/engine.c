@@ -270,6 +270,9 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
     }
 }
 
+/* Set while this thread runs engine_populate: what it installs counts as prefetched. */
+static _Thread_local int populating;
+
 /* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
 static void count_installed(const struct engine *e, struct region *r, unsigned long req,
                             uint64_t n, int sign)
@@ -280,11 +283,15 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
         ADD(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             ADD(r->st.zero_pages, pages);
+        if (populating)
+            ADD(r->st.prefetched, pages);
     } else {
         SUB(r->st.pages_installed, pages);
         SUB(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             SUB(r->st.zero_pages, pages);
+        if (populating)
+            SUB(r->st.prefetched, pages);
     }
 }
 
@@ -1010,7 +1017,17 @@ int engine_remove_region(struct engine *e, int id)
     return 0;
 }
 
+static int populate(struct engine *e, int id, uint64_t offset, uint64_t length);
+
 int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
+{
+    populating = 1;
+    int rc = populate(e, id, offset, length);
+    populating = 0;
+    return rc;
+}
+
+static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
 {
     uint64_t pos = offset, end = offset + length;
     while (pos < end) {

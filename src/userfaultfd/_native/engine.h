@@ -29,6 +29,7 @@ struct region_stats {
     uint64_t faults_missing, faults_minor, faults_wp;
     uint64_t pages_installed, bytes_installed, zero_pages;
     uint64_t eexist, poisoned, errors, removes;
+    uint64_t prefetched; /* base pages installed by engine_populate */
     uint64_t hist[HIST_BUCKETS];
 };
 

@@ -764,7 +764,7 @@ static PyObject *engineobj_populate(EngineObject *o, PyObject *args)
 }
 
 /* stats(id) -> (faults_missing, faults_minor, faults_wp, pages, bytes, zero_pages, eexist,
- *               poisoned, errors, removes, histogram bytes); id -1: all regions. */
+ *               poisoned, errors, removes, prefetched, histogram bytes); id -1: all regions. */
 static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
 {
     int id;
@@ -773,9 +773,10 @@ static PyObject *engineobj_stats(EngineObject *o, PyObject *args)
         return NULL;
     if (engine_region_stats(o->e, id, &s) < 0)
         return os_error(ENOENT, "stats");
-    return Py_BuildValue("KKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
+    return Py_BuildValue("KKKKKKKKKKKy#", s.faults_missing, s.faults_minor, s.faults_wp,
                          s.pages_installed, s.bytes_installed, s.zero_pages, s.eexist, s.poisoned,
-                         s.errors, s.removes, (const char *)s.hist, (Py_ssize_t)sizeof(s.hist));
+                         s.errors, s.removes, s.prefetched, (const char *)s.hist,
+                         (Py_ssize_t)sizeof(s.hist));
 }
 
 /* pieces(id) -> [(start, end, offset), ...]: where the region's memory is mapped now */
