@@ -25,8 +25,8 @@ setup(
     ext_modules=[
         Extension(
             "userfaultfd._core",
-            sources=[f"{native}/{name}.c" for name in ("module", "engine", "seed", "watchdog")],
-            depends=[f"{native}/{name}.h" for name in ("abi", "engine", "seed", "watchdog")],
+            sources=[f"{native}/{name}.c" for name in ("module", "engine", "seed", "watchdog", "forkguard")],
+            depends=[f"{native}/{name}.h" for name in ("abi", "engine", "seed", "watchdog", "forkguard")],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             libraries=["pthread"],

@@ -44,6 +44,34 @@ def _close_all() -> None:
             server._shutdown(at_exit=True)
 
 
+def _guard_forked_child() -> None:
+    """In a forked child, regions that are not served there (not inherited) get a guard: a
+    touch prints which region it was and why before the SIGSEGV kills the child."""
+    guards = []
+    for server in list(_servers):
+        if server.serves_forks or server.closed:
+            continue
+        why = (
+            "a sigbus-mode server serves only the process that created it"
+            if server.mode == "sigbus"
+            else "the kernel refused UFFD_FEATURE_EVENT_FORK (it needs CAP_SYS_PTRACE)"
+        )
+        for region in list(server._regions.values()):
+            if region.closed:
+                continue
+            message = (
+                f"userfaultfd: process {os.getpid()} (a forked child) touched {region!r}, which "
+                f"is not mapped in forked children: {why}. Create the region in the child, or "
+                "start children with 'spawn'.\n"
+            )
+            guards.append((region.address, region.address + len(region), message))
+    if guards:
+        _core.fork_guard(guards)
+
+
+os.register_at_fork(after_in_child=_guard_forked_child)
+
+
 class Region(_core.Mapping):
     """Memory whose pages come from a source on first touch. Supports the buffer protocol
     (``numpy.frombuffer(region)``, ``memoryview(region)``), ``region[i]`` and ``region[a:b]``.
@@ -135,6 +163,17 @@ class Region(_core.Mapping):
         return f"<Region {self.id} {len(self)} bytes {self.memory} {state} from {self.source!r}>"
 
 
+def _open_uffd(wanted: Feature, forks: bool) -> Userfaultfd:
+    """A uffd with wanted, plus EVENT_FORK if forks and the kernel grants it (it needs
+    CAP_SYS_PTRACE: EPERM otherwise)."""
+    if forks and Feature.EVENT_FORK in available_features():
+        try:
+            return Userfaultfd(wanted | Feature.EVENT_FORK)
+        except PermissionError:
+            pass
+    return Userfaultfd(wanted)
+
+
 class PageServer:
     """Owns a uffd and serves the faults of the regions it maps.
 
@@ -165,7 +204,10 @@ class PageServer:
         wanted |= available_features() & (Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS)
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
-        self._uffd = Userfaultfd(wanted)
+        self._uffd = _open_uffd(wanted, forks=mode == "thread")
+        # With EVENT_FORK a forked child keeps the regions, and the engine serves its faults
+        # (the child's uffd arrives with the FORK event).
+        self.serves_forks = Feature.EVENT_FORK in self._uffd.features
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
@@ -267,10 +309,12 @@ class PageServer:
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
             try:
-                # A forked child would see the region unregistered: zeros where pages are still
-                # missing, and with shared memory zero pages it allocates would be what this
-                # process reads too. Children do not inherit regions (touching one is SIGSEGV).
-                _core.madvise(region.address, length, MADV_DONTFORK)
+                # Unserved in a forked child, the region would read zeros where pages are still
+                # missing (with shared memory, zeros this process reads too). Without
+                # EVENT_FORK, children do not inherit regions: touching one is SIGSEGV, with a
+                # message naming the region (_guard_forked_child).
+                if not self.serves_forks:
+                    _core.madvise(region.address, length, MADV_DONTFORK)
                 self._uffd.register(region.address, length, mode)
                 region.id = self._engine.add_region(
                     region.address, length, page_size, prepared.kind, prepared.base,

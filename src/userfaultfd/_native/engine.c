@@ -7,11 +7,13 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -28,6 +30,7 @@
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
 #define MAX_SIGBUS_ENGINES 64
 #define MAX_POISONED 64 /* per region; past that every filled granule counts as poisoned */
+#define CHILD_PROBE_MS 100 /* how often an idle child's engine checks that the child lives */
 
 /* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
 
@@ -94,7 +97,7 @@ struct engine {
     int uffd, mode, nworkers, remove_policy;
     uint64_t base_page, spin_ns;
     int stop_fd;
-    pthread_t threads[MAX_WORKERS];
+    pthread_t threads[MAX_WORKERS + 1]; /* the workers, and the forker thread */
     int nthreads;
     pthread_mutex_t lock; /* writers: the table and the region list */
     /* A worker reads under read_lock and, when its batch holds events, keeps it until they are
@@ -113,6 +116,17 @@ struct engine {
     } errors[ERR_RING];
     atomic_int gone, stopping;
     atomic_uint_fast64_t events[4];
+    /* fork(): the kernel gives each forked child of the uffd's owner a uffd of its own (the
+     * FORK event); an engine of its own serves it from the same regions. */
+    struct engine *root;     /* the engine Python created: errors are recorded there */
+    struct engine *parent;   /* set on an engine serving a forked child */
+    struct engine *children; /* engines serving forked children, linked by sibling, under lock */
+    struct engine *sibling;
+    uint64_t probe;          /* children: a page in no region, for the liveness probe */
+    /* FORK events go through this pipe (fds) to a thread of their own: a reader must never
+     * allocate while it holds read_lock, since the forking thread holds glibc's malloc locks
+     * until it returns from fork(), and it returns only once a reader has read its event. */
+    int fork_pipe[2];
 };
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
@@ -136,6 +150,7 @@ static unsigned hist_bucket(uint64_t ns)
 static void record_error(struct engine *e, int err, int region_id, uint64_t addr, uint64_t off,
                          const char *op)
 {
+    e = e->root;
     uint64_t n = atomic_fetch_add(&e->nerrors, 1);
     e->errors[n % ERR_RING].e = (struct engine_error){err, region_id, addr, off, op};
     atomic_store_explicit(&e->errors[n % ERR_RING].seq, n + 1, memory_order_release);
@@ -494,6 +509,8 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
     return nt;
 }
 
+static void fork_child(struct engine *e, int fd);
+
 static void handle_event(struct engine *e, const struct uffd_msg *m)
 {
     pthread_mutex_lock(&e->lock);
@@ -531,6 +548,14 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
         ADD(e->events[2], 1);
         nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
         break;
+    case UFFD_EVENT_FORK: {
+        int fd = (int)m->arg.fork.ufd;
+        if (e->fork_pipe[1] < 0 || write(e->fork_pipe[1], &fd, sizeof(fd)) != sizeof(fd)) {
+            record_error(e, EMFILE, -1, 0, 0, "fork");
+            close(fd); /* nothing can serve it: the child's regions read as plain memory */
+        }
+        break;
+    }
     default:
         ADD(e->events[3], 1);
         record_error(e, EPROTO, -1, m->event, 0, "unexpected event");
@@ -596,6 +621,14 @@ static int serve_faults(struct engine *e, const struct uffd_msg *msgs, int count
     return marked;
 }
 
+/* A forked child's exit raises no event: its uffd just goes quiet. ZEROPAGE on a page in no
+ * region fails with ENOENT while the child's memory exists, ESRCH once it has gone. */
+static int child_gone(struct engine *e)
+{
+    struct uffdio_rangeop o = {{e->probe, e->base_page}, UFFDIO_MODE_DONTWAKE, 0};
+    return ioctl(e->uffd, UFFDIO_ZEROPAGE, &o) != 0 && errno == ESRCH;
+}
+
 static void *worker(void *arg)
 {
     struct engine *e = arg;
@@ -615,9 +648,17 @@ static void *worker(void *arg)
                 continue;
             }
         } else {
-            if (poll(pf, 2, -1) < 0 && errno != EINTR) {
+            int ready = poll(pf, 2, e->parent ? CHILD_PROBE_MS : -1);
+            if (ready < 0 && errno != EINTR) {
                 record_error(e, errno, -1, 0, 0, "poll");
                 break;
+            }
+            if (ready == 0) { /* only a child's engine wakes up idle: has the child gone? */
+                if (child_gone(e)) {
+                    atomic_store(&e->gone, 1);
+                    break;
+                }
+                continue;
             }
             if (pf[1].revents)
                 break;
@@ -805,6 +846,199 @@ int engine_sigbus_first(void)
            cur.sa_sigaction == on_sigbus;
 }
 
+/* ---- forked children ---- */
+
+static void stop_threads(struct engine *e);
+static struct region *region_new(const struct region_params *p);
+static int find_region(struct engine *e, int id);
+static void add_stats(struct region_stats *out, const struct region_stats *s);
+
+/* A page no region of e can cover, for child_gone(): the lowest mappable page, as a rule. */
+static uint64_t probe_address(const struct engine *e)
+{
+    uint64_t addr = 0x10000;
+    FILE *f = fopen("/proc/sys/vm/mmap_min_addr", "re");
+    unsigned long long min;
+    if (f && fscanf(f, "%llu", &min) == 1 && min > addr)
+        addr = (min + e->base_page - 1) & ~(e->base_page - 1);
+    if (f)
+        fclose(f);
+    return addr;
+}
+
+/* Poisons every granule of c's regions the child may still miss (installing over present pages
+ * fails with EEXIST and changes nothing), and wakes its faulters: they get SIGBUS. */
+static void poison_missing(struct engine *c)
+{
+    const struct table *t = atomic_load(&c->table);
+    for (size_t k = 0; t && k < t->n; k++) {
+        const struct extent *x = &t->x[k];
+        struct region *r = x->r;
+        const uint64_t unit = r->p.can_zeropage ? c->base_page : r->p.page_size;
+        uint64_t pos = x->start;
+        while (pos < x->end) {
+            uint64_t i = (x->off + (pos - x->start)) >> r->shift, done;
+            if (bit_test(r, i) && !is_poisoned(r, i)) {
+                pos = x->start + (((i + 1) << r->shift) - x->off);
+                continue;
+            }
+            int err = fill_ioctl(c->uffd, UFFDIO_POISON, pos, 0, unit, UFFDIO_MODE_DONTWAKE, &done);
+            if (err && err != EEXIST)
+                break; /* ESRCH (gone), or no poison on this kernel: nothing more to do */
+            pos += unit;
+        }
+        range_ioctl(c->uffd, UFFDIO_WAKE, x->start, x->end - x->start);
+    }
+}
+
+/* Joins and frees the engines of children that have exited (with e->lock held); what they
+ * served is added to e's regions, and their own children become e's. */
+static void reap_children(struct engine *e)
+{
+    struct engine **link = &e->children;
+    while (*link) {
+        struct engine *c = *link;
+        if (!atomic_load(&c->gone)) {
+            link = &c->sibling;
+            continue;
+        }
+        *link = c->sibling;
+        stop_threads(c); /* its worker has exited; c's children are handed up, not stopped */
+        for (int k = 0; k < c->nregions; k++) {
+            int j = find_region(e, c->regions[k]->id);
+            if (j >= 0)
+                add_stats(&e->regions[j]->st, &c->regions[k]->st);
+        }
+        pthread_mutex_lock(&c->lock);
+        struct engine *orphans = c->children;
+        c->children = NULL;
+        pthread_mutex_unlock(&c->lock);
+        while (orphans) {
+            struct engine *o = orphans;
+            orphans = o->sibling;
+            o->parent = e;
+            o->sibling = e->children;
+            e->children = o;
+        }
+        engine_free(c);
+    }
+}
+
+/* The FORK event (with e->lock held): fd is the child's uffd, installed in this process by the
+ * read. Its engine starts with copies of e's regions: same sources, same pages filled (private
+ * memory filled at the fork was copied; shared memory is the same pages). */
+static void fork_child(struct engine *e, int fd)
+{
+    reap_children(e);
+    struct engine *c = engine_new(fd, ENGINE_THREAD, 1, e->remove_policy, e->base_page, 0);
+    struct table *t = atomic_load(&e->table), *nt = NULL;
+    int ok = c != NULL;
+    if (ok) {
+        c->parent = e;
+        c->root = e->root;
+        c->probe = probe_address(e);
+        c->next_id = e->next_id;
+        c->regions = calloc((size_t)e->nregions + 1, sizeof(*c->regions));
+        nt = malloc(sizeof(*nt) + (t ? t->n : 0) * sizeof(struct extent));
+        ok = c->regions && nt;
+    }
+    for (int k = 0; ok && k < e->nregions; k++) {
+        const struct region *r = e->regions[k];
+        struct region *cr = region_new(&r->p);
+        if (!(ok = cr != NULL))
+            break;
+        cr->id = r->id;
+        for (uint64_t w = 0; w < (r->npages + 63) / 64; w++)
+            cr->filled[w] = __atomic_load_n(&r->filled[w], __ATOMIC_RELAXED);
+        for (unsigned p = 0; p < MAX_POISONED; p++)
+            atomic_store(&cr->poisoned[p], atomic_load(&r->poisoned[p]));
+        atomic_store(&cr->npoisoned, atomic_load(&r->npoisoned));
+        atomic_store(&cr->poison_overflow, atomic_load(&r->poison_overflow));
+        c->regions[c->nregions++] = cr;
+    }
+    if (ok) {
+        c->cap = e->nregions + 1;
+        nt->n = 0;
+        for (size_t j = 0; t && j < t->n; j++) {
+            struct extent x = t->x[j];
+            int k = find_region(e, x.r->id);
+            x.r = c->regions[k];
+            nt->x[nt->n++] = x;
+        }
+        atomic_store(&c->table, nt);
+        nt = NULL;
+        ok = engine_start(c) == 0;
+    }
+    if (ok) {
+        c->sibling = e->children;
+        e->children = c;
+        return;
+    }
+    record_error(e, ENOMEM, -1, 0, 0, "fork");
+    free(nt);
+    if (c) {
+        if (atomic_load(&c->table))
+            poison_missing(c); /* unserved, the child must not read zeros either */
+        engine_free(c); /* closes fd */
+    } else {
+        close(fd); /* nothing to serve it with: the child's regions read as plain memory */
+    }
+}
+
+/* Joins c's threads (a child's engine has no SIGBUS part). */
+static void stop_threads(struct engine *c)
+{
+    uint64_t one = 1;
+    atomic_store(&c->stopping, 1);
+    if (write(c->stop_fd, &one, sizeof(one)) < 0) {
+    }
+    for (int k = 0; k < c->nthreads; k++)
+        pthread_join(c->threads[k], NULL);
+    c->nthreads = 0;
+}
+
+/* Creates the engines of the children whose FORK events were queued. */
+static void take_forks(struct engine *e)
+{
+    int fd;
+    while (read(e->fork_pipe[0], &fd, sizeof(fd)) == sizeof(fd)) {
+        pthread_mutex_lock(&e->lock);
+        fork_child(e, fd);
+        pthread_mutex_unlock(&e->lock);
+    }
+}
+
+static void *forker(void *arg)
+{
+    struct engine *e = arg;
+    struct pollfd pf[2] = {{e->fork_pipe[0], POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+    for (;;) {
+        if (poll(pf, 2, -1) < 0 && errno != EINTR)
+            break;
+        if (pf[1].revents)
+            break;
+        take_forks(e);
+    }
+    return NULL;
+}
+
+/* Whether the uffd was opened with UFFD_FEATURE_EVENT_FORK (its fdinfo says). */
+static int has_fork_events(int uffd)
+{
+    char path[64];
+    unsigned long long proto, features = 0;
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", uffd);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    char line[256];
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "API:\t%llx:%llx", &proto, &features) == 2)
+            break;
+    fclose(f);
+    return (features & UFFD_FEATURE_EVENT_FORK) != 0;
+}
+
 /* ---- public API ---- */
 
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
@@ -818,6 +1052,8 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     if (!e)
         return NULL;
     e->owner = getpid();
+    e->root = e;
+    e->fork_pipe[0] = e->fork_pipe[1] = -1;
     e->uffd = uffd;
     e->mode = mode;
     e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
@@ -840,10 +1076,18 @@ int engine_start(struct engine *e)
     int rc = 0;
     if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
         return -rc;
+    if (e->mode == ENGINE_THREAD && has_fork_events(e->uffd) &&
+        pipe2(e->fork_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        return -errno;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
     for (int k = 0; k < e->nworkers && !rc; k++) {
         rc = pthread_create(&e->threads[k], NULL, worker, e);
+        if (!rc)
+            e->nthreads++;
+    }
+    if (!rc && e->fork_pipe[0] >= 0) {
+        rc = pthread_create(&e->threads[e->nthreads], NULL, forker, e);
         if (!rc)
             e->nthreads++;
     }
@@ -866,6 +1110,25 @@ void engine_stop(struct engine *e)
     e->nthreads = 0;
     if (e->mode == ENGINE_SIGBUS)
         sigbus_detach(e);
+    if (e->fork_pipe[0] >= 0) {
+        pthread_mutex_lock(&e->lock);
+        take_forks(e); /* forks not taken yet get an engine, torn down with the others */
+        pthread_mutex_unlock(&e->lock);
+    }
+    /* Forked children still alive lose their server: what they have not got yet is poisoned
+     * (SIGBUS on touch), since closing their uffd would let them read zeros instead. */
+    pthread_mutex_lock(&e->lock);
+    struct engine *c = e->children;
+    e->children = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (c) {
+        struct engine *next = c->sibling;
+        engine_stop(c);
+        if (!atomic_load(&c->gone) && !child_gone(c))
+            poison_missing(c);
+        engine_free(c);
+        c = next;
+    }
 }
 
 static void region_free(struct region *r)
@@ -882,6 +1145,11 @@ void engine_free(struct engine *e)
 {
     if (getpid() != e->owner)
         return; /* a forked child: the copy is left alone (its mutexes may be held) */
+    if (e->parent)
+        close(e->uffd); /* the fd the FORK event installed is the engine's own */
+    for (int k = 0; k < 2; k++)
+        if (e->fork_pipe[k] >= 0)
+            close(e->fork_pipe[k]);
     for (int k = 0; k < e->nregions; k++)
         region_free(e->regions[k]);
     free(e->regions);
@@ -1012,6 +1280,10 @@ int engine_remove_region(struct engine *e, int id)
     }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
     e->regions[k] = e->regions[--e->nregions];
+    /* The source goes away with the region: forked children's engines drop it too (a child's
+     * fault there is then poisoned, never answered with made-up data). */
+    for (struct engine *c = e->children; c; c = c->sibling)
+        engine_remove_region(c, id);
     pthread_mutex_unlock(&e->lock);
     region_free(r);
     return 0;
@@ -1080,22 +1352,35 @@ static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
     return 0;
 }
 
-int engine_region_stats(struct engine *e, int id, struct region_stats *out)
+static void add_stats(struct region_stats *out, const struct region_stats *s)
+{
+    const uint64_t *src = (const uint64_t *)s;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t f = 0; f < sizeof(*s) / sizeof(uint64_t); f++)
+        dst[f] += __atomic_load_n(&src[f], __ATOMIC_RELAXED);
+}
+
+/* Adds what region id (-1: every region) of e and of its children's engines has served. */
+static int sum_stats(struct engine *e, int id, struct region_stats *out)
 {
     int rc = -ENOENT;
-    memset(out, 0, sizeof(*out));
     pthread_mutex_lock(&e->lock);
-    for (int k = 0; k < e->nregions; k++) {
-        const struct region_stats *s = &e->regions[k]->st;
-        if (id != -1 && e->regions[k]->id != id)
-            continue;
-        const uint64_t *src = (const uint64_t *)s;
-        uint64_t *dst = (uint64_t *)out;
-        for (size_t f = 0; f < sizeof(*s) / sizeof(uint64_t); f++)
-            dst[f] += __atomic_load_n(&src[f], __ATOMIC_RELAXED);
-        rc = 0;
-    }
+    reap_children(e);
+    for (int k = 0; k < e->nregions; k++)
+        if (id == -1 || e->regions[k]->id == id) {
+            add_stats(out, &e->regions[k]->st);
+            rc = 0;
+        }
+    for (struct engine *c = e->children; c; c = c->sibling)
+        sum_stats(c, id, out);
     pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+int engine_region_stats(struct engine *e, int id, struct region_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    int rc = sum_stats(e, id, out);
     return id == -1 ? 0 : rc;
 }
 

@@ -19,6 +19,7 @@
 #include "engine.h"
 #include "seed.h"
 #include "watchdog.h"
+#include "forkguard.h"
 
 /* OSError (its errno subclass) whose message names the failing call. */
 static PyObject *os_error(int err, const char *call)
@@ -904,6 +905,34 @@ static void watchdog_capsule_free(PyObject *cap)
         watchdog_stop(w);
 }
 
+/* fork_guard([(start, end, message), ...]): see forkguard.h */
+static PyObject *py_fork_guard(PyObject *self, PyObject *list)
+{
+    PyObject *seq = PySequence_Fast(list, "fork_guard takes a list of (start, end, message)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *starts = calloc((size_t)n + 1, sizeof(uint64_t));
+    uint64_t *ends = calloc((size_t)n + 1, sizeof(uint64_t));
+    const char **messages = calloc((size_t)n + 1, sizeof(char *));
+    int rc = starts && ends && messages ? 0 : ENOMEM;
+    for (Py_ssize_t k = 0; !rc && k < n; k++) {
+        unsigned long long a, b;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "KKs", &a, &b, &messages[k]))
+            rc = -1;
+        starts[k] = a, ends[k] = b;
+    }
+    if (!rc)
+        rc = forkguard_arm((int)n, starts, ends, messages);
+    free(starts), free(ends), free(messages);
+    Py_DECREF(seq);
+    if (rc == -1)
+        return NULL;
+    if (rc)
+        return os_error(rc, "fork_guard");
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_watchdog_start(PyObject *self, PyObject *args)
 {
     int pidfd, uffd;
@@ -950,6 +979,7 @@ static PyMethodDef core_methods[] = {
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
+    {"fork_guard", py_fork_guard, METH_O, "name regions a forked child must not touch"},
     {"watchdog_start", py_watchdog_start, METH_VARARGS, "poison faults once pidfd's process dies"},
     {"watchdog_stop", py_watchdog_stop, METH_O, "stop it -> whether it fired"},
     {NULL}};

@@ -1,0 +1,125 @@
+"""fork() of a process with PageServer regions: served in the child where the kernel grants
+UFFD_FEATURE_EVENT_FORK (root), a clear message naming the region where it does not."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import textwrap
+
+import numpy as np
+import pytest
+
+import userfaultfd as u
+from userfaultfd.sources import Buffer
+
+from .conftest import run_child
+
+pytestmark = pytest.mark.needs_uffd
+MIB = 1 << 20
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="EVENT_FORK needs CAP_SYS_PTRACE")
+
+
+_shared: list[np.ndarray] = []  # inherited by the pool's forked workers, never pickled
+
+
+def _chunk_sum(bounds: tuple[int, int]) -> int:
+    lo, hi = bounds
+    return int(_shared[0][lo:hi].sum())
+
+
+@root_only
+@pytest.mark.parametrize("memory", ["anonymous", "shmem"])
+def test_a_forked_child_is_served_from_the_same_source(memory: str) -> None:
+    data = os.urandom(8 * MIB)
+    with u.PageServer("thread") as server:
+        assert server.serves_forks
+        region = server.map(len(data), Buffer(data), memory=memory)  # type: ignore[arg-type]
+        assert region[:4096] == data[:4096]  # the parent has one page; the child faults the rest
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if region[:] == data else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert region.stats().faults >= 8 * MIB // 4096 - 1  # the child's faults are counted
+        assert region[:] == data
+        assert server.errors() == []
+        region.close()
+
+
+@root_only
+def test_a_multiprocessing_fork_pool_over_a_lazily_loaded_numpy_array() -> None:
+    values = np.random.default_rng(7).integers(0, 1000, 4 * MIB, dtype=np.int64)
+    with u.PageServer("thread") as server:
+        region = server.map(values.nbytes, Buffer(values.tobytes()))
+        _shared.append(np.frombuffer(region, dtype=np.int64))  # nothing loaded yet
+        n = len(values)
+        parts = [(k * n // 8, (k + 1) * n // 8) for k in range(8)]
+        try:
+            with multiprocessing.get_context("fork").Pool(4) as pool:
+                sums = pool.map(_chunk_sum, parts, chunksize=1)
+        finally:
+            _shared.clear()
+        assert sums == [int(values[lo:hi].sum()) for lo, hi in parts]
+        assert region.stats().faults >= values.nbytes // u.PAGE_SIZE  # all in the workers
+        assert server.errors() == []
+        region.close()
+
+
+def test_a_child_touching_an_unserved_region_is_told_why() -> None:
+    """Unprivileged (run as nobody when we are root) the kernel refuses EVENT_FORK: the child
+    dies of SIGSEGV as before, with a message naming the region and the reason."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        import userfaultfd as u
+        if os.geteuid() == 0:  # the interpreter is loaded: now as nobody
+            os.setgid(65534)
+            os.setuid(65534)
+        try:
+            server = u.PageServer("thread")
+        except PermissionError as e:
+            print("SKIP", e)
+            sys.exit(0)
+        assert not server.serves_forks
+        region = server.map(4 * 4096, u.sources.Fill(b"x"))
+        pid = os.fork()
+        if pid == 0:
+            region[0]
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        print("parent", bytes(region[:2]).decode())
+        """
+    )
+    proc = run_child(code)
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout)
+    assert proc.returncode == 0, proc.stderr
+    assert f"child {-signal.SIGSEGV}" in proc.stdout and "parent xx" in proc.stdout
+    assert "(a forked child) touched <Region 0 16384 bytes anonymous" in proc.stderr
+    assert "from <userfaultfd.sources.Fill" in proc.stderr or "Fill" in proc.stderr
+    assert "EVENT_FORK (it needs CAP_SYS_PTRACE)" in proc.stderr
+
+
+def test_sigbus_mode_regions_name_the_reason_in_a_forked_child() -> None:
+    code = textwrap.dedent(
+        """
+        import os
+        import userfaultfd as u
+        server = u.PageServer("sigbus")
+        assert not server.serves_forks
+        region = server.map(4096)
+        pid = os.fork()
+        if pid == 0:
+            region[0]
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        """
+    )
+    proc = run_child(code)
+    assert proc.returncode == 0, proc.stderr
+    assert f"child {-signal.SIGSEGV}" in proc.stdout
+    assert "a sigbus-mode server serves only the process that created it" in proc.stderr
