@@ -1,6 +1,7 @@
 """Builds the native core. UFFD_DEBUG=1 builds with -O0 -g; UFFD_SANITIZE=1 with ASan and UBSan."""
 
 import os
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -25,8 +26,8 @@ setup(
     ext_modules=[
         Extension(
             "userfaultfd._core",
-            sources=[f"{native}/{name}.c" for name in ("module", "engine", "seed", "watchdog", "forkguard")],
-            depends=[f"{native}/{name}.h" for name in ("abi", "engine", "seed", "watchdog", "forkguard")],
+            sources=sorted(str(path) for path in Path(native).glob("*.c")),
+            depends=sorted(str(path) for path in Path(native).glob("*.h")),
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             libraries=["pthread"],

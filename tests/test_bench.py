@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from userfaultfd import bench
+from userfaultfd.commands import bench
 
 pytestmark = pytest.mark.needs_uffd
 TINY = bench.Size(pages=64, file_bytes=4 << 20, runs=2)

@@ -565,3 +565,29 @@ def test_mapping_indexing_and_slices_behave_like_bytearray() -> None:
     assert m.closed
     with pytest.raises(ValueError, match="closed"):
         m[0]
+
+
+def test_engine_takes_keywords_and_its_enums_come_from_the_native_core(
+    uffd: u.Userfaultfd,
+) -> None:
+    from userfaultfd import sources
+
+    assert (_core.MODE_THREAD, _core.MODE_SIGBUS) == (0, 1)
+    assert (_core.REMOVE_REFILL, _core.REMOVE_UNREGISTER) == (0, 1)
+    kinds = [_core.SRC_ZERO, _core.SRC_BYTES, _core.SRC_FILL, _core.SRC_CONTINUE]
+    assert kinds == [sources.SRC_ZERO, sources.SRC_BYTES, sources.SRC_FILL, sources.SRC_CONTINUE]
+    with pytest.raises(TypeError, match="positional"):
+        _core.Engine(uffd.fileno(), 0, 1, 0, PAGE, 0)  # type: ignore[misc]
+    engine = _core.Engine(
+        uffd.fileno(),
+        mode=_core.MODE_THREAD,
+        workers=1,
+        remove_policy=_core.REMOVE_REFILL,
+        base_page=PAGE,
+        spin_ns=0,
+    )
+    with pytest.raises(TypeError, match="positional"):
+        engine.add_region(0, PAGE)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="'length'"):
+        engine.add_region(start=0)  # type: ignore[call-arg]
+    engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,8 +14,9 @@ import numpy
 import pytest
 
 import userfaultfd as u
+from userfaultfd import _core
 
-from .conftest import PAGE, Caller, run_child
+from .conftest import PAGE, Caller, anon, run_child
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -186,6 +188,48 @@ def test_short_data_is_an_error_not_wrong_data() -> None:
             server.map(PAGE)
 
 
+SPLIT_CHILD = textwrap.dedent(
+    """
+    import mmap
+    import userfaultfd as u
+    from userfaultfd import _core
+    P = u.PAGE_SIZE
+    def page_number(offset, length):
+        return b"".join(bytes([offset // P + k]) * P for k in range(length // P))
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(16 * P, readahead=7)
+        _core.madvise(region.address + 4 * P, 4 * P, mmap.MADV_DONTDUMP)
+        assert _core.touch(region.address + 2 * P, 8 * P, P, False) == sum(range(2, 10))
+        assert region[:] == page_number(0, 16 * P) and server.stats()["errors"] == 0
+    print("OK", flush=True)
+    """
+)
+
+
+def test_a_fill_crossing_a_vma_split_is_served_in_pieces() -> None:
+    """madvise(MADV_DONTDUMP) on part of a region splits its VMA, and a COPY must lie in one VMA:
+    before the fix the handler's readahead COPY failed with ENOENT for ever."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_CHILD], capture_output=True, text=True, timeout=30
+    )
+    assert proc.stdout == "OK\n", proc.stderr
+
+
+def test_notice_boards_past_the_table_are_refused_quietly() -> None:
+    """Each PythonSourceServer registers a notice board; past the table's 64 its notices go
+    unsaid, and the server is still created and serves."""
+    boards = [anon(1, shared=True) for _ in range(70)]
+    taken = [_core.notice_board(b.address) for b in boards]
+    try:
+        assert taken[-1] is False and taken.count(True) <= 64
+        with u.PythonSourceServer(page_number) as server:
+            assert server.map(PAGE)[0] == 0
+    finally:
+        for b in boards:
+            _core.notice_board_remove(b.address)
+            b.close()
+
+
 TOUCH_CHILD = textwrap.dedent(
     """
     import userfaultfd as u
@@ -204,6 +248,10 @@ def test_toucher_of_a_failed_page_gets_sigbus() -> None:
     proc = run_child(TOUCH_CHILD)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
+    # the handler printed the source's traceback when it failed, the application one line
+    assert "Traceback (most recent call last)" in proc.stderr and "\nKeyError: 0\n" in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "offset 0x0" in line and "KeyError(0)" in line, line
 
 
 def test_region_lifecycle_and_validation() -> None:
@@ -281,3 +329,5 @@ def test_a_fault_pending_when_the_handler_dies_gets_sigbus() -> None:
     proc = run_child(HANG_CHILD)
     assert proc.stdout == "killing the handler\n"
     assert proc.returncode == -signal.SIGBUS
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "the handler process of a PythonSourceServer has died" in line, line

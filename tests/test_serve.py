@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -22,6 +23,7 @@ import pytest
 
 import userfaultfd as u
 from userfaultfd import _core
+from userfaultfd.commands.serve import _listen
 from userfaultfd.handoff import (
     GuestRegion,
     HandoffError,
@@ -30,9 +32,8 @@ from userfaultfd.handoff import (
     receive_uffd,
     send_uffd,
 )
-from userfaultfd.serve import _listen
 
-from .conftest import loop_device
+from .conftest import Toucher, loop_device
 
 pytestmark = pytest.mark.needs_uffd
 CLIENT = str(Path(__file__).with_name("fc_client.py"))
@@ -217,6 +218,83 @@ def test_a_hand_off_sent_slowly_in_pieces_is_accepted_and_served(
         sock.close()
         server.expect("disconnect client 1")
     region.close()
+
+
+def test_a_client_that_unmaps_part_of_its_memory_is_still_served(
+    server: Server, memory: Path
+) -> None:
+    """Firecracker asks for no UNMAP event: the server still believes in the hole, and readahead
+    over it fails with ENOENT. Before the fix the faulter next to the hole never returned."""
+    region = _core.Mapping(2 * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    data = memory.read_bytes()[: 2 * MIB]
+    with u.Userfaultfd(u.Feature.EVENT_REMOVE) as uffd:
+        uffd.register(region.address, 2 * MIB)
+        payload = json.dumps([GuestRegion(region.address, 2 * MIB, 0, PAGE).to_json()]).encode()
+        sock = raw_client(server, payload, [uffd.fileno()])
+        server.expect("connect client 1")
+        hole = region.address + MIB + 8 * PAGE
+        _core.munmap(hole, 8 * PAGE)  # inside the adaptive readahead of the page at 1 MiB
+        spans = ((MIB, MIB + 8 * PAGE), (MIB - 16 * PAGE, MIB), (MIB + 16 * PAGE, 2 * MIB))
+        for start, end in spans:
+            toucher = Toucher(region.address + start, end - start)
+            assert toucher.finish() == sum(data[start:end:PAGE])
+            assert ctypes.string_at(region.address + start, end - start) == data[start:end]
+        sock.close()
+        line = server.expect("disconnect client 1")
+        assert "errors 0" in line
+    region.close()  # the hole in it is fine for munmap
+
+
+def test_a_client_that_forks_leaks_no_fd_in_the_server(server: Server, memory: Path) -> None:
+    """With EVENT_FORK the kernel installs a uffd for each child in the server's fd table.
+    Before the fix the engine counted the event as unknown and kept the fd open."""
+    region = _core.Mapping(MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    with u.Userfaultfd(u.Feature.EVENT_FORK) as uffd:
+        uffd.register(region.address, MIB)
+        payload = json.dumps([GuestRegion(region.address, MIB, 0, PAGE).to_json()]).encode()
+        sock = raw_client(server, payload, [uffd.fileno()])
+        server.expect("connect client 1")
+        before = len(list(fds.iterdir()))
+        for _ in range(5):
+            pid = os.fork()  # returns once the server has read the FORK event
+            if pid == 0:
+                os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert len(list(fds.iterdir())) == before
+        assert Toucher(region.address, MIB).finish() == sum(memory.read_bytes()[:MIB:PAGE])
+        sock.close()
+        line = server.expect("disconnect client 1")
+        assert "errors 0" in line and "forks 5" in line
+    region.close()
+
+
+@pytest.mark.kernel_faults
+def test_a_page_poisoned_for_a_client_is_logged_as_it_happens(tmp_path: Path) -> None:
+    """The client's thread dies of the SIGBUS and cannot say why: the server's log says it."""
+    path = tmp_path / "shrinks.mem"
+    path.write_bytes(os.urandom(2 * MIB))
+    s = Server(tmp_path, path)
+    region = _core.Mapping(2 * MIB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with u.Userfaultfd(u.Feature.EVENT_REMOVE) as uffd:
+            uffd.register(region.address, 2 * MIB)
+            payload = json.dumps([GuestRegion(region.address, 2 * MIB, 0, PAGE).to_json()])
+            sock = raw_client(s, payload.encode(), [uffd.fileno()])
+            s.expect("connect client 1")
+            os.truncate(path, MIB)
+            r, w = os.pipe()
+            with pytest.raises(OSError):  # a kernel access: EFAULT from the poison
+                os.write(w, memoryview(region)[MIB + PAGE : MIB + 2 * PAGE])
+            os.close(r), os.close(w)
+            line = s.expect("poisoned the page", timeout=10)  # before the client goes
+            assert f"at {region.address + MIB + PAGE:#x} (memory file offset 0x101000)" in line
+            assert "client 1" in line and "Bad address" in line
+            sock.close()
+            s.expect("disconnect client 1")
+    finally:
+        assert s.stop() == 0
+        region.close()
 
 
 def regions_json(*items: dict[str, object]) -> bytes:

@@ -30,6 +30,7 @@ from .conftest import (
     PAGE,
     Caller,
     Toucher,
+    anon,
     libc,
     loop_device,
     move,
@@ -233,6 +234,92 @@ def test_kernel_access_in_sigbus_mode_needs_populate() -> None:
         os.close(r), os.close(w)
 
 
+INTERRUPT_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import userfaultfd as u
+    with u.PageServer(sys.argv[1]) as server:
+        region = server.map(96 << 30)  # zero pages: seconds to install, no memory used
+        print("populating", flush=True)
+        try:
+            region.populate()
+        except KeyboardInterrupt:
+            print(time.monotonic(), flush=True)
+        done = region.stats().pages_installed
+        assert 0 < done < len(region) // u.PAGE_SIZE, done  # what was installed stays
+        region.populate(0, 1 << 30)  # and the server is still usable
+    print("OK", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_interrupts_populate_promptly(mode: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPT_CHILD, mode], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "populating\n"
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.endswith("OK\n"), err
+    latency = float(out.split()[0]) - sent  # CLOCK_MONOTONIC is the same in both processes
+    assert latency < 0.3, f"KeyboardInterrupt came {latency:.3f} s after SIGINT"
+
+
+def test_populate_shows_progress_when_asked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain stderr line
+    with u.PageServer("thread") as server:
+        region = server.map(3 << 30)
+        region.populate(progress=True)
+        region.populate(0, 1 << 20)  # quiet unless asked
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "populate: 3072 of 3072 MiB (100%)", lines
+    assert all(line.startswith("populate: ") for line in lines)
+
+
+def test_populate_progress_uses_tqdm_when_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    with u.PageServer("thread") as server:
+        server.map(64 << 20).populate(progress=True)
+    last = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert last.startswith("populate: 100%") and "64.0M/64.0M" in last, last
+
+
+def test_readme_pattern_for_system_calls_on_sigbus_regions_works() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- example: sigbus-syscalls")[1].split("```python\n")[1]
+    proc = run_child(block.split("```")[0])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_efault_from_an_unpopulated_sigbus_region_names_the_fix() -> None:
+    """A COPY whose source is an unpopulated sigbus-mode region: the kernel reads it, no fault."""
+    with u.PageServer("sigbus") as server, u.Userfaultfd() as uffd:
+        source = server.map(PAGE, u.Fill(b"s"))
+        target = anon(1)
+        uffd.register(target.address, PAGE)
+        with pytest.raises(OSError, match=r"sigbus-mode region, populate\(\) that range") as e:
+            uffd.copy(target.address, source, PAGE)
+        assert e.value.errno == errno.EFAULT
+        source.populate()
+        assert uffd.copy(target.address, source, PAGE) == PAGE
+        assert target[:] == b"s" * PAGE
+        target.close()
+        # the engine says the same when a Buffer source is such a region
+        copy = server.map(PAGE, u.Buffer(server.map(PAGE, u.Fill(b"t"))))
+        with pytest.raises(u.SourceError, match="unpopulated sigbus-mode region"):
+            copy.populate()
+
+
 @pytest.mark.kernel_faults
 def test_kernel_access_in_thread_mode_is_served() -> None:
     with u.PageServer("thread") as server:
@@ -314,6 +401,10 @@ def test_reads_stay_correct_while_pages_are_dropped(mode: str) -> None:
         dropper = Caller(drop, 3)
         assert [r.finish(30) for r in readers] == [[], []]
         drops = dropper.finish(30)
+        # madvise returns once its REMOVE event has been read; the worker counts it just after.
+        deadline = time.monotonic() + 5
+        while server.events()["remove"] < drops and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert drops > 0 and server.events()["remove"] == drops
         assert bytes(region) == content
         assert region.stats().errors == 0
@@ -490,6 +581,51 @@ def test_mremap_inside_a_unit_then_populate_installs_every_piece(server: u.PageS
     region.close()
 
 
+# ---- VMA splits: one fill must lie in one VMA ----
+
+SPLIT_CHILD = textwrap.dedent(
+    """
+    import array, ctypes, mmap, sys
+    import userfaultfd as u
+    from userfaultfd import _core
+    P = u.PAGE_SIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    data = b"".join(bytes([k]) * P for k in range(32))
+    with u.PageServer(sys.argv[1]) as server:
+        # readahead 2..9 crosses the split at 4 (and at 8): each piece is filled on its own
+        a = server.map(32 * P, u.Buffer(data), readahead=7)
+        _core.madvise(a.address + 4 * P, 4 * P, mmap.MADV_DONTDUMP)
+        assert _core.touch(a.address + 2 * P, 8 * P, P, False) == sum(range(2, 10))
+        assert a[:] == data
+        # adaptive readahead running backwards over a split
+        b = server.map(32 * P, u.Buffer(data), readahead="adaptive")
+        assert libc.mprotect(b.address + 13 * P, 3 * P, mmap.PROT_READ) == 0
+        order = array.array("I", reversed(range(32)))
+        _core.touch_pages(b.address, P, order.tobytes())
+        assert b[:] == data
+        # populate crosses the splits too, and installs every page
+        c = server.map(32 * P, u.Buffer(data))
+        assert libc.mprotect(c.address + 10 * P, 3 * P, mmap.PROT_READ) == 0
+        _core.madvise(c.address + 20 * P, P, mmap.MADV_DONTDUMP)
+        c.populate()
+        assert c.stats().pages_installed == 32 and c.stats().faults == 0, c.stats()
+        assert c[:] == data
+    print("OK", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fill_crossing_a_vma_split_installs_each_piece(mode: str) -> None:
+    """mprotect or madvise(MADV_DONTDUMP) on part of a region splits its VMA; a COPY must lie
+    in one VMA (ENOENT otherwise). Before the fix the faulter looped forever."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_CHILD, mode], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0 and proc.stdout == "OK\n", proc.stderr
+
+
 # ---- errors: never wrong data ----
 
 
@@ -539,6 +675,10 @@ def test_toucher_of_a_lost_page_gets_sigbus(mode: str, tmp_path: Path) -> None:
     proc = run_child(SHRINK_CHILD, str(path), mode)
     assert proc.stdout == "touching\n"
     assert proc.returncode == -signal.SIGBUS
+    # one line before the process dies: where, which region and offset, what failed
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd:")]
+    assert "fatal SIGBUS at 0x" in line and f"region 0 File({str(path)!r}, offset=0)" in line
+    assert "offset 0x8000" in line and "EFAULT" in line and "UFFDIO_COPY" in line, line
 
 
 REMAP_RACE_CHILD = textwrap.dedent(
@@ -559,8 +699,11 @@ REMAP_RACE_CHILD = textwrap.dedent(
     target.rebase(0)
     uffd.register(old, 4 * PAGE)
     pattern = b"m"
-    engine = _core.Engine(uffd.fileno(), 0, 1, 0, PAGE, 0)
-    engine.add_region(old, 4 * PAGE, PAGE, 2, _core.buffer_address(pattern)[0], 1, 0, 1, 0, 0, 0)
+    engine = _core.Engine(uffd.fileno(), mode=0, workers=1, remove_policy=0, base_page=PAGE,
+                          spin_ns=0)
+    engine.add_region(start=old, length=4 * PAGE, page_size=PAGE, kind=2,
+                      base=_core.buffer_address(pattern)[0], base_len=1, tail=0,
+                      can_zeropage=1, readahead=0, adaptive_min=0, adaptive_max=0, label=None)
     # mremap blocks until its REMAP event is read; the engine is not started yet
     args = (old, 4 * PAGE, 4 * PAGE, 3, new)
     threading.Thread(target=libc.mremap, args=args, daemon=True).start()
@@ -611,6 +754,41 @@ def test_a_sigbus_handler_installed_after_the_server_is_reported() -> None:
     first, message = proc.stdout.splitlines()
     assert first == "f" and "another SIGBUS handler was installed after this server" in message
     assert "faulthandler.enable()" in message
+
+
+LATE_HANDLER_FAULT_CHILD = textwrap.dedent(
+    """
+    import faulthandler, signal, sys, time
+    import userfaultfd as u
+    faulthandler.disable()
+    with u.PageServer("sigbus") as server:
+        region = server.map(4 * u.PAGE_SIZE, u.Fill(b"f"))
+        print(chr(region[0]), flush=True)
+        if sys.argv[1] == "python":
+            signal.signal(signal.SIGBUS, lambda *_: print("python handler", flush=True))
+        else:
+            faulthandler.enable()
+            time.sleep(1.0)  # the server notices it within 100 ms
+        region[u.PAGE_SIZE]  # the main thread, holding the GIL: the Python handler never runs
+        print("read the page", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("late", ["python", "faulthandler"])
+def test_a_sigbus_handler_installed_after_map_fails_the_next_fault_loudly(late: str) -> None:
+    """Before the fix a Python handler made the next fault spin at 100% CPU for ever (it returns
+    and the access faults again); faulthandler reported a plain fatal Bus error."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LATE_HANDLER_FAULT_CHILD, late], capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.stdout == "f\n" and proc.returncode == -signal.SIGBUS
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("userfaultfd: fatal SIGBUS")]
+    assert "a SIGBUS handler installed after the sigbus-mode PageServer started" in line
+    assert "region 0 Fill(b'f') at offset 0x1000" in line and "mode='thread'" in line, line
+    if late == "faulthandler":
+        assert "Fatal Python error: Bus error" in proc.stderr  # its traceback comes too
 
 
 CHAIN_CHILD = textwrap.dedent(

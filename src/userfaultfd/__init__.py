@@ -33,7 +33,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 from . import sources  # noqa: E402
-from .server import PageServer, Region  # noqa: E402
+from .page_server import PageServer, Region  # noqa: E402
 from .sources import Buffer, File, Fill, Memfd, Zero  # noqa: E402
 from .stats import Stats  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Type stubs of the native core (_native/module.c)."""
+"""Type stubs of the native core (_native/module.c and the py_*.c bindings it lists)."""
 
 from typing import Any
 
@@ -6,6 +6,14 @@ from typing_extensions import Buffer as _Buffer
 
 PAGE_SIZE: int
 ABI: dict[str, int]
+MODE_THREAD: int
+MODE_SIGBUS: int
+SRC_ZERO: int
+SRC_BYTES: int
+SRC_FILL: int
+SRC_CONTINUE: int
+REMOVE_REFILL: int
+REMOVE_UNREGISTER: int
 
 def create(flags: int, /) -> int: ...
 def create_dev(flags: int, /) -> int: ...
@@ -31,6 +39,11 @@ def seed_stop(handle: object, /) -> tuple[int, int]: ...
 def fork_guard(guards: list[tuple[int, int, str]], /) -> None: ...
 def watchdog_start(pidfd: int, uffd: int, /) -> object: ...
 def watchdog_stop(handle: object, /) -> bool: ...
+def notice_board(address: int, /) -> bool: ...
+def notice_board_remove(address: int, /) -> None: ...
+
+NOTICE_TEXT: int
+NOTICE_BOARD_SLOTS: int
 
 class Mapping(_Buffer):
     def __init__(
@@ -62,20 +75,35 @@ class Engine:
     def __init__(
         self,
         uffd: int,
+        *,
         mode: int,
         workers: int,
         remove_policy: int,
         base_page: int,
         spin_ns: int,
-        /,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def close(self) -> None: ...
-    def add_region(self, *params: int) -> int: ...
+    def add_region(
+        self,
+        *,
+        start: int,
+        length: int,
+        page_size: int,
+        kind: int,
+        base: int,
+        base_len: int,
+        tail: int,
+        can_zeropage: int,
+        readahead: int,
+        adaptive_min: int,
+        adaptive_max: int,
+        label: str | None,
+    ) -> int: ...
     def remove_region(self, id: int, /) -> None: ...
     def populate(self, id: int, offset: int, length: int, /) -> None: ...
     def stats(self, id: int, /) -> tuple[Any, ...]: ...
     def pieces(self, id: int, /) -> list[tuple[int, int, int]]: ...
     def errors(self, cursor: int, /) -> tuple[int, list[tuple[int, int, int, int, str]]]: ...
-    def info(self) -> tuple[int, int, int, int, int]: ...
+    def info(self) -> tuple[int, int, int, int, int, int]: ...

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
+
+from ._ntuples import SourceFailure
+
+# Where EFAULT comes from when the memory is a region's: in sigbus mode the kernel's own
+# accesses get no fault (README: "System calls on sigbus-mode regions").
+EFAULT_HINT = (
+    "if this is memory of a sigbus-mode region, populate() that range first (the kernel's own "
+    "accesses are not served in sigbus mode), or use mode='thread'"
+)
 
 
 def os_error(err: int, call: str) -> OSError:
-    """The OSError subclass Python picks for err, with a message naming the call."""
-    return OSError(err, f"{os.strerror(err)} ({call})")
+    """The OSError subclass Python picks for err, with a message naming the call (and, for
+    EFAULT, the likely cause)."""
+    hint = f": {EFAULT_HINT}" if err == errno.EFAULT else ""
+    return OSError(err, f"{os.strerror(err)} ({call}){hint}")
 
 
 class PartialError(BlockingIOError):
@@ -47,7 +59,14 @@ class SourceError(OSError):
     """A page source could not produce pages. The pages were poisoned (the toucher got SIGBUS);
     ``failures`` lists each one as (errno, address, offset, operation)."""
 
-    def __init__(self, message: str, failures: list[tuple[int, int, int, str]]) -> None:
-        err = failures[0][0] if failures else errno.EIO
+    def __init__(self, message: str, failures: Sequence[SourceFailure]) -> None:
+        err = failures[0].errno if failures else errno.EIO
         super().__init__(err, message)
-        self.failures = failures
+        self.failures = list(failures)
+
+
+def source_error(failures: Sequence[SourceFailure], first: str = "") -> SourceError:
+    """The SourceError for pages that could not be produced and were poisoned; ``first``
+    describes the first failure in full."""
+    message = f"{len(failures)} page(s) could not be produced and were poisoned"
+    return SourceError(message + (f"; first: {first}" if first else ""), failures)

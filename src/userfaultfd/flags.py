@@ -80,3 +80,7 @@ CONTINUE_MODE_WP = 1 << 1
 MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
 WRITEPROTECT_MODE_WP = 1 << 0
 WRITEPROTECT_MODE_DONTWAKE = 1 << 1
+
+#: mmap(2) flags the mmap module does not export (Linux, every architecture this runs on).
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _core
-from .uffd import PAGE_SIZE
 
-# Engine source kinds (_native/engine.h).
-SRC_ZERO, SRC_BYTES, SRC_FILL, SRC_CONTINUE = 0, 1, 2, 3
+# The engine's source kinds, as _native/engine.h defines them.
+from ._core import SRC_BYTES, SRC_CONTINUE, SRC_FILL, SRC_ZERO
+from .uffd import PAGE_SIZE
 
 
 def _round_up(n: int, to: int) -> int:

@@ -23,62 +23,36 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "clock.h"
+#include "notice.h"
+#include "sigbus.h"
+#include "srcu.h"
 
 #define MAX_WORKERS 64
 #define BATCH 64
 #define ERR_RING 64
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
-#define MAX_SIGBUS_ENGINES 64
-#define MAX_POISONED 64 /* per region; past that every filled granule counts as poisoned */
-#define CHILD_PROBE_MS 100 /* how often an idle child's engine checks that the child lives */
-
-/* ---- grace periods: two reader counters, flipped twice by a writer (sleepable RCU) ---- */
-
-struct srcu {
-    atomic_uint epoch;
-    atomic_long readers[2];
-};
-
-static unsigned srcu_enter(struct srcu *s)
-{
-    unsigned idx = atomic_load(&s->epoch) & 1u;
-    atomic_fetch_add(&s->readers[idx], 1);
-    return idx;
-}
-
-static void srcu_exit(struct srcu *s, unsigned idx) { atomic_fetch_sub(&s->readers[idx], 1); }
-
-static void srcu_wait_idx(struct srcu *s, unsigned idx)
-{
-    struct timespec ts = {0, 20000};
-    while (atomic_load(&s->readers[idx]) != 0)
-        nanosleep(&ts, NULL);
-}
-
-/* Every reader that could still see what was unpublished before this call has left. */
-static void srcu_synchronize(struct srcu *s)
-{
-    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
-    srcu_wait_idx(s, atomic_fetch_add(&s->epoch, 1) & 1u);
-}
+#define MAX_POISONED 64         /* per region; past that every filled granule counts as poisoned */
+#define CHILD_PROBE_MS 100      /* how often an idle child's engine checks that the child lives */
 
 /* ---- regions and the extent table ---- */
 
 struct region {
     int id;
     struct region_params p;
-    unsigned shift;       /* log2(page_size) */
-    uint64_t npages;      /* granules */
-    uint64_t *filled;     /* one bit per granule, accessed atomically */
-    char *fill_block;     /* SRC_FILL: the pattern repeated over fill_len bytes */
+    unsigned shift;   /* log2(page_size) */
+    uint64_t npages;  /* granules */
+    uint64_t *filled; /* one bit per granule, accessed atomically */
+    char *fill_block; /* SRC_FILL: the pattern repeated over fill_len bytes */
     size_t fill_len;
-    char *zero_block;     /* where ZEROPAGE is not allowed: a read-only zero mapping */
+    char *zero_block; /* where ZEROPAGE is not allowed: a read-only zero mapping */
     atomic_uint_fast64_t ra_lo, ra_hi, ra_window; /* the last chunk, in granules */
     /* Poisoned granules. Without CONFIG_MEMORY_FAILURE a poisoned page raises SIGBUS with the same
      * si_code as a userfault, so the SIGBUS handler must know them to pass them on. */
     atomic_uint_fast64_t poisoned[MAX_POISONED];
     atomic_uint npoisoned;
     atomic_int poison_overflow;
+    char label[160];        /* "region ID SOURCE", for notices */
     struct region_stats st; /* updated with relaxed atomics */
 };
 
@@ -115,14 +89,14 @@ struct engine {
         atomic_uint_fast64_t seq; /* n + 1 once error n is written: readers stop before it */
     } errors[ERR_RING];
     atomic_int gone, stopping;
-    atomic_uint_fast64_t events[4];
+    atomic_uint_fast64_t events[5]; /* remove, unmap, remap, unknown, fork */
     /* fork(): the kernel gives each forked child of the uffd's owner a uffd of its own (the
      * FORK event); an engine of its own serves it from the same regions. */
     struct engine *root;     /* the engine Python created: errors are recorded there */
     struct engine *parent;   /* set on an engine serving a forked child */
     struct engine *children; /* engines serving forked children, linked by sibling, under lock */
     struct engine *sibling;
-    uint64_t probe;          /* children: a page in no region, for the liveness probe */
+    uint64_t probe; /* children: a page in no region, for the liveness probe */
     /* FORK events go through this pipe (fds) to a thread of their own: a reader must never
      * allocate while it holds read_lock, since the forking thread holds glibc's malloc locks
      * until it returns from fork(), and it returns only once a reader has read its event. */
@@ -131,13 +105,6 @@ struct engine {
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
 #define SUB(field, n) __atomic_fetch_sub(&(field), (n), __ATOMIC_RELAXED)
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static unsigned hist_bucket(uint64_t ns)
 {
@@ -269,6 +236,19 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
                    int err, const char *op)
 {
     uint64_t done;
+    /* The toucher dies of this SIGBUS unless it handles it: the line it leaves is written now. */
+    char text[NOTICE_TEXT];
+    struct fmt f = {text, text + sizeof(text)};
+    fmt_str(&f, r ? r->label : "an address in no region");
+    if (r) {
+        fmt_str(&f, " at offset ");
+        fmt_hex(&f, off);
+    }
+    fmt_str(&f, " could not be produced and was poisoned: ");
+    fmt_errno(&f, err);
+    fmt_str(&f, " in ");
+    fmt_str(&f, op);
+    notice_record(addr, addr + len, text);
     if (r) {
         unsigned k = atomic_fetch_add(&r->npoisoned, 1);
         if (k < MAX_POISONED)
@@ -289,8 +269,8 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
 static _Thread_local int populating;
 
 /* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
-static void count_installed(const struct engine *e, struct region *r, unsigned long req,
-                            uint64_t n, int sign)
+static void count_installed(const struct engine *e, struct region *r, unsigned long req, uint64_t n,
+                            int sign)
 {
     const uint64_t pages = n / e->base_page;
     if (sign > 0) {
@@ -312,10 +292,11 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
 
 /* Installs the part of [addr, addr + len) (granule aligned) inside extent x from its source: a
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
- * present, or poisoned. Returns 0, EAGAIN when an event is pending (the rest was not attempted)
- * or ESRCH when the owner of the uffd is gone. */
-static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
-                   int minor)
+ * present, poisoned, or gone (see ENOENT below). Returns 0, EAGAIN when an event is pending (the
+ * rest was not attempted), ESRCH when the owner of the uffd is gone, or ENOENT when the unit at
+ * `fault` (UINT64_MAX: none) is gone. */
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor,
+                   uint64_t fault)
 {
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
@@ -327,11 +308,13 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size;
     uint64_t pos = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
-    const int sigbus = e->mode == ENGINE_SIGBUS;
+    const int sigbus = e->mode == MODE_SIGBUS;
+    uint64_t cap = UINT64_MAX; /* the longest next op: halved on ENOENT, doubled on success */
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
-        unsigned long req = plan_op(r, off, hole ? unit : end - pos, minor && !hole, &src, &seg);
+        uint64_t want = hole ? unit : end - pos;
+        unsigned long req = plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg);
         hole = 0;
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. It is
          * counted before, so that the stats never trail a toucher who has resumed. */
@@ -352,8 +335,10 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
                 bits_set(r, gi, gj - gi, 1);
             pos += done;
         }
-        if (err == 0 || (err == EAGAIN && done))
+        if (err == 0 || (err == EAGAIN && done)) {
+            cap = cap > UINT64_MAX / 2 ? UINT64_MAX : cap * 2;
             continue;
+        }
         if (err == EAGAIN) {
             ret = EAGAIN;
             break;
@@ -365,8 +350,23 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             need_wake = 1;
             continue;
         }
-        if (err == ENOENT) /* no longer registered or mapped: the wake lets the faulter retry */
-            break;
+        if (err == ENOENT && seg - done > unit) {
+            /* Part of the op is in no VMA registered with us: a split (mprotect, mlock,
+             * madvise(MADV_DONTDUMP) on part of the region) ends inside it, and a COPY must lie
+             * in one VMA; or pages went away. Halving finds the boundary in a few ops. */
+            cap = ((seg - done) / 2) & ~(unit - 1);
+            continue;
+        }
+        if (err == ENOENT) {
+            /* This unit alone is not ours any more: unmapped by a client that asked for no UNMAP
+             * event, or being unregistered. Marked filled, so that neither readahead nor
+             * populate tries it again; the wake lets a faulter retry (and fault elsewhere). */
+            bits_set(r, (off + done) >> r->shift, 1, 1);
+            if (fault >= pos && fault < pos + unit)
+                ret = ENOENT;
+            pos += unit;
+            continue;
+        }
         if (err == ESRCH) {
             atomic_store(&e->gone, 1);
             ret = ESRCH;
@@ -376,9 +376,13 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             hole = 1;
             continue;
         }
-        /* The source could not produce this page: never install wrong data. */
+        /* The source could not produce this page: never install wrong data. EFAULT on a COPY:
+         * reading the source's memory faulted (a mapped file shrank). */
         poison(e, r, pos, unit, off + done, err,
-               req == UFFDIO_COPY       ? "UFFDIO_COPY"
+               req == UFFDIO_COPY && err == EFAULT
+                   ? "UFFDIO_COPY, reading the source (a file that shrank, or an unpopulated "
+                     "sigbus-mode region?)"
+               : req == UFFDIO_COPY     ? "UFFDIO_COPY"
                : req == UFFDIO_CONTINUE ? "UFFDIO_CONTINUE"
                                         : "UFFDIO_ZEROPAGE");
         bits_set(r, (off + done) >> r->shift, 1, 1);
@@ -436,7 +440,7 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
     const struct extent *x = lookup(t, addr);
     if (!x) { /* registered with our uffd but in no region: never answer with made-up data */
         poison(e, NULL, addr & ~(e->base_page - 1), e->base_page, 0, ENXIO, "lookup");
-        if (e->mode == ENGINE_THREAD)
+        if (e->mode == MODE_THREAD)
             range_ioctl(e->uffd, UFFDIO_WAKE, addr & ~(e->base_page - 1), e->base_page);
         return 0;
     }
@@ -453,12 +457,13 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
     } else {
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
-                    (e->mode == ENGINE_SIGBUS && r->p.kind == SRC_CONTINUE);
+                    (e->mode == MODE_SIGBUS && r->p.kind == SRC_CONTINUE);
         ADD(*(minor ? &r->st.faults_minor : &r->st.faults_missing), 1);
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor,
+                     addr & ~(e->base_page - 1));
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -503,7 +508,8 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
         if (b < x.end)
             nt->x[nt->n++] = (struct extent){b, x.end, x.off + (b - x.start), x.r};
         if (move)
-            nt->x[nt->n++] = (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
+            nt->x[nt->n++] =
+                (struct extent){a - from + to, b - from + to, x.off + (a - x.start), x.r};
     }
     qsort(nt->x, nt->n, sizeof(struct extent), cmp_extent);
     return nt;
@@ -513,6 +519,17 @@ static void fork_child(struct engine *e, int fd);
 
 static void handle_event(struct engine *e, const struct uffd_msg *m)
 {
+    if (m->event == UFFD_EVENT_FORK) {
+        /* Queued for the forker thread, without e->lock: the forker may hold it while it
+         * allocates, which waits for a forking thread that waits for this event to be read. */
+        int fd = (int)m->arg.fork.ufd;
+        ADD(e->events[4], 1);
+        if (e->fork_pipe[1] < 0 || write(e->fork_pipe[1], &fd, sizeof(fd)) != sizeof(fd)) {
+            record_error(e, EMFILE, -1, 0, 0, "fork");
+            close(fd); /* nothing can serve it: the child's regions read as plain memory */
+        }
+        return;
+    }
     pthread_mutex_lock(&e->lock);
     struct table *t = atomic_load(&e->table), *nt = NULL;
     switch (m->event) {
@@ -548,14 +565,6 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
         ADD(e->events[2], 1);
         nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
         break;
-    case UFFD_EVENT_FORK: {
-        int fd = (int)m->arg.fork.ufd;
-        if (e->fork_pipe[1] < 0 || write(e->fork_pipe[1], &fd, sizeof(fd)) != sizeof(fd)) {
-            record_error(e, EMFILE, -1, 0, 0, "fork");
-            close(fd); /* nothing can serve it: the child's regions read as plain memory */
-        }
-        break;
-    }
     default:
         ADD(e->events[3], 1);
         record_error(e, EPROTO, -1, m->event, 0, "unexpected event");
@@ -648,13 +657,16 @@ static void *worker(void *arg)
                 continue;
             }
         } else {
-            int ready = poll(pf, 2, e->parent ? CHILD_PROBE_MS : -1);
+            int sigbus = e->mode == MODE_SIGBUS; /* the only thread: it guards the handler */
+            if (sigbus)
+                sigbus_guard();
+            int ready = poll(pf, 2, sigbus ? SIGBUS_GUARD_MS : e->parent ? CHILD_PROBE_MS : -1);
             if (ready < 0 && errno != EINTR) {
                 record_error(e, errno, -1, 0, 0, "poll");
                 break;
             }
-            if (ready == 0) { /* only a child's engine wakes up idle: has the child gone? */
-                if (child_gone(e)) {
+            if (ready == 0) { /* idle: a child's engine checks that the child lives */
+                if (e->parent && child_gone(e)) {
                     atomic_store(&e->gone, 1);
                     break;
                 }
@@ -695,155 +707,45 @@ static void *worker(void *arg)
     return NULL;
 }
 
-/* ---- the SIGBUS resolver ---- */
+/* ---- the SIGBUS resolver's callback (sigbus.c) ---- */
 
-static struct engine *_Atomic sig_engines[MAX_SIGBUS_ENGINES];
-static struct srcu sig_srcu;
-
-/* Ranges of regions removed lately. A thread that faulted on a region just before it was
- * detached (unregistered) or unmapped gets its SIGBUS only when it returns to user space; by then
- * the region is gone from every table. Such a signal is stale: retrying the access finds the
- * page, a zero page, or no mapping (SIGSEGV), and raises no userfault again. A recorded range is
- * trusted for RETIRED_NS only, so that a later, real SIGBUS there (a truncated file mapped over
- * it) is passed on. Entries are written under a sequence count: the handler never uses a torn
- * one. */
-#define RETIRED 64
-#define RETIRED_NS 2000000000ull
-static struct {
-    atomic_uint_fast64_t seq, start, end, until;
-} retired[RETIRED];
-static atomic_uint retired_next;
-
-static void retire(uint64_t start, uint64_t end)
+/* Runs in the SIGBUS handler of the faulting thread: serves addr if a region of e covers it. */
+static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
 {
-    unsigned k = atomic_fetch_add(&retired_next, 1) % RETIRED;
-    atomic_fetch_add(&retired[k].seq, 1); /* odd: being written */
-    atomic_store(&retired[k].start, start);
-    atomic_store(&retired[k].end, end);
-    atomic_store(&retired[k].until, now_ns() + RETIRED_NS);
-    atomic_fetch_add(&retired[k].seq, 1);
+    struct engine *e = ctx;
+    while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
+        sched_yield();
+    unsigned idx = srcu_enter(&e->srcu);
+    const struct table *t = atomic_load(&e->table);
+    const struct extent *x = lookup(t, addr);
+    /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
+    int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
+    int rc = EAGAIN;
+    while (ours && rc == EAGAIN) /* EAGAIN: an event is being read */
+        if ((rc = resolve(e, t, addr, 0, t0)) == EAGAIN)
+            sched_yield();
+    if (rc == ENOENT) /* not registered with us after all: retrying would loop */
+        ours = 0;
+    srcu_exit(&e->srcu, idx);
+    return ours ? SIGBUS_RESOLVED : x ? SIGBUS_NOT_OURS : SIGBUS_ELSEWHERE;
 }
 
-static int is_retired(uint64_t addr, uint64_t now)
+/* For sigbus.c's message when a later handler took a fault: "region ID SOURCE at offset OFF"
+ * if a region of e serves addr (a page not poisoned). */
+static int sigbus_describe(void *ctx, uint64_t addr, struct fmt *f)
 {
-    for (unsigned k = 0; k < RETIRED; k++) {
-        uint64_t seq = atomic_load(&retired[k].seq);
-        int hit = addr >= atomic_load(&retired[k].start) && addr < atomic_load(&retired[k].end) &&
-                  now < atomic_load(&retired[k].until);
-        if (hit && !(seq & 1) && atomic_load(&retired[k].seq) == seq)
-            return 1;
+    struct engine *e = ctx;
+    unsigned idx = srcu_enter(&e->srcu);
+    const struct extent *x = lookup(atomic_load(&e->table), addr);
+    uint64_t off = x ? x->off + (addr - x->start) : 0;
+    int ours = x && !is_poisoned(x->r, off >> x->r->shift);
+    if (ours) {
+        fmt_str(f, x->r->label);
+        fmt_str(f, " at offset ");
+        fmt_hex(f, off);
     }
-    return 0;
-}
-static struct sigaction sig_previous;
-static int sig_installed;
-static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
-
-static void chain_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    if (sig_previous.sa_flags & SA_SIGINFO) {
-        sig_previous.sa_sigaction(sig, si, uc);
-    } else if (sig_previous.sa_handler == SIG_DFL) {
-        signal(sig, SIG_DFL);
-        raise(sig); /* delivered when this handler returns: the default action */
-    } else if (sig_previous.sa_handler != SIG_IGN) {
-        sig_previous.sa_handler(sig);
-    }
-}
-
-static void on_sigbus(int sig, siginfo_t *si, void *uc)
-{
-    int saved = errno;
-    if (si->si_code == BUS_ADRERR) { /* a userfault; poisoned pages come as BUS_MCEERR_AR */
-        uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr;
-        unsigned gidx = srcu_enter(&sig_srcu);
-        for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
-            struct engine *e = atomic_load(&sig_engines[k]);
-            if (!e)
-                continue;
-            while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
-                sched_yield();
-            unsigned idx = srcu_enter(&e->srcu);
-            const struct table *t = atomic_load(&e->table);
-            const struct extent *x = lookup(t, addr);
-            /* A page we poisoned faults as SIGBUS too: that one belongs to the application. */
-            int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
-            if (ours)
-                while (resolve(e, t, addr, 0, t0) == EAGAIN) /* an event is being read */
-                    sched_yield();
-            srcu_exit(&e->srcu, idx);
-            if (ours) {
-                srcu_exit(&sig_srcu, gidx);
-                errno = saved;
-                return; /* the access is retried and now finds its page */
-            }
-            if (x)
-                break;
-        }
-        srcu_exit(&sig_srcu, gidx);
-        if (is_retired(addr, now_ns())) { /* a stale signal: see retire() */
-            errno = saved;
-            return;
-        }
-    }
-    chain_sigbus(sig, si, uc);
-    errno = saved;
-}
-
-/* In a forked child no engine serves: its threads are the parent's and its regions are not
- * inherited (MADV_DONTFORK). */
-static void sigbus_forget_all(void)
-{
-    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++)
-        atomic_store(&sig_engines[k], NULL);
-    /* A parent thread may have held the lock, or been inside the handler, at the fork. */
-    pthread_mutex_init(&sig_lock, NULL);
-    atomic_store(&sig_srcu.readers[0], 0);
-    atomic_store(&sig_srcu.readers[1], 0);
-}
-
-static int sigbus_attach(struct engine *e)
-{
-    int rc = 0;
-    pthread_mutex_lock(&sig_lock);
-    if (!sig_installed) {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof(sa));
-        sa.sa_sigaction = on_sigbus;
-        sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
-        sigemptyset(&sa.sa_mask);
-        rc = pthread_atfork(NULL, NULL, sigbus_forget_all);
-        if (!rc && sigaction(SIGBUS, &sa, &sig_previous) != 0)
-            rc = errno;
-        sig_installed = !rc;
-    }
-    int k = 0;
-    while (!rc && k < MAX_SIGBUS_ENGINES && atomic_load(&sig_engines[k]))
-        k++;
-    if (!rc && k == MAX_SIGBUS_ENGINES)
-        rc = EMFILE;
-    if (!rc)
-        atomic_store(&sig_engines[k], e);
-    pthread_mutex_unlock(&sig_lock);
-    return rc;
-}
-
-static void sigbus_detach(struct engine *e)
-{
-    pthread_mutex_lock(&sig_lock);
-    for (int k = 0; k < MAX_SIGBUS_ENGINES; k++) {
-        struct engine *cur = e;
-        atomic_compare_exchange_strong(&sig_engines[k], &cur, NULL);
-    }
-    srcu_synchronize(&sig_srcu);
-    pthread_mutex_unlock(&sig_lock);
-}
-
-int engine_sigbus_first(void)
-{
-    struct sigaction cur;
-    return sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
-           cur.sa_sigaction == on_sigbus;
+    srcu_exit(&e->srcu, idx);
+    return ours;
 }
 
 /* ---- forked children ---- */
@@ -930,7 +832,7 @@ static void reap_children(struct engine *e)
 static void fork_child(struct engine *e, int fd)
 {
     reap_children(e);
-    struct engine *c = engine_new(fd, ENGINE_THREAD, 1, e->remove_policy, e->base_page, 0);
+    struct engine *c = engine_new(fd, MODE_THREAD, 1, e->remove_policy, e->base_page, 0);
     struct table *t = atomic_load(&e->table), *nt = NULL;
     int ok = c != NULL;
     if (ok) {
@@ -979,7 +881,7 @@ static void fork_child(struct engine *e, int fd)
     if (c) {
         if (atomic_load(&c->table))
             poison_missing(c); /* unserved, the child must not read zeros either */
-        engine_free(c); /* closes fd */
+        engine_free(c);        /* closes fd */
     } else {
         close(fd); /* nothing to serve it with: the child's regions read as plain memory */
     }
@@ -1044,7 +946,7 @@ static int has_fork_events(int uffd)
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns)
 {
-    if (workers < 1 || workers > MAX_WORKERS || (mode != ENGINE_THREAD && mode != ENGINE_SIGBUS)) {
+    if (workers < 1 || workers > MAX_WORKERS || (mode != MODE_THREAD && mode != MODE_SIGBUS)) {
         errno = EINVAL;
         return NULL;
     }
@@ -1056,7 +958,7 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     e->fork_pipe[0] = e->fork_pipe[1] = -1;
     e->uffd = uffd;
     e->mode = mode;
-    e->nworkers = mode == ENGINE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
+    e->nworkers = mode == MODE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
     e->remove_policy = remove_policy;
     e->base_page = base_page;
     e->spin_ns = spin_ns;
@@ -1073,10 +975,12 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
 int engine_start(struct engine *e)
 {
     sigset_t all, old;
-    int rc = 0;
-    if (e->mode == ENGINE_SIGBUS && (rc = sigbus_attach(e)) != 0)
+    /* sigbus mode: the handler resolves faults; thread mode: it leaves a poisoned page's notice */
+    int rc = e->mode == MODE_SIGBUS ? sigbus_attach(e, sigbus_resolve, sigbus_describe)
+                                    : sigbus_install();
+    if (rc)
         return -rc;
-    if (e->mode == ENGINE_THREAD && has_fork_events(e->uffd) &&
+    if (e->mode == MODE_THREAD && has_fork_events(e->uffd) &&
         pipe2(e->fork_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
         return -errno;
     sigfillset(&all);
@@ -1108,7 +1012,7 @@ void engine_stop(struct engine *e)
     for (int k = 0; k < e->nthreads; k++)
         pthread_join(e->threads[k], NULL);
     e->nthreads = 0;
-    if (e->mode == ENGINE_SIGBUS)
+    if (e->mode == MODE_SIGBUS)
         sigbus_detach(e);
     if (e->fork_pipe[0] >= 0) {
         pthread_mutex_lock(&e->lock);
@@ -1178,8 +1082,8 @@ static struct region *region_new(const struct region_params *p)
     if (p->kind == SRC_FILL) {
         uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
         r->fill_len = cap + p->base_len;
-        r->fill_block = mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        r->fill_block =
+            mmap(NULL, r->fill_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (r->fill_block == MAP_FAILED) {
             r->fill_block = NULL;
             goto fail;
@@ -1207,7 +1111,8 @@ int engine_add_region(struct engine *e, const struct region_params *p)
     const uint64_t g = p->page_size;
     if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
         p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
-        (p->kind == SRC_BYTES && p->base_len % g) || (p->adaptive_min && p->adaptive_max < p->adaptive_min))
+        (p->kind == SRC_BYTES && p->base_len % g) ||
+        (p->adaptive_min && p->adaptive_max < p->adaptive_min))
         return -EINVAL;
     struct region *r = region_new(p);
     if (!r)
@@ -1237,6 +1142,14 @@ int engine_add_region(struct engine *e, const struct region_params *p)
         return rc;
     }
     r->id = e->next_id++;
+    struct fmt f = {r->label, r->label + sizeof(r->label)};
+    fmt_str(&f, "region ");
+    fmt_dec(&f, (uint64_t)r->id);
+    if (p->label) {
+        fmt_str(&f, " ");
+        fmt_str(&f, p->label);
+    }
+    r->p.label = NULL; /* the caller's string */
     e->regions[e->nregions++] = r;
     if (n)
         memcpy(nt->x, t->x, n * sizeof(struct extent));
@@ -1275,8 +1188,8 @@ int engine_remove_region(struct engine *e, int id)
     for (size_t j = 0; t && j < t->n; j++) {
         if (t->x[j].r != r)
             nt->x[nt->n++] = t->x[j];
-        else if (e->mode == ENGINE_SIGBUS)
-            retire(t->x[j].start, t->x[j].end);
+        else if (e->mode == MODE_SIGBUS)
+            sigbus_retire(t->x[j].start, t->x[j].end);
     }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
     e->regions[k] = e->regions[--e->nregions];
@@ -1339,7 +1252,7 @@ static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         upto = upto < xend ? upto : xend;
         if (n) /* the granule may also start before the extent: install keeps to it */
             rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
-                         r->p.kind == SRC_CONTINUE);
+                         r->p.kind == SRC_CONTINUE, UINT64_MAX);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
@@ -1429,8 +1342,8 @@ int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, 
 
 int engine_client_gone(struct engine *e) { return atomic_load(&e->gone); }
 
-void engine_event_counts(struct engine *e, uint64_t out[4])
+void engine_event_counts(struct engine *e, uint64_t out[5])
 {
-    for (int k = 0; k < 4; k++)
+    for (int k = 0; k < 5; k++)
         out[k] = atomic_load(&e->events[k]);
 }

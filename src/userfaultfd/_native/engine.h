@@ -3,24 +3,25 @@
 #ifndef UFFD_ENGINE_H
 #define UFFD_ENGINE_H
 
-#include <stdint.h>
 #include <stddef.h>
+#include <stdint.h>
 
-enum engine_mode { ENGINE_THREAD = 0, ENGINE_SIGBUS = 1 };
+enum engine_mode { MODE_THREAD = 0, MODE_SIGBUS = 1 };
 enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3 };
 enum remove_policy { REMOVE_REFILL = 0, REMOVE_UNREGISTER = 1 };
 
 struct region_params {
-    uint64_t start, length;   /* address in the uffd owner's address space */
-    uint64_t page_size;       /* granule: a power-of-two multiple of the base page */
-    int kind;                 /* enum source_kind */
-    const char *base;         /* SRC_BYTES: data for offsets [0, base_len); SRC_FILL: the pattern */
-    uint64_t base_len;        /* SRC_BYTES: a multiple of page_size */
-    const char *tail;         /* SRC_BYTES: NULL, or page_size bytes for the granule at base_len */
-    int can_zeropage;         /* 0 on hugetlb */
-    uint64_t readahead;       /* fixed: granules installed after the faulting one */
-    uint64_t adaptive_min;    /* bytes; 0 disables adaptive readahead */
+    uint64_t start, length; /* address in the uffd owner's address space */
+    uint64_t page_size;     /* granule: a power-of-two multiple of the base page */
+    int kind;               /* enum source_kind */
+    const char *base;       /* SRC_BYTES: data for offsets [0, base_len); SRC_FILL: the pattern */
+    uint64_t base_len;      /* SRC_BYTES: a multiple of page_size */
+    const char *tail;       /* SRC_BYTES: NULL, or page_size bytes for the granule at base_len */
+    int can_zeropage;       /* 0 on hugetlb */
+    uint64_t readahead;     /* fixed: granules installed after the faulting one */
+    uint64_t adaptive_min;  /* bytes; 0 disables adaptive readahead */
     uint64_t adaptive_max;
+    const char *label; /* NULL, or what the region serves (copied): for failure notices */
 };
 
 #define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */
@@ -34,11 +35,11 @@ struct region_stats {
 };
 
 struct engine_error {
-    int err;           /* errno */
-    int region_id;     /* -1: no region covers the address */
-    uint64_t address;  /* page that was poisoned */
-    uint64_t offset;   /* source offset */
-    const char *op;    /* static string: the failing operation */
+    int err;          /* errno */
+    int region_id;    /* -1: no region covers the address */
+    uint64_t address; /* page that was poisoned */
+    uint64_t offset;  /* source offset */
+    const char *op;   /* static string: the failing operation */
 };
 
 struct engine;
@@ -47,14 +48,14 @@ struct engine;
  * polling without sleeping for spin_ns (0: never spins). */
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns);
-int engine_start(struct engine *e);          /* starts workers (thread) or the event thread (sigbus) */
-void engine_stop(struct engine *e);          /* wakes and joins every engine thread; a populate
-                                                running elsewhere returns -ECANCELED */
-void engine_free(struct engine *e);          /* after engine_stop */
+int engine_start(struct engine *e); /* starts workers (thread) or the event thread (sigbus) */
+void engine_stop(struct engine *e); /* wakes and joins every engine thread; a populate
+                                       running elsewhere returns -ECANCELED */
+void engine_free(struct engine *e); /* after engine_stop */
 /* Both do nothing in a forked child of the process that created the engine: its threads and
  * eventfd are the parent's, and stopping them from the child would stop the parent's serving. */
 int engine_add_region(struct engine *e, const struct region_params *p); /* id >= 0 or -errno */
-int engine_remove_region(struct engine *e, int id);                      /* 0 or -ENOENT */
+int engine_remove_region(struct engine *e, int id);                     /* 0 or -ENOENT */
 /* Installs every missing granule of [offset, offset+length) of a region. 0 or -errno. */
 int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length);
 /* Copies the stats; returns 0, or -ENOENT for an unknown id (id -1: totals of all regions). */
@@ -63,10 +64,8 @@ int engine_region_stats(struct engine *e, int id, struct region_stats *out);
 int engine_region_pieces(struct engine *e, int id, uint64_t **out, size_t *n);
 /* Copies up to max errors recorded since *cursor; returns how many, advances *cursor. */
 int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, int max);
-int engine_client_gone(struct engine *e);    /* the owner's mm went away (ESRCH) */
-/* Whether SIGBUS goes to the engines' resolver first. A handler installed later (faulthandler
- * enabled after a sigbus-mode engine started) sees userfaults first and treats them as fatal. */
-int engine_sigbus_first(void);
-void engine_event_counts(struct engine *e, uint64_t out[4]); /* remove, unmap, remap, unknown */
+int engine_client_gone(struct engine *e); /* the owner's mm went away (ESRCH) */
+/* remove, unmap, remap, unknown, fork */
+void engine_event_counts(struct engine *e, uint64_t out[5]);
 
 #endif

@@ -99,8 +99,9 @@ struct seed_handler *seed_start(int uffd, int out_fd)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = h->stop_fd < 0 || h->page == MAP_FAILED ? errno
-                                                     : pthread_create(&h->thread, NULL, seed_loop, h);
+    int rc = h->stop_fd < 0 || h->page == MAP_FAILED
+                 ? errno
+                 : pthread_create(&h->thread, NULL, seed_loop, h);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
         if (h->stop_fd >= 0)

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "notice.h"
 
 #define USER_SPACE_END (1ull << 47) /* x86_64 TASK_SIZE, rounded */
 
@@ -52,6 +53,9 @@ static void *watch(void *arg)
                 continue; /* reading an event is what completes it */
             uint64_t at = msgs[k].arg.pagefault.address & ~(page - 1);
             struct uffdio_rangeop p = {{at, page}, 0, 0};
+            notice_record(at, at + page,
+                          "the handler process of a PythonSourceServer has died: "
+                          "the page was poisoned");
             if (ioctl(w->uffd, UFFDIO_POISON, &p) != 0) { /* EEXIST: present after all */
                 struct uffdio_range one = {at, page};
                 ioctl(w->uffd, UFFDIO_WAKE, &one);

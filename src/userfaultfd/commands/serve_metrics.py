@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .stats import bucket_floor
+from userfaultfd.stats import bucket_floor
 
 FIELDS = ("faults_missing", "faults_minor", "faults_wp", "pages_installed", "bytes_installed",
           "zero_pages", "eexist", "poisoned", "errors", "removes", "prefetched")  # fmt: skip
@@ -46,7 +46,7 @@ class Totals:
     @classmethod
     def from_report(cls, report: dict[str, Any]) -> Totals:
         t = cls()
-        t.counts.update(zip(FIELDS, report["stats"], strict=False))
+        t.counts.update({k: int(report["stats"][k]) for k in FIELDS})
         t.histogram = list(report["histogram"])
         return t
 

@@ -10,9 +10,9 @@ import sys
 import time
 from typing import TextIO
 
-from . import _core
-from .flags import Feature, RegisterMode
-from .uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd import _core
+from userfaultfd.flags import Feature, RegisterMode
+from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 
 MAX_PAGES = 1 << 18  # 1 GiB of 4 KiB pages: more than anyone reads at one byte per KiB
 

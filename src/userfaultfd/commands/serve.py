@@ -1,4 +1,4 @@
-"""``userfaultfd serve``: a page-fault handler for Firecracker-style snapshot restore.
+"""``userfaultfd serve``: the daemon that serves Firecracker-style snapshot restores.
 
 Two processes. The supervisor (supervisor.py) listens on the UNIX socket, takes each client's
 hand-off (handoff.py) and keeps the client's uffd and region list; it never serves a fault. The
@@ -11,6 +11,7 @@ process dies or is upgraded, the supervisor hands every client to a replacement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -24,34 +25,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _core, servelog
-from .handoff import GuestRegion, parse_regions
-from .server import ADAPTIVE_MAX, ADAPTIVE_MIN
-from .sources import SRC_BYTES
-from .stats import Stats
+from userfaultfd import _core
+from userfaultfd._engine import Engine, RegionSpec, parse_readahead
+from userfaultfd.handoff import GuestRegion, parse_regions
+from userfaultfd.stats import Stats
+from userfaultfd.uffd import PAGE_SIZE
+
+from . import serve_log
 from .supervisor import Supervisor, _listen  # noqa: F401 - _listen: part of this module's API
-from .uffd import PAGE_SIZE
 
 log = logging.getLogger("userfaultfd.serve")
-REMOVE_UNREGISTER = 1
 DRAIN_CHUNK = 8 << 20  # a stop's drain checks its deadline between chunks of this many bytes
 REAP_INTERVAL = 0.2
 STATS_INTERVAL = 0.5  # how often the serving process reports counters for --metrics
-
-
-def parse_readahead(text: str) -> tuple[int, int, int]:
-    """(fixed pages, adaptive min, adaptive max) from "adaptive", "none" or a page count."""
-    if text == "adaptive":
-        return 0, ADAPTIVE_MIN, ADAPTIVE_MAX
-    if text == "none":
-        return 0, 0, 0
-    try:
-        pages = int(text)
-    except ValueError:
-        pages = -1
-    if pages < 0:
-        raise ValueError(f"readahead {text!r} is not a page count, 'adaptive' or 'none'")
-    return pages, 0, 0
 
 
 @dataclass
@@ -64,9 +50,10 @@ class Client:
     uid: int
     uffd: int
     regions: list[GuestRegion]
-    engine: _core.Engine | None = None
+    engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
     prefetcher: threading.Thread | None = None
+    error_cursor: int = 0  # the engine's failure records logged so far
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -76,7 +63,7 @@ class Client:
 
     def stats(self) -> Stats:
         assert self.engine is not None
-        return Stats.from_engine(self.engine.stats(-1))
+        return self.engine.stats()
 
     @property
     def pages(self) -> int:
@@ -190,25 +177,21 @@ class Handler:
             )  # fmt: skip
 
     def _start(self, client: Client) -> None:
-        engine = _core.Engine(client.uffd, 0, self.workers, REMOVE_UNREGISTER, PAGE_SIZE, 50_000)
+        # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
+        engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
-        fixed, amin, amax = self.readahead
         for r in client.regions:
-            client.ids.append(
-                engine.add_region(
-                    r.base_host_virt_addr,
-                    r.size,
-                    r.page_size,
-                    SRC_BYTES,
-                    self.memory.address + r.offset,
-                    r.size,
-                    0,
-                    r.page_size == PAGE_SIZE,
-                    fixed,
-                    max(amin, r.page_size) if amin else 0,
-                    max(amax, r.page_size) if amax else 0,
-                )  # fmt: skip
+            spec = RegionSpec(
+                start=r.base_host_virt_addr,
+                length=r.size,
+                page_size=r.page_size,
+                kind=_core.SRC_BYTES,
+                base=self.memory.address + r.offset,
+                base_len=r.size,
+                can_zeropage=r.page_size == PAGE_SIZE,
+                readahead=self.readahead,
             )
+            client.ids.append(engine.add_region(spec))
         engine.start()
         if self.prefetch:
             client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
@@ -245,21 +228,35 @@ class Handler:
     def _all_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for number, client in self.clients.items():
-            assert client.engine is not None
-            out[str(number)] = {
-                "pid": client.pid,
-                "uid": client.uid,
-                "stats": list(client.engine.stats(-1)[:-1]),
-                "histogram": client.stats().histogram,
-            }
+            report = dataclasses.asdict(client.stats())
+            histogram = report.pop("histogram")
+            out[str(number)] = {"pid": client.pid, "uid": client.uid, "stats": report,
+                                "histogram": histogram}  # fmt: skip
         return out
 
     def _reap(self) -> None:
         for client in list(self.clients.values()):
-            if client.engine is not None and client.engine.info()[0]:
+            assert client.engine is not None
+            self._log_failures(client)
+            if client.engine.info().client_gone:
                 self.clients.pop(client.number)
                 self._release(client, "its process exited")
                 self.send({"event": "gone", "number": client.number, "why": "its process exited"})
+
+    def _log_failures(self, client: Client) -> None:
+        """A page that could not be produced is poisoned: the guest thread touching it dies of
+        SIGBUS in the client, which cannot say why. The server says it, as it happens."""
+        assert client.engine is not None
+        client.error_cursor, errs = client.engine.errors(client.error_cursor)
+        regions = dict(zip(client.ids, client.regions, strict=True))
+        for failure in errs:
+            base = regions[failure.region].offset if failure.region in regions else 0
+            log.error(
+                "%s: poisoned the page at %#x (memory file offset %#x): %s (%s)",
+                client.name(), failure.address, base + failure.offset,
+                os.strerror(failure.errno), failure.op,
+                extra={"fields": client.fields()},
+            )  # fmt: skip
 
     def _stop(self, on_stop: str, timeout: float) -> None:
         """Drain (install every page each client still misses, all clients at once, for at most
@@ -281,16 +278,17 @@ class Handler:
         results: dict[int, tuple[int, int, float, str]] = {}
 
         def drain(client: Client) -> None:
-            t0, before = time.monotonic(), client.stats().pages_installed
+            t0, before = time.monotonic(), client.stats().prefetched
             try:
                 left = self._populate(client, deadline)
                 how = "drained" if not left else "timed out"
             except OSError as e:
                 left, how = -1, f"failed: {e}"
-            gone = client.engine is not None and client.engine.info()[0]
-            installed = client.stats().pages_installed - before
-            results[client.number] = (installed, left, time.monotonic() - t0,
-                                      "its process exited" if gone else how)  # fmt: skip
+            assert client.engine is not None
+            if client.engine.info().client_gone:
+                how = "its process exited"
+            installed = client.stats().prefetched - before
+            results[client.number] = (installed, left, time.monotonic() - t0, how)
 
         threads = [threading.Thread(target=drain, args=(c,)) for c in self.clients.values()]
         for t in threads:
@@ -300,7 +298,7 @@ class Handler:
         for client in self.clients.values():
             installed, left, took, how = results.get(client.number, (0, -1, timeout, "timed out"))
             fields = {**client.fields(), "ended": how, "missing_pages": installed}
-            if how == "drained" or how == "its process exited":
+            if how in ("drained", "its process exited"):
                 log.info(
                     "stop %s: %s; it was still missing %d page(s), installed in %.2f s",
                     client.name(), how, installed, took, extra={"fields": fields},
@@ -321,14 +319,16 @@ class Handler:
             client.engine.stop()
             if client.prefetcher:
                 client.prefetcher.join()
+            self._log_failures(client)
             total = client.stats()
+            forks = client.engine.info().fork
             client.engine.close()
             if why is not None:
                 log.info(
                     "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                    "removes %d",
+                    "removes %d, forks %d",
                     client.name(), why, total.faults, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes,
+                    total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                     extra={"fields": {**client.fields(), "why": why}},
                 )  # fmt: skip
         os.close(client.uffd)
@@ -337,7 +337,7 @@ class Handler:
 def worker_main() -> None:
     """The serving process: argv[1] is its configuration (JSON), fds ctl and memory inherited."""
     config = json.loads(sys.argv[1])
-    servelog.configure(config["log_format"], config["verbosity"], "serving")
+    serve_log.configure(config["log_format"], config["verbosity"], "serving")
     # The supervisor decides when this process ends: a terminal's Ctrl-C must not stop it
     # unannounced, and it must not outlive the supervisor (a replacement would race it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -360,16 +360,16 @@ def worker_main() -> None:
 def _die_with_parent() -> None:
     import ctypes
 
-    PR_SET_PDEATHSIG = 1
+    pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() == 1:  # the supervisor died before the prctl
         sys.exit(1)
 
 
 def main(args: argparse.Namespace) -> int:
-    servelog.configure(args.log_format, args.verbosity, "supervisor")
+    serve_log.configure(args.log_format, args.verbosity, "supervisor")
     parse_readahead(args.readahead)  # bad input is refused before anything starts
     supervisor = Supervisor(
         args.socket,

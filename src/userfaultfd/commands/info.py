@@ -7,11 +7,9 @@ import os
 import platform
 from typing import Any
 
-from . import _core
-from .flags import Feature, Ioctl, RegisterMode
-from .uffd import PAGE_SIZE, Userfaultfd, _probe
-
-MAP_HUGETLB = 0x40000
+from userfaultfd import _core
+from userfaultfd.flags import MAP_HUGETLB, Feature, Ioctl, RegisterMode
+from userfaultfd.uffd import PAGE_SIZE, Userfaultfd, _probe
 
 
 def _read(path: str) -> str | None:

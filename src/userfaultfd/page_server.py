@@ -19,19 +19,18 @@ import weakref
 from typing import Any, Literal
 
 from . import _core
-from .errors import SourceError
-from .flags import Feature, RegisterMode
-from .sources import SRC_CONTINUE, Prepared, Source, Zero
+from ._engine import Engine, Mode, OnRemove, RegionSpec, parse_readahead
+from ._ntuples import Failure, SourceFailure
+from ._regions import in_forked_child, registering
+from .errors import SourceError, source_error
+from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
+from .progress import populate_in_slices
+from .sources import Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
-MAP_HUGETLB = 0x40000
-MAP_NORESERVE = 0x4000
-MADV_DONTFORK = 10
 HUGE_PAGE_SIZE = 2 << 20
-ADAPTIVE_MIN, ADAPTIVE_MAX = 64 << 10, 4 << 20  # CRIU's lazy-pages daemon grows 64 KiB -> 4 MiB
 
-Mode = Literal["thread", "sigbus"]
 Memory = Literal["anonymous", "shmem", "hugetlb"]
 
 _servers: weakref.WeakSet[PageServer] = weakref.WeakSet()
@@ -90,21 +89,29 @@ class Region(_core.Mapping):
         self._prepared: Prepared | None = None
         self._served = True  # False once detached: plain memory
 
-    def populate(self, offset: int = 0, length: int | None = None) -> None:
-        """Install every page of ``[offset, offset + length)`` now (the GIL is released)."""
+    def populate(
+        self, offset: int = 0, length: int | None = None, *, progress: bool = False
+    ) -> None:
+        """Install every page of ``[offset, offset + length)`` now (the GIL is released).
+        Ctrl-C interrupts it within tens of milliseconds (KeyboardInterrupt; what was installed
+        stays). ``progress``: show a tqdm bar (``pip install 'userfaultfd[progress]'``), or a
+        plain stderr line without tqdm."""
         length = len(self) - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > len(self):
             raise ValueError(
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
             )
         self.server._check()
-        self.server._engine.populate(self.id, offset, length)
+        engine = self.server._engine
+        populate_in_slices(
+            lambda at, n: engine.populate(self.id, at, n), offset, length, self.page_size, progress
+        )
         self.server._check()
 
     def stats(self) -> Stats:
         """What this region has served so far. A page is counted before its toucher resumes;
         the fault's latency sample is taken just after."""
-        return Stats.from_engine(self.server._engine.stats(self.id))
+        return self.server._engine.stats(self.id)
 
     def close(self) -> None:
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
@@ -188,7 +195,7 @@ class PageServer:
         mode: Mode = "thread",
         workers: int = 2,
         *,
-        on_remove: Literal["refill", "zero"] = "refill",
+        on_remove: OnRemove = "refill",
         spin_us: float = 50.0,
     ) -> None:
         if mode not in ("thread", "sigbus"):
@@ -212,14 +219,13 @@ class PageServer:
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
         self._error_cursor = 0
-        self._pending_errors: list[tuple[int, int, int, int, str]] = []
-        self._engine = _core.Engine(
+        self._pending_errors: list[Failure] = []
+        self._engine = Engine(
             self._uffd.fileno(),
-            1 if mode == "sigbus" else 0,
-            workers,
-            0 if on_remove == "refill" else 1,
-            PAGE_SIZE,
-            int(spin_us * 1000),
+            mode=mode,
+            workers=workers,
+            on_remove=on_remove,
+            spin_ns=int(spin_us * 1000),
         )
         try:
             self._engine.start()
@@ -273,16 +279,11 @@ class PageServer:
             raise ValueError(
                 f"length {length!r} is not a positive multiple of page_size {page_size}"
             )
-        if readahead == "adaptive":
-            ra, amin, amax = 0, max(ADAPTIVE_MIN, page_size), max(ADAPTIVE_MAX, page_size)
-        elif isinstance(readahead, int) and readahead >= 0:
-            ra, amin, amax = readahead, 0, 0
-        else:
-            raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
+        ahead = parse_readahead(readahead)
 
         prepared = source.prepare(length, page_size)
         mode = RegisterMode.MISSING
-        if prepared.kind == SRC_CONTINUE:
+        if prepared.kind == _core.SRC_CONTINUE:
             if memory == "hugetlb":
                 raise ValueError("a Memfd source maps its own file: use memory='shmem'")
             flags, fd, memory = mmap.MAP_SHARED, prepared.memfd, "shmem"
@@ -308,35 +309,38 @@ class PageServer:
             region.server, region.source = self, source
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
-            try:
-                # Unserved in a forked child, the region would read zeros where pages are still
-                # missing (with shared memory, zeros this process reads too). Without
-                # EVENT_FORK, children do not inherit regions: touching one is SIGSEGV, with a
-                # message naming the region (_guard_forked_child).
-                if not self.serves_forks:
-                    _core.madvise(region.address, length, MADV_DONTFORK)
-                self._uffd.register(region.address, length, mode)
+            # Without EVENT_FORK a forked child does not inherit the region; touching it there
+            # is SIGSEGV with a message naming it (_guard_forked_child).
+            with registering(self._uffd, region, mode, on_failure=prepared.release,
+                             inherit=self.serves_forks):  # fmt: skip
                 region.id = self._engine.add_region(
-                    region.address, length, page_size, prepared.kind, prepared.base,
-                    prepared.base_len, prepared.tail, memory != "hugetlb", ra, amin, amax,
-                )  # fmt: skip
+                    RegionSpec(
+                        start=region.address,
+                        length=length,
+                        page_size=page_size,
+                        kind=prepared.kind,
+                        base=prepared.base,
+                        base_len=prepared.base_len,
+                        tail=prepared.tail,
+                        can_zeropage=memory != "hugetlb",
+                        readahead=ahead,
+                        label=repr(source),
+                    )
+                )
                 self._regions[region.id] = region
-            except BaseException:
-                _core.Mapping.close(region)
-                prepared.release()
-                raise
         return region
 
     def stats(self) -> Stats:
         """Totals over the regions currently mapped."""
-        return Stats.from_engine(self._engine.stats(-1))
+        return self._engine.stats()
 
     def events(self) -> dict[str, int]:
         """Non-cooperative events handled so far."""
-        _, remove, unmap, remap, unknown = self._engine.info()
-        return {"remove": remove, "unmap": unmap, "remap": remap, "unknown": unknown}
+        info = self._engine.info()
+        return {"remove": info.remove, "unmap": info.unmap, "remap": info.remap,
+                "unknown": info.unknown, "fork": info.fork}  # fmt: skip
 
-    def errors(self) -> list[tuple[int, int, int, int, str]]:
+    def errors(self) -> list[Failure]:
         """Every source failure since the last call: (errno, region id, address, offset, op)."""
         self._collect()
         errs, self._pending_errors = self._pending_errors, []
@@ -352,15 +356,16 @@ class PageServer:
         errs = self.errors()
         if errs:
             first = errs[0]
-            region = self._regions.get(first[1])
+            region = self._regions.get(first.region)
             where = (
-                f"region {first[1]} ({region.source!r})" if region else "an address in no region"
+                f"region {first.region} ({region.source!r})"
+                if region
+                else "an address in no region"
             )
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned; first: {where} "
-                f"at offset {first[3]:#x}, address {first[2]:#x}: "
-                f"{os.strerror(first[0])} ({first[4]})",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
+            raise source_error(
+                _source_failures(errs),
+                f"{where} at offset {first.offset:#x}, address {first.address:#x}: "
+                f"{os.strerror(first.errno)} ({first.op})",
             )
 
     def close(self) -> None:
@@ -372,9 +377,7 @@ class PageServer:
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
             return
-        if os.getpid() != self._pid:  # a forked child: the engine and the regions are the parent's
-            for region in self._regions.values():
-                region.rebase(0)  # not inherited (MADV_DONTFORK): nothing to unmap here
+        if in_forked_child(self._pid, self._regions.values()):  # engine, regions: the parent's
             self._regions.clear()
             self._engine.close()  # leaves the parent's threads alone
             self._uffd.close()  # this process's copy of the fd
@@ -394,10 +397,7 @@ class PageServer:
         _servers.discard(self)
         if self._pending_errors:
             errs, self._pending_errors = self._pending_errors, []
-            raise SourceError(
-                f"{len(errs)} page(s) could not be produced and were poisoned",
-                [(e[0], e[2], e[3], e[4]) for e in errs],
-            )
+            raise source_error(_source_failures(errs))
 
     def __enter__(self) -> PageServer:
         return self
@@ -408,3 +408,7 @@ class PageServer:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._regions)} regions"
         return f"<PageServer {self.mode} {state}>"
+
+
+def _source_failures(errs: list[Failure]) -> list[SourceFailure]:
+    return [SourceFailure(e.errno, e.address, e.offset, e.op) for e in errs]

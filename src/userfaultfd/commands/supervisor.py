@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
-from .metrics import Metrics
+from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+
+from .serve_metrics import Metrics
 
 log = logging.getLogger("userfaultfd.serve")
 HANDSHAKE_TIMEOUT = 10.0
@@ -68,7 +69,7 @@ class Worker:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = dict(config, ctl=theirs.fileno(), memory_fd=memory_fd)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        code = "from userfaultfd.serve import worker_main; worker_main()"
+        code = "from userfaultfd.commands.serve import worker_main; worker_main()"
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, json.dumps(config)],

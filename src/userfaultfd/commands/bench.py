@@ -32,12 +32,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .flags import Feature
-from .handoff import GuestRegion, send_uffd
-from .server import PageServer
-from .sources import File, Fill
-from .uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd import _core
+from userfaultfd.flags import Feature
+from userfaultfd.handoff import GuestRegion, send_uffd
+from userfaultfd.page_server import PageServer
+from userfaultfd.sources import File, Fill
+from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
 
 
 class BenchError(Exception):
@@ -231,7 +231,7 @@ def _c_handler(w: Workload, ref: Reference) -> Measure:
 
 
 def _python_source(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
-    from .remote import PythonSourceServer
+    from userfaultfd.remote import PythonSourceServer
 
     pages = w.size.pages
     page = bytes([0x5A]) * PAGE_SIZE

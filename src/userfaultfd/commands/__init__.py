@@ -1,0 +1,2 @@
+"""The command line's subcommands (``userfaultfd demo|info|serve|bench``). They use the library;
+the library never imports them."""

@@ -1,0 +1,77 @@
+"""The control messages between a PythonSourceServer (the application) and its handler process,
+defined once for both sides: one JSON object per SOCK_SEQPACKET message, named by its "kind".
+The region hand-off itself travels in Firecracker's format (handoff.py): it carries the uffd."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Unmap:
+    """Application -> handler: stop serving the region at ``base`` (it is being unmapped)."""
+
+    base: int
+
+
+@dataclass(frozen=True)
+class Readahead:
+    """Application -> handler: ask the source for ``nbytes`` per fault in the region at ``base``."""
+
+    base: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Application -> handler: answer with Counts."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Handler -> application: the source is open."""
+
+
+@dataclass(frozen=True)
+class Ok:
+    """Handler -> application: the request (or region hand-off) is done."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Handler -> application: faults served, pages installed, source errors."""
+
+    faults: int
+    pages: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """Handler -> application, unasked: pages at ``address`` (source ``offset``) could not be
+    produced and were poisoned; or, with address 0, the source could not be opened."""
+
+    message: str
+    address: int = 0
+    offset: int = 0
+    traceback: str = ""
+
+
+Message = Unmap | Readahead | StatsRequest | Ready | Ok | Counts | ErrorReport
+_KINDS: dict[str, type[Message]] = {
+    kind.__name__: kind for kind in (Unmap, Readahead, StatsRequest, Ready, Ok, Counts, ErrorReport)
+}
+
+
+def encode(msg: Message) -> bytes:
+    return json.dumps({"kind": type(msg).__name__, **asdict(msg)}).encode()
+
+
+def decode(data: bytes) -> Message:
+    """The message in ``data``; ValueError names a message that is none of ours."""
+    obj = json.loads(data)
+    kind = _KINDS.get(obj.pop("kind", None)) if isinstance(obj, dict) else None
+    if kind is None:
+        raise ValueError(f"not a control message: {data[:80]!r}")
+    return kind(**obj)
