@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -246,3 +248,74 @@ def test_text_log_lines_carry_timestamps_and_quiet_keeps_only_warnings(
     assert proc.returncode == 0
     lines = err.splitlines()
     assert len(lines) == 1 and "warning: " in lines[0] and "refused" in lines[0], lines
+
+
+RESTORE = """
+import os, sys
+fds, names = [int(x) for x in sys.argv[1].split(",")], sys.argv[2]
+high = [os.dup(fd) for fd in fds]  # out of the way of 3..
+for k, fd in enumerate(high):
+    os.dup2(fd, 3 + k)
+    os.set_inheritable(3 + k, True)  # dup2 onto itself keeps the dup's close-on-exec
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=names)
+os.execv(sys.executable, [sys.executable, "-m", "userfaultfd", "serve", *sys.argv[3:]])
+"""
+
+
+def test_systemd_fd_store_brings_clients_back_after_the_supervisor_dies(
+    tmp_path: Path, memory: Path
+) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    stored: dict[str, int] = {}
+
+    def collect(until: str) -> None:
+        while until not in stored:
+            msg, fds, _, _ = socket.recv_fds(notify, 4096, 4)
+            fields = dict(line.split("=", 1) for line in msg.decode().splitlines())
+            if "FDSTORE" in fields:
+                stored[fields["FDNAME"]] = fds[0]
+            elif "READY" in fields:
+                stored["READY"] = -1
+
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    sock = tmp_path / "uffd.sock"
+    args = ["--socket", str(sock), "--memory", str(memory), "--readahead", "none"]
+    first = subprocess.Popen([sys.executable, "-m", "userfaultfd", "serve", *args], env=env,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        collect("READY")
+        assert "listener" in stored
+        proc = subprocess.Popen(
+            [sys.executable, LOAD, str(sock), str(memory), str(4 * MIB), "0", "1", "--until-told"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "sent"
+        collect("c1.meta")
+        assert proc.stdout.readline().strip() == "half"  # served by the first daemon
+        first.kill()  # the supervisor itself; its serving process dies with it
+        first.wait(10)
+        names = ["listener", "c1.uffd", "c1.conn", "c1.meta"]
+        second = Server.__new__(Server)
+        second.socket = sock
+        second.proc = subprocess.Popen(
+            [sys.executable, "-c", RESTORE, ",".join(str(stored[n]) for n in names),
+             ":".join(names), *args],
+            stderr=subprocess.PIPE, text=True, pass_fds=[stored[n] for n in names],
+        )  # fmt: skip
+        second.lines, second.log = queue.Queue(), []
+        threading.Thread(target=second._pump, daemon=True).start()
+        second.expect("restored client 1 (pid")
+        second.expect("took over 1 client(s)")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert result(proc)["pages"] == 1024
+        assert second.stop() == 0
+    finally:
+        first.kill()
+        for fd in stored.values():
+            if fd >= 0:
+                os.close(fd)
+        notify.close()
