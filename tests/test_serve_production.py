@@ -67,8 +67,8 @@ def test_kill_9_of_the_serving_process_under_load_loses_nothing(
     try:
         first = serving_pid(server)
         clients = [load(server, memory, 8 * MIB, k * 8 * MIB, 4.0) for k in range(4)]
-        for k in range(4):
-            server.expect(f"connect client {k + 1}")
+        for _ in range(4):
+            server.expect("connect client")  # in the order their hand-offs complete
         time.sleep(1.0)  # faulting
         os.kill(first, signal.SIGKILL)
         assert "(killed by SIGKILL) while serving 4 client(s)" in server.expect("ended")
@@ -90,7 +90,8 @@ def test_sighup_upgrades_under_load_and_the_old_process_exits_first(
     try:
         old = serving_pid(server)
         clients = [load(server, memory, 8 * MIB, k * 8 * MIB, 3.0) for k in range(2)]
-        server.expect("connect client 2")
+        for _ in range(2):
+            server.expect("connect client")
         time.sleep(0.5)
         server.proc.send_signal(signal.SIGHUP)
         line = server.expect("hands its clients to")
