@@ -1,6 +1,7 @@
 """A client that behaves as Firecracker does when it loads a snapshot with a Uffd memory backend.
 
     python fc_client.py SOCKET MEMORY_FILE LAYOUT [--hold SECONDS] [--resident-then-touch] [--huge]
+                        [--touch ORDER_FILE] [--resident-pages N]
 
 LAYOUT is "size@offset,size@offset,..." (bytes; pages of 4 KiB, or 2 MiB hugetlb with --huge).
 It creates a uffd with EVENT_REMOVE, maps each region privately and registers it MISSING, sends
@@ -8,7 +9,11 @@ one message whose payload is the JSON region list and which carries the uffd, ke
 open, then reads every byte
 (plain Python slicing: the faulting thread holds the GIL) and compares with the memory file, then
 MADV_DONTNEEDs a range and expects zeros there. It prints one line per step and "OK" at the end.
-It uses none of the library's hand-off code, only its low-level uffd and mmap wrappers."""
+It uses none of the library's hand-off code, only its low-level uffd and mmap wrappers.
+
+--touch: first touch the pages of the first region listed in ORDER_FILE (uint32 page indices, in
+order), print "touched" and wait for a line on standard input. --resident-pages: wait until N pages
+are present without touching any (a replay), print "resident"."""
 
 from __future__ import annotations
 
@@ -67,6 +72,18 @@ def main() -> None:
     sock.connect(sock_path)
     socket.send_fds(sock, [payload], [uffd.fileno()])
     print("sent", flush=True)
+    if "--touch" in sys.argv:
+        with open(sys.argv[sys.argv.index("--touch") + 1], "rb") as f:
+            _core.touch_pages(regions[0][0].address, page, f.read())
+        print("touched", flush=True)
+        sys.stdin.readline()
+    if "--resident-pages" in sys.argv:
+        want = int(sys.argv[sys.argv.index("--resident-pages") + 1])
+        deadline = time.monotonic() + 20
+        while sum(resident(r) for r, _ in regions) < want:
+            assert time.monotonic() < deadline, "the replay did not install the pages"
+            time.sleep(0.005)
+        print("resident", flush=True)
     if "--resident-then-touch" in sys.argv:  # --prefetch all: pages arrive without faults
         deadline = time.monotonic() + 20
         while any(resident(r) < len(r) // u.PAGE_SIZE for r, _ in regions):

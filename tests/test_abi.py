@@ -102,3 +102,20 @@ def test_message_layout(text: str) -> None:
 def test_unknown_kernel_bits_are_kept() -> None:
     assert int(flags.Ioctl(0x8000000000000003 | 1 << 40)) == 0x8000000000000003 | 1 << 40
     assert int(flags.Feature(1 << 30)) == 1 << 30
+
+
+def test_write_protect_extras(text: str) -> None:
+    row = re.search(
+        r"^\| `PAGEMAP_SCAN`[^|]*\|[^|]*\| 16 \| (\d+) \| `(0x[0-9A-F]+)` \|", text, re.M
+    )
+    assert row is not None
+    assert _core.ABI["PAGEMAP_SCAN"] == int(row.group(2), 16)
+    assert _core.ABI["sizeof_pm_scan_arg"] == int(row.group(1)) == 96
+    assert re.search(r"`page_region` \| 24 \|", text) and _core.ABI["sizeof_page_region"] == 24
+    assert re.search(r"`pm_scan_arg` \| 96 \|", text)
+    assert "`PM_SCAN_WP_MATCHING` 1<<0" in text and _core.ABI["PM_SCAN_WP_MATCHING"] == 1
+    assert "`PM_SCAN_CHECK_WPASYNC` 1<<1" in text and _core.ABI["PM_SCAN_CHECK_WPASYNC"] == 2
+    assert "`PAGE_IS_WRITTEN` 1<<1" in text and _core.ABI["PAGE_IS_WRITTEN"] == 2
+    assert "`UFFDIO_COPY_MODE_WP` | 1<<1" in text and _core.ABI["UFFDIO_COPY_MODE_WP"] == 2
+    assert _core.ABI["UFFD_FEATURE_WP_ASYNC"] == flags.Feature.WP_ASYNC
+    assert _core.ABI["UFFD_FEATURE_WP_UNPOPULATED"] == flags.Feature.WP_UNPOPULATED

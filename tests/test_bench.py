@@ -13,6 +13,14 @@ from userfaultfd.commands import bench
 
 pytestmark = pytest.mark.needs_uffd
 TINY = bench.Size(pages=64, file_bytes=4 << 20, runs=2)
+UNITS = {
+    "restore-seq": "MB/s",
+    "readahead-seq": "MB/s",
+    "restore-ws": "pages/s",
+    "dirty-scan": "scans/s",
+    "write-cost": "writes/s",
+    "live-snapshot": "writes/s",
+}
 
 
 def check_scenario(s: dict[str, object]) -> None:
@@ -29,9 +37,13 @@ def test_tiny_run_of_every_scenario() -> None:
     assert set(report["scenarios"]) == set(bench.SCENARIOS)
     for name, s in report["scenarios"].items():
         check_scenario(s)
-        assert s["unit"] == ("MB/s" if name == "restore-seq" else "faults/s")
+        assert s["unit"] == UNITS.get(name, "faults/s")
+    assert report["scenarios"]["live-snapshot"]["stall_fraction"] > 0
     assert report["scenarios"]["fault-sigbus"]["c_sigbus_resolver"]["value"] > 0
     assert report["scenarios"]["fault-thread"]["ours_without_spinning"]["value"] > 0
+    ws = report["scenarios"]["restore-ws"]
+    assert ws["resident"] > 0 and ws["wrong_set"] > 0 and 0 <= ws["demand_fault_fraction"] <= 1
+    assert ws["resident"] == pytest.approx(ws["resident_walk"]["value"] / ws["ours"])
     m = report["machine"]
     assert m["cpus"] >= 1 and m["kernel_populate_MBps"] > 0 and m["kernel"]
     text = bench.render(report)

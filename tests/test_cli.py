@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from userfaultfd import PAGE_SIZE
+from userfaultfd import PAGE_SIZE, Feature, available_features
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -121,3 +121,15 @@ def test_info_text_and_json() -> None:
     )
     assert isinstance(report["memory"]["hugetlb"]["reserved_huge_pages"], int)
     assert report["sysctl_unprivileged_userfaultfd"] in ("0", "1")
+
+
+def test_info_reports_write_protection_per_memory_type() -> None:
+    text = run("info").stdout
+    assert re.search(r"write-protect anonymous +WP yes", text)
+    report = json.loads(run("info", "--json").stdout)["write_protect"]
+    assert set(report) == {"anonymous", "shmem", "hugetlb", "file"}
+    assert report["anonymous"]["wp"] == "yes"
+    if available_features() & Feature.WP_ASYNC:
+        assert report["anonymous"]["wp_async"] == report["anonymous"]["pagemap_scan"] == "yes"
+        assert report["file"]["wp_async"] == "yes"  # WP_ASYNC takes any memory
+    assert all(set(v) == {"wp", "wp_async", "pagemap_scan"} for v in report.values())

@@ -418,6 +418,17 @@ def test_listen_replaces_a_stale_socket_and_refuses_a_live_one(tmp_path: Path) -
     second.close()
 
 
+def test_the_socket_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """Bound under another name and renamed into place after listen(): a client that connects
+    as soon as the path exists is never refused."""
+    path = tmp_path / "s"
+    sock = _listen(str(path))
+    assert os.listdir(tmp_path) == ["s"]
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))  # no ConnectionRefusedError: it listened before it appeared
+    sock.close()
+
+
 # ---- the hand-off functions ----
 
 

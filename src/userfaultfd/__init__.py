@@ -36,8 +36,10 @@ from . import sources  # noqa: E402
 from .page_server import PageServer, Region  # noqa: E402
 from .sources import Buffer, File, Fill, Memfd, Zero  # noqa: E402
 from .stats import Stats  # noqa: E402
+from .working_set import WorkingSet, WorkingSetError  # noqa: E402
 
 __all__ += ["Buffer", "File", "Fill", "Memfd", "PageServer", "Region", "Stats", "Zero", "sources"]
+__all__ += ["WorkingSet", "WorkingSetError"]
 from .handoff import GuestRegion, HandoffError, receive_uffd, send_uffd  # noqa: E402
 from .remote import PageSource, PythonSourceServer, RemoteRegion  # noqa: E402
 
@@ -50,3 +52,6 @@ __all__ += [
     "receive_uffd",
     "send_uffd",
 ]
+from .tracking import Snapshot, WriteTracker, read_snapshot, snapshot, track_writes  # noqa: E402
+
+__all__ += ["Snapshot", "WriteTracker", "read_snapshot", "snapshot", "track_writes"]

@@ -4,6 +4,7 @@ from _core, never retyped here. PageServer and the ``serve`` daemon both serve t
 
 from __future__ import annotations
 
+import array
 import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
@@ -144,3 +145,30 @@ class Engine:
     def info(self) -> EngineInfo:
         gone, remove, unmap, remap, unknown, fork = self._native.info()
         return EngineInfo(bool(gone), remove, unmap, remap, unknown, fork)
+
+    # working sets (working_set.py)
+
+    def record_start(self, region: int) -> None:
+        """Record the first touch of every granule of the region from now on."""
+        self._native.record_start(region)
+
+    def record_finish(self, region: int) -> list[tuple[int, int]]:
+        """End the recording: its (offset in the region, ns since the start) first touches, in
+        order. Again: the same."""
+        raw = array.array("Q", self._native.record_finish(region))
+        return list(zip(raw[0::2], raw[1::2], strict=True))
+
+    def replay(self, runs: bytes, *, threads: int, speculative: bool = False) -> None:
+        """Install ``runs`` (working_set.plan_replay) in the background, faults first.
+        ``speculative``: runs nobody predicted (the rest of the memory), installed only with CPU
+        time that would otherwise idle."""
+        self._native.replay(runs, threads=threads, speculative=speculative)
+
+    def replays_running(self) -> int:
+        return self._native.replays_running()
+
+    def set_wp(self, region: int, context: _core.WpContext | None) -> None:
+        """The region's pages are installed write-protected and its WP faults go to ``context``
+        (tracking.py), served natively; None: back to plain installs. The context must outlive
+        the next call."""
+        self._native.set_wp(region, None if context is None else context.capsule())

@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from ._engine import Engine, Mode, OnRemove, RegionSpec, parse_readahead
@@ -28,6 +28,10 @@ from .progress import populate_in_slices
 from .sources import Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
+from .working_set import WorkingSet, plan_replay
+
+if TYPE_CHECKING:
+    from .tracking import Snapshot, WriteTracker
 
 HUGE_PAGE_SIZE = 2 << 20
 
@@ -88,6 +92,8 @@ class Region(_core.Mapping):
         super().__init__(*args, **kwargs)
         self._prepared: Prepared | None = None
         self._served = True  # False once detached: plain memory
+        self._recording = False
+        self._working_set: WorkingSet | None = None
 
     def populate(
         self, offset: int = 0, length: int | None = None, *, progress: bool = False
@@ -108,10 +114,44 @@ class Region(_core.Mapping):
         )
         self.server._check()
 
+    def track_writes(self) -> WriteTracker:
+        """Track writes to this region (see :func:`userfaultfd.track_writes`): the engine serves
+        its WP faults natively beside its missing pages, and pages it installs to serve a read
+        are installed write-protected, so they do not count as written."""
+        from .tracking import track_writes
+
+        return track_writes(self)
+
+    def snapshot(
+        self, dest: str | os.PathLike[str], *, parent: Snapshot | None = None, wait: bool = True
+    ) -> Snapshot:
+        """A live snapshot of this region (see :func:`userfaultfd.snapshot`); pages not served
+        yet are served from the source as the copy reaches them."""
+        from .tracking import snapshot
+
+        return snapshot(self, dest, parent=parent, wait=wait)
+
     def stats(self) -> Stats:
         """What this region has served so far. A page is counted before its toucher resumes;
         the fault's latency sample is taken just after."""
         return self.server._engine.stats(self.id)
+
+    def working_set(self) -> WorkingSet:
+        """The first touches recorded since the region was mapped with ``record=True``, in
+        region offsets. Ends the recording (as closing the region or the server does); later
+        calls return the same set."""
+        if self._working_set is None:
+            if not self._recording:
+                raise ValueError(f"{self!r} was not mapped with record=True")
+            self.server._check_open()
+            self._finish_recording()
+        assert self._working_set is not None
+        return self._working_set
+
+    def _finish_recording(self) -> None:
+        if self._recording and self._working_set is None:
+            touches = self.server._engine.record_finish(self.id)
+            self._working_set = WorkingSet.from_touches(touches, self.page_size, len(self))
 
     def close(self) -> None:
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
@@ -143,7 +183,10 @@ class Region(_core.Mapping):
         """Install every page, then unregister: exported views keep reading correct data. At
         interpreter exit nothing reads them any more and a large sparse region would take long
         to install: it is only unregistered, so that unmapping it later raises no event."""
+        from .tracking import finish_copies
+
         server = self.server
+        finish_copies(self)  # a live snapshot of it needs the engine until its copy is complete
         if populate:
             server._engine.populate(self.id, 0, len(self))
         for start, end, _ in server._engine.pieces(self.id):
@@ -153,6 +196,7 @@ class Region(_core.Mapping):
 
     def _forget(self) -> None:
         """The engine stops serving the region; its source is released."""
+        self._finish_recording()
         self.server._engine.remove_region(self.id)
         self.server._regions.pop(self.id, None)
         if self._prepared:
@@ -209,6 +253,8 @@ class PageServer:
         self.mode = mode
         wanted = Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP | Feature.POISON
         wanted |= available_features() & (Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS)
+        # Write protection on demand (Region.track_writes, Region.snapshot), served by the engine
+        wanted |= available_features() & (Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM)
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
         self._uffd = _open_uffd(wanted, forks=mode == "thread")
@@ -251,6 +297,9 @@ class PageServer:
         memory: Memory = "anonymous",
         page_size: int | None = None,
         readahead: int | Literal["adaptive"] = 0,
+        record: bool = False,
+        replay: WorkingSet | None = None,
+        replay_threads: int = 1,
     ) -> Region:
         """Map ``length`` bytes served from ``source`` (default zeros).
 
@@ -258,8 +307,19 @@ class PageServer:
         needs reserved huge pages). A :class:`~userfaultfd.sources.Memfd` source maps that file
         itself and serves minor faults. ``page_size``: the unit installed per fault, a power-of-two
         multiple of the base page. ``readahead``: extra units installed after each fault, or
-        "adaptive" (64 KiB growing to 4 MiB on sequential streams)."""
+        "adaptive" (the faulting unit alone, then 64 KiB growing to 4 MiB on a stream).
+
+        ``record``: record the first touches (:meth:`Region.working_set`); readahead must be off,
+        so that every first touch is a fault. ``replay``: a working set (in region offsets)
+        installed in the background, in its order, by ``replay_threads`` threads, while faults
+        are served first; :meth:`Region.stats` counts those pages as ``prefetched``."""
         self._check()
+        if record and readahead != 0:
+            raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
+        if replay is not None and not isinstance(replay, WorkingSet):
+            raise TypeError(f"replay {replay!r} is not a userfaultfd.WorkingSet")
+        if not isinstance(replay_threads, int) or not 1 <= replay_threads <= 16:
+            raise ValueError(f"replay_threads {replay_threads!r} is not in 1..16")
         if self.mode == "sigbus" and not _core.sigbus_first():
             raise RuntimeError(
                 "another SIGBUS handler was installed after this server started (was "
@@ -328,7 +388,31 @@ class PageServer:
                     )
                 )
                 self._regions[region.id] = region
+                if record:
+                    self._engine.record_start(region.id)
+                    region._recording = True
+            if replay is not None:
+                try:
+                    self._replay(region, replay, replay_threads)
+                except BaseException:
+                    region.close()
+                    raise
         return region
+
+    def _replay(self, region: Region, ws: WorkingSet, threads: int) -> None:
+        runs, beyond = plan_replay(ws, [(region.id, 0, len(region))], len(region))
+        if beyond:
+            warnings.warn(
+                f"{beyond} page(s) of {ws!r} lie beyond the region's {len(region)} bytes: ignored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if runs:
+            self._engine.replay(runs, threads=threads)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("the page server is closed")
 
     def stats(self) -> Stats:
         """Totals over the regions currently mapped."""

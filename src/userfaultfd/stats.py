@@ -43,7 +43,7 @@ class Stats:
     poisoned: int
     errors: int
     removes: int
-    prefetched: int  # installed by populate (prefetch, a stop's drain), not by a fault
+    prefetched: int  # installed by a replay or populate (prefetch, a stop's drain), not a fault
     histogram: tuple[int, ...]
 
     @property

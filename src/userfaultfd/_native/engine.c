@@ -19,6 +19,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -34,8 +36,17 @@
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
 #define MAX_POISONED 64         /* per region; past that every filled granule counts as poisoned */
 #define CHILD_PROBE_MS 100      /* how often an idle child's engine checks that the child lives */
+#define MAX_REPLAYS 16
+#define MAX_REPLAY_THREADS 16
+#define REPLAY_PIECE (1u << 20) /* replay runs are cut into pieces of at most this many bytes */
+#define REPLAY_NICE 10          /* replay threads run below the workers serving faults */
+#define REPLAY_MISSES_IDLE 32   /* faults outside the replayed set before it may idle */
 
 /* ---- regions and the extent table ---- */
+
+struct touch { /* a recorded first touch */
+    uint64_t granule, ns;
+};
 
 struct region {
     int id;
@@ -52,8 +63,41 @@ struct region {
     atomic_uint_fast64_t poisoned[MAX_POISONED];
     atomic_uint npoisoned;
     atomic_int poison_overflow;
-    char label[160];        /* "region ID SOURCE", for notices */
+    char label[160]; /* "region ID SOURCE", for notices */
+    /* Granules removed (REMOVE event) since the region was added: replay never refills them,
+     * the pages were given back (a balloon); a fault still does. */
+    uint64_t *removed;
+    /* Granules some replay was given (one bit each): a fault on one means the replay is behind
+     * the toucher, a fault elsewhere while replaying means the set missed it. */
+    uint64_t *in_replay;
+    atomic_int replaying;
+    /* Recording first touches: one slot per granule and one bit per granule saying whether it
+     * was recorded, so that every granule is written at most once and the array cannot
+     * overflow: the fault path neither allocates nor locks. */
+    struct touch *rec;
+    uint64_t *rec_bits;
+    uint64_t rec_t0;
+    atomic_uint_fast64_t rec_n;
+    atomic_int recording;
+    /* Write protection (engine_region_set_wp): installs are write-protected, and WP faults go to
+     * wp_fn, which copies, records and unprotects. Read under the engine's srcu. */
+    atomic_int wp_mode;
+    engine_wp_fn _Atomic wp_fn;
+    void *_Atomic wp_ctx;
     struct region_stats st; /* updated with relaxed atomics */
+};
+
+/* A replay: runs installed in order by background threads that share one cursor. */
+struct replay {
+    struct engine *e;
+    uint64_t *runs; /* (region id, offset, length) triples, each at most REPLAY_PIECE long */
+    size_t n;
+    atomic_size_t next;
+    atomic_int running;      /* threads not yet finished */
+    uint64_t hits0, misses0; /* the engine's replay fault counts when it started */
+    int speculative;         /* SCHED_IDLE from the start; its runs are not counted as hits */
+    int nthreads;
+    pthread_t threads[MAX_REPLAY_THREADS];
 };
 
 struct extent {
@@ -101,6 +145,10 @@ struct engine {
      * allocate while it holds read_lock, since the forking thread holds glibc's malloc locks
      * until it returns from fork(), and it returns only once a reader has read its event. */
     int fork_pipe[2];
+    /* Faults in replayed regions: on pages a replay holds (hits) or not (misses). */
+    atomic_uint_fast64_t replay_hits, replay_misses;
+    atomic_int predicted; /* threads of replays that are not speculative, still running */
+    struct replay *replays[MAX_REPLAYS]; /* under lock */
 };
 
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
@@ -137,6 +185,25 @@ static void bits_set(struct region *r, uint64_t i, uint64_t n, int on)
         else
             __atomic_fetch_and(&r->filled[i >> 6], ~bit, __ATOMIC_RELAXED);
     }
+}
+
+/* Bit i of a per-granule bitmap other than `filled` (removed, in_replay). */
+static int map_test(const uint64_t *map, uint64_t i)
+{
+    return (__atomic_load_n(&map[i >> 6], __ATOMIC_RELAXED) >> (i & 63u)) & 1u;
+}
+
+/* Notes the first touch of granule i at time t (ns) if the region is being recorded. Safe in
+ * the SIGBUS handler: atomics and a store, nothing else. */
+static void record_touch(struct region *r, uint64_t i, uint64_t t)
+{
+    if (!atomic_load_explicit(&r->recording, memory_order_acquire))
+        return;
+    uint64_t bit = 1ull << (i & 63u);
+    if (__atomic_fetch_or(&r->rec_bits[i >> 6], bit, __ATOMIC_RELAXED) & bit)
+        return; /* touched before, or a duplicate fault */
+    uint64_t k = atomic_fetch_add_explicit(&r->rec_n, 1, memory_order_relaxed);
+    r->rec[k] = (struct touch){i, t > r->rec_t0 ? t - r->rec_t0 : 0};
 }
 
 static const struct extent *lookup(const struct table *t, uint64_t addr)
@@ -214,8 +281,8 @@ static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want
             *len = p->page_size;
         return UFFDIO_COPY;
     }
-    /* Everything else reads as zeros. */
-    if (p->can_zeropage)
+    /* Everything else reads as zeros. ZEROPAGE cannot install write-protected: copy zeros then. */
+    if (p->can_zeropage && !atomic_load_explicit(&r->wp_mode, memory_order_relaxed))
         return UFFDIO_ZEROPAGE;
     *src = (uint64_t)(uintptr_t)r->zero_block;
     if (*len > p->page_size)
@@ -265,12 +332,16 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
     }
 }
 
-/* Set while this thread runs engine_populate: what it installs counts as prefetched. */
+/* Set while this thread runs engine_populate (prefetch, a stop's drain): what it installs counts
+ * as prefetched, as a replay's does. */
 static _Thread_local int populating;
+/* What install() is asked to do (flags). */
+#define INSTALL_MINOR 1u    /* UFFDIO_CONTINUE: the page cache holds the data */
+#define INSTALL_PREFETCH 2u /* a replay thread, not a fault: counted as prefetched */
 
 /* Adds (sign 1) or takes back (sign -1) n bytes installed by operation req to the stats. */
 static void count_installed(const struct engine *e, struct region *r, unsigned long req, uint64_t n,
-                            int sign)
+                            int sign, unsigned how)
 {
     const uint64_t pages = n / e->base_page;
     if (sign > 0) {
@@ -278,14 +349,14 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
         ADD(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             ADD(r->st.zero_pages, pages);
-        if (populating)
+        if ((how & INSTALL_PREFETCH) || populating)
             ADD(r->st.prefetched, pages);
     } else {
         SUB(r->st.pages_installed, pages);
         SUB(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             SUB(r->st.zero_pages, pages);
-        if (populating)
+        if ((how & INSTALL_PREFETCH) || populating)
             SUB(r->st.prefetched, pages);
     }
 }
@@ -295,9 +366,10 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
  * present, poisoned, or gone (see ENOENT below). Returns 0, EAGAIN when an event is pending (the
  * rest was not attempted), ESRCH when the owner of the uffd is gone, or ENOENT when the unit at
  * `fault` (UINT64_MAX: none) is gone. */
-static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len, int minor,
-                   uint64_t fault)
+static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
+                   unsigned how, uint64_t fault)
 {
+    const int minor = (how & INSTALL_MINOR) != 0;
     struct region *r = x->r;
     const uint64_t end = addr + len < x->end ? addr + len : x->end;
     addr = addr > x->start ? addr : x->start;
@@ -310,6 +382,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == MODE_SIGBUS;
     uint64_t cap = UINT64_MAX; /* the longest next op: halved on ENOENT, doubled on success */
+    /* Pages installed to serve a read must not count as written: protect them as they land. */
+    const uint64_t wp = atomic_load(&r->wp_mode) ? UFFDIO_COPY_MODE_WP : 0;
 
     while (pos < end) {
         uint64_t off = x->off + (pos - x->start), src, seg, done;
@@ -320,14 +394,15 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
          * counted before, so that the stats never trail a toucher who has resumed. */
         int single = !need_wake && seg == end - pos && !sigbus;
         if (single)
-            count_installed(e, r, req, seg, 1);
-        int err = fill_ioctl(e->uffd, req, pos, src, seg, single ? 0 : UFFDIO_MODE_DONTWAKE, &done);
+            count_installed(e, r, req, seg, 1, how);
+        uint64_t mode = (single ? 0 : UFFDIO_MODE_DONTWAKE) | wp; /* COPY/CONTINUE_MODE_WP */
+        int err = fill_ioctl(e->uffd, req, pos, src, seg, mode, &done);
         if (!single || err)
             need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
         if (single && done < seg)
-            count_installed(e, r, req, seg - done, -1);
+            count_installed(e, r, req, seg - done, -1, how);
         else if (!single)
-            count_installed(e, r, req, done, 1);
+            count_installed(e, r, req, done, 1, how);
         if (done) {
             /* granules wholly installed (an extent split inside a granule installs parts) */
             uint64_t gi = (off + r->p.page_size - 1) >> r->shift, gj = (off + done) >> r->shift;
@@ -395,25 +470,28 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
 }
 
 /* The run of granules to install for a fault on granule i, within [lo, hi) (the extent): the
- * faulting granule plus readahead, clipped to granules not yet filled. Adaptive readahead grows
- * the window while faults continue a stream forwards or backwards (memmove copies large blocks
- * from the end), and falls back to the minimum on a jump. Returns the first granule. */
+ * faulting granule plus readahead, clipped to granules not yet filled. Adaptive readahead starts
+ * at the faulting granule alone: a random fault costs what it costs without readahead. A fault
+ * that continues the last chunk, forwards or backwards (memmove copies large blocks from the
+ * end), is a stream: the window opens at the minimum and doubles up to the maximum with every
+ * further fault of the stream. A jump closes it at once. Returns the first granule. */
 static uint64_t chunk(struct region *r, uint64_t i, uint64_t lo, uint64_t hi, uint64_t *count)
 {
     const struct region_params *p = &r->p;
     uint64_t want = 1 + p->readahead;
     int dir = 1;
     if (p->adaptive_min) {
-        uint64_t w = atomic_load_explicit(&r->ra_window, memory_order_relaxed);
+        uint64_t w = atomic_load_explicit(&r->ra_window, memory_order_relaxed); /* 0: closed */
         uint64_t plo = atomic_load_explicit(&r->ra_lo, memory_order_relaxed);
         uint64_t phi = atomic_load_explicit(&r->ra_hi, memory_order_relaxed);
-        uint64_t near = w >> r->shift;
+        uint64_t near = w >> r->shift ? w >> r->shift : 1;
+        uint64_t grown = !w ? p->adaptive_min : w * 2 > p->adaptive_max ? p->adaptive_max : w * 2;
         if (phi != UINT64_MAX && i >= plo && i <= phi + near)
-            w = w * 2 > p->adaptive_max ? p->adaptive_max : w * 2;
+            w = grown;
         else if (phi != UINT64_MAX && i < plo && i + near >= plo)
-            w = w * 2 > p->adaptive_max ? p->adaptive_max : w * 2, dir = -1;
+            w = grown, dir = -1;
         else
-            w = p->adaptive_min;
+            w = 0;
         atomic_store_explicit(&r->ra_window, w, memory_order_relaxed);
         want = w >> r->shift ? w >> r->shift : 1;
     }
@@ -451,10 +529,18 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
     uint64_t gaddr = addr - (off - goff);
     int rc;
 
-    if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+    /* In sigbus mode a WP fault comes as a SIGBUS on a write to a page already installed. */
+    int is_wp = (flags & UFFD_PAGEFAULT_FLAG_WP) ||
+                (e->mode == MODE_SIGBUS && (flags & UFFD_PAGEFAULT_FLAG_WRITE) &&
+                 atomic_load(&r->wp_mode) && bit_test(r, goff >> r->shift));
+    if (is_wp) {
         struct uffdio_writeprotect wp = {{gaddr, g}, 0};
+        engine_wp_fn fn = atomic_load(&r->wp_fn);
         ADD(r->st.faults_wp, 1);
-        rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+        if (fn)
+            rc = fn(atomic_load(&r->wp_ctx), gaddr, g);
+        else
+            rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
     } else {
         int minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0 ||
                     (e->mode == MODE_SIGBUS && r->p.kind == SRC_CONTINUE);
@@ -462,8 +548,11 @@ static int resolve(struct engine *e, const struct table *t, uint64_t addr, uint6
         uint64_t i = goff >> r->shift, n;
         uint64_t lo = (x->off + r->p.page_size - 1) >> r->shift;
         uint64_t first = chunk(r, i, lo, i + ((x->end - gaddr) >> r->shift), &n);
-        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift, minor,
-                     addr & ~(e->base_page - 1));
+        record_touch(r, i, t0);
+        if (atomic_load_explicit(&r->replaying, memory_order_relaxed))
+            ADD(*(map_test(r->in_replay, i) ? &e->replay_hits : &e->replay_misses), 1);
+        rc = install(e, x, gaddr - ((i - first) << r->shift), n << r->shift,
+                     minor ? INSTALL_MINOR : 0, addr & ~(e->base_page - 1));
     }
     uint64_t dt = now_ns() - t0;
     ADD(r->st.hist[hist_bucket(dt)], 1);
@@ -548,6 +637,8 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
             uint64_t j = (x->off + (b - x->start) + r->p.page_size - 1) >> r->shift;
             /* Removed pages are served again from the source (or, unregistered, read zeros). */
             bits_set(r, i, j - i, e->remove_policy == REMOVE_REFILL ? 0 : 1);
+            for (uint64_t g = i; g < j; g++) /* and never again by a replay */
+                __atomic_fetch_or(&r->removed[g >> 6], 1ull << (g & 63u), __ATOMIC_RELAXED);
             for (unsigned k = 0; k < MAX_POISONED; k++) { /* the zap dropped the poison too */
                 uint64_t pi = atomic_load(&r->poisoned[k]);
                 if (pi >= i && pi < j)
@@ -710,7 +801,7 @@ static void *worker(void *arg)
 /* ---- the SIGBUS resolver's callback (sigbus.c) ---- */
 
 /* Runs in the SIGBUS handler of the faulting thread: serves addr if a region of e covers it. */
-static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
+static int sigbus_resolve(void *ctx, uint64_t addr, int write, uint64_t t0)
 {
     struct engine *e = ctx;
     while (atomic_load(&e->reading)) /* an event (mremap, ...) is being applied */
@@ -722,7 +813,7 @@ static int sigbus_resolve(void *ctx, uint64_t addr, uint64_t t0)
     int ours = x && !is_poisoned(x->r, (x->off + (addr - x->start)) >> x->r->shift);
     int rc = EAGAIN;
     while (ours && rc == EAGAIN) /* EAGAIN: an event is being read */
-        if ((rc = resolve(e, t, addr, 0, t0)) == EAGAIN)
+        if ((rc = resolve(e, t, addr, write ? UFFD_PAGEFAULT_FLAG_WRITE : 0, t0)) == EAGAIN)
             sched_yield();
     if (rc == ENOENT) /* not registered with us after all: retrying would loop */
         ours = 0;
@@ -943,6 +1034,8 @@ static int has_fork_events(int uffd)
 
 /* ---- public API ---- */
 
+static void replays_stop(struct engine *e);
+
 struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, uint64_t base_page,
                           uint64_t spin_ns)
 {
@@ -1009,6 +1102,7 @@ void engine_stop(struct engine *e)
     atomic_store(&e->stopping, 1);
     if (write(e->stop_fd, &one, sizeof(one)) < 0) { /* cannot fail on a fresh eventfd */
     }
+    replays_stop(e);
     for (int k = 0; k < e->nthreads; k++)
         pthread_join(e->threads[k], NULL);
     e->nthreads = 0;
@@ -1042,6 +1136,10 @@ static void region_free(struct region *r)
     if (r->zero_block)
         munmap(r->zero_block, r->p.page_size);
     free(r->filled);
+    free(r->removed);
+    free(r->in_replay);
+    free(r->rec);
+    free(r->rec_bits);
     free(r);
 }
 
@@ -1054,6 +1152,8 @@ void engine_free(struct engine *e)
     for (int k = 0; k < 2; k++)
         if (e->fork_pipe[k] >= 0)
             close(e->fork_pipe[k]);
+    atomic_store(&e->stopping, 1);
+    replays_stop(e); /* replays started on an engine that never ran */
     for (int k = 0; k < e->nregions; k++)
         region_free(e->regions[k]);
     free(e->regions);
@@ -1073,11 +1173,13 @@ static struct region *region_new(const struct region_params *p)
     r->shift = (unsigned)__builtin_ctzll(p->page_size);
     r->npages = p->length >> r->shift;
     r->filled = calloc((r->npages + 63) / 64, sizeof(uint64_t));
-    atomic_store(&r->ra_window, p->adaptive_min);
+    r->removed = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+    r->in_replay = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+    atomic_store(&r->ra_window, 0);
     atomic_store(&r->ra_hi, UINT64_MAX);
     for (unsigned k = 0; k < MAX_POISONED; k++)
         atomic_store(&r->poisoned[k], UINT64_MAX);
-    if (!r->filled)
+    if (!r->filled || !r->removed || !r->in_replay)
         goto fail;
     if (p->kind == SRC_FILL) {
         uint64_t cap = p->page_size > FILL_CAP ? p->page_size : FILL_CAP;
@@ -1093,7 +1195,7 @@ static struct region *region_new(const struct region_params *p)
             memcpy(r->fill_block + k, p->base, n);
         }
     }
-    if (!p->can_zeropage) {
+    { /* also where ZEROPAGE is allowed: write-protected installs copy zeros from it */
         r->zero_block = mmap(NULL, p->page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (r->zero_block == MAP_FAILED) {
             r->zero_block = NULL;
@@ -1202,22 +1304,25 @@ int engine_remove_region(struct engine *e, int id)
     return 0;
 }
 
-static int populate(struct engine *e, int id, uint64_t offset, uint64_t length);
-
-int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
+/* Whether a fill should leave granule i alone: present, or (a replay) given back by a REMOVE. */
+static int skip_granule(const struct region *r, uint64_t i, unsigned how)
 {
-    populating = 1;
-    int rc = populate(e, id, offset, length);
-    populating = 0;
-    return rc;
+    return bit_test(r, i) || ((how & INSTALL_PREFETCH) && map_test(r->removed, i));
 }
 
-static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
+/* Installs every missing granule of [offset, offset + length) of region id, in chunks of at most
+ * 4 MiB. A replay (INSTALL_PREFETCH) also skips removed granules, and does not start a chunk while
+ * an event is being applied (the madvise that raised it may be zapping that very range). */
+static int fill_range(struct engine *e, int id, uint64_t offset, uint64_t length, unsigned how)
 {
     uint64_t pos = offset, end = offset + length;
     while (pos < end) {
         if (atomic_load(&e->stopping))
             return -ECANCELED;
+        if ((how & INSTALL_PREFETCH) && atomic_load(&e->gone))
+            return -ESRCH;
+        while ((how & INSTALL_PREFETCH) && atomic_load(&e->reading) && !atomic_load(&e->stopping))
+            sched_yield();
         unsigned idx = srcu_enter(&e->srcu);
         const struct table *t = atomic_load(&e->table);
         const struct extent *x = NULL;
@@ -1243,16 +1348,16 @@ static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         uint64_t g = r->p.page_size, xend = x->off + (x->end - x->start);
         uint64_t stop = end < xend ? end : xend, i = (pos & ~(g - 1)) >> r->shift;
         uint64_t last = (stop + g - 1) >> r->shift, n = 0;
-        while (i < last && bit_test(r, i))
+        while (i < last && skip_granule(r, i, how))
             i++;
-        while (i + n < last && n < (4u << 20 >> r->shift) && !bit_test(r, i + n))
+        while (i + n < last && n < (4u << 20 >> r->shift) && !skip_granule(r, i + n, how))
             n++;
         int rc = 0;
         uint64_t upto = (i + n) << r->shift; /* offsets; the extent may end inside a granule */
         upto = upto < xend ? upto : xend;
         if (n) /* the granule may also start before the extent: install keeps to it */
             rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
-                         r->p.kind == SRC_CONTINUE, UINT64_MAX);
+                         how | (r->p.kind == SRC_CONTINUE ? INSTALL_MINOR : 0), UINT64_MAX);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
@@ -1263,6 +1368,14 @@ static int populate(struct engine *e, int id, uint64_t offset, uint64_t length)
         pos = upto;
     }
     return 0;
+}
+
+int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
+{
+    populating = 1;
+    int rc = fill_range(e, id, offset, length, 0);
+    populating = 0;
+    return rc;
 }
 
 static void add_stats(struct region_stats *out, const struct region_stats *s)
@@ -1346,4 +1459,212 @@ void engine_event_counts(struct engine *e, uint64_t out[5])
 {
     for (int k = 0; k < 5; k++)
         out[k] = atomic_load(&e->events[k]);
+}
+
+int engine_region_set_wp(struct engine *e, int id, engine_wp_fn fn, void *ctx)
+{
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    if (k >= 0) {
+        struct region *r = e->regions[k];
+        atomic_store(&r->wp_ctx, ctx);
+        atomic_store(&r->wp_fn, fn);
+        atomic_store(&r->wp_mode, fn != NULL);
+    }
+    pthread_mutex_unlock(&e->lock);
+    srcu_synchronize(&e->srcu); /* no fault is still inside the previous wp_fn */
+    return k < 0 ? -ENOENT : 0;
+}
+
+/* ---- working sets: recording first touches, replaying them ---- */
+
+int engine_record_start(struct engine *e, int id)
+{
+    int rc = 0;
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    struct region *r = k < 0 ? NULL : e->regions[k];
+    if (!r)
+        rc = -ENOENT;
+    else if (r->rec)
+        rc = -EBUSY;
+    else {
+        r->rec = malloc(r->npages * sizeof(*r->rec));
+        r->rec_bits = calloc((r->npages + 63) / 64, sizeof(uint64_t));
+        if (!r->rec || !r->rec_bits) {
+            free(r->rec), free(r->rec_bits);
+            r->rec = NULL, r->rec_bits = NULL;
+            rc = -ENOMEM;
+        } else {
+            r->rec_t0 = now_ns();
+            atomic_store_explicit(&r->recording, 1, memory_order_release);
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+int engine_record_finish(struct engine *e, int id, uint64_t **out, size_t *n)
+{
+    int rc = 0;
+    *out = NULL;
+    *n = 0;
+    pthread_mutex_lock(&e->lock);
+    int k = find_region(e, id);
+    struct region *r = k < 0 ? NULL : e->regions[k];
+    if (!r || !r->rec) {
+        pthread_mutex_unlock(&e->lock);
+        return r ? -EINVAL : -ENOENT;
+    }
+    if (atomic_exchange(&r->recording, 0))
+        srcu_synchronize(&e->srcu); /* every resolve that saw it on has written its entry */
+    size_t count = (size_t)atomic_load(&r->rec_n);
+    if (count && !(*out = malloc(count * 2 * sizeof(uint64_t))))
+        rc = -ENOMEM;
+    for (size_t j = 0; *out && j < count; j++) {
+        (*out)[2 * j] = r->rec[j].granule << r->shift;
+        (*out)[2 * j + 1] = r->rec[j].ns;
+    }
+    if (*out)
+        *n = count;
+    pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+static void *replay_thread(void *arg)
+{
+    struct replay *j = arg;
+    struct engine *e = j->e;
+    /* Faults come first: replay runs niced below the workers. While the toucher keeps faulting
+     * on pages the replay holds, the replay is useful and behind: that share of the CPU is
+     * well spent. Once most faults miss the set (a wrong set, or a toucher gone elsewhere), the
+     * replay only competes with the faults it cannot help: it drops to SCHED_IDLE, running only
+     * on CPUs that would otherwise idle, where it never delays a fault. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), REPLAY_NICE);
+    pthread_setname_np(pthread_self(), "uffd-replay"); /* for ps, top and the tests */
+    struct sched_param none = {0};
+    int idle = j->speculative && pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
+    struct timespec nap = {0, 200000};
+    for (;;) {
+        while (j->speculative && atomic_load(&e->predicted) && !atomic_load(&e->stopping) &&
+               !atomic_load(&e->gone))
+            nanosleep(&nap, NULL); /* the rest of the memory comes after the predicted pages */
+        size_t k = atomic_fetch_add(&j->next, 1);
+        if (k >= j->n)
+            break;
+        uint64_t misses = atomic_load(&e->replay_misses) - j->misses0;
+        uint64_t hits = atomic_load(&e->replay_hits) - j->hits0;
+        if (!idle && misses >= REPLAY_MISSES_IDLE && misses > 4 * hits)
+            idle = pthread_setschedparam(pthread_self(), SCHED_IDLE, &none) == 0;
+        const uint64_t *run = &j->runs[3 * k];
+        int rc = fill_range(e, (int)run[0], run[1], run[2], INSTALL_PREFETCH);
+        if (rc == -ECANCELED || rc == -ESRCH) /* the engine stops, or the client has gone */
+            break;
+    }
+    if (!j->speculative)
+        atomic_fetch_sub(&e->predicted, 1);
+    atomic_fetch_sub(&j->running, 1);
+    return NULL;
+}
+
+static void replay_free(struct replay *j)
+{
+    for (int k = 0; k < j->nthreads; k++)
+        pthread_join(j->threads[k], NULL);
+    free(j->runs);
+    free(j);
+}
+
+int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads, int speculative)
+{
+    if (threads < 1 || threads > MAX_REPLAY_THREADS)
+        return -EINVAL;
+    size_t pieces = 0;
+    for (size_t k = 0; k < n; k++) /* a long run (a whole region) is shared by the threads */
+        pieces += (runs[3 * k + 2] + REPLAY_PIECE - 1) / REPLAY_PIECE;
+    struct replay *j = calloc(1, sizeof(*j));
+    if (!j || (pieces && !(j->runs = malloc(pieces * 3 * sizeof(uint64_t))))) {
+        free(j);
+        return -ENOMEM;
+    }
+    j->e = e;
+    j->speculative = speculative;
+    for (size_t k = 0; k < n; k++)
+        for (uint64_t off = 0; off < runs[3 * k + 2]; off += REPLAY_PIECE) {
+            uint64_t *p = &j->runs[3 * j->n++];
+            uint64_t left = runs[3 * k + 2] - off;
+            p[0] = runs[3 * k], p[1] = runs[3 * k + 1] + off;
+            p[2] = left < REPLAY_PIECE ? left : REPLAY_PIECE;
+        }
+    pthread_mutex_lock(&e->lock);
+    for (size_t k = 0; k < j->n && !speculative; k++) { /* the granules a fault may hit */
+        int at = find_region(e, (int)j->runs[3 * k]);
+        struct region *r = at < 0 ? NULL : e->regions[at];
+        if (!r || j->runs[3 * k + 1] >= r->p.length)
+            continue;
+        uint64_t g = j->runs[3 * k + 1] >> r->shift;
+        uint64_t end = (j->runs[3 * k + 1] + j->runs[3 * k + 2] + r->p.page_size - 1) >> r->shift;
+        for (end = end < r->npages ? end : r->npages; g < end; g++)
+            __atomic_fetch_or(&r->in_replay[g >> 6], 1ull << (g & 63u), __ATOMIC_RELAXED);
+        atomic_store(&r->replaying, 1);
+    }
+    j->hits0 = atomic_load(&e->replay_hits);
+    j->misses0 = atomic_load(&e->replay_misses);
+    int slot = -1, rc = 0;
+    for (int k = 0; k < MAX_REPLAYS; k++) { /* reap finished replays; take a free slot */
+        struct replay *old = e->replays[k];
+        if (old && !atomic_load(&old->running)) {
+            replay_free(old);
+            e->replays[k] = old = NULL;
+        }
+        if (!old && slot < 0)
+            slot = k;
+    }
+    if (slot < 0 || atomic_load(&e->stopping))
+        rc = slot < 0 ? -EAGAIN : -ECANCELED;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
+    atomic_store(&j->running, threads);
+    if (!speculative)
+        atomic_fetch_add(&e->predicted, threads);
+    for (int k = 0; k < threads && !rc; k++) {
+        rc = -pthread_create(&j->threads[k], NULL, replay_thread, j);
+        if (!rc)
+            j->nthreads++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    atomic_fetch_sub(&j->running, threads - j->nthreads); /* those never started */
+    if (!speculative)
+        atomic_fetch_sub(&e->predicted, threads - j->nthreads);
+    if (j->nthreads)
+        e->replays[slot] = j; /* even after a failed create: the started ones are joined later */
+    else
+        replay_free(j);
+    pthread_mutex_unlock(&e->lock);
+    return rc;
+}
+
+int engine_replays_running(struct engine *e)
+{
+    int count = 0;
+    pthread_mutex_lock(&e->lock);
+    for (int k = 0; k < MAX_REPLAYS; k++)
+        count += e->replays[k] && atomic_load(&e->replays[k]->running);
+    pthread_mutex_unlock(&e->lock);
+    return count;
+}
+
+/* Joins every replay's threads; e->stopping is set, so they end at their next chunk. Not under
+ * e->lock: a replay thread waits for a worker to apply an event, which takes that lock. */
+static void replays_stop(struct engine *e)
+{
+    struct replay *done[MAX_REPLAYS];
+    pthread_mutex_lock(&e->lock);
+    memcpy(done, e->replays, sizeof(done));
+    memset(e->replays, 0, sizeof(e->replays));
+    pthread_mutex_unlock(&e->lock);
+    for (int k = 0; k < MAX_REPLAYS; k++)
+        if (done[k])
+            replay_free(done[k]);
 }

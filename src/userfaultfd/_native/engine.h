@@ -30,7 +30,7 @@ struct region_stats {
     uint64_t faults_missing, faults_minor, faults_wp;
     uint64_t pages_installed, bytes_installed, zero_pages;
     uint64_t eexist, poisoned, errors, removes;
-    uint64_t prefetched; /* base pages installed by engine_populate */
+    uint64_t prefetched; /* base pages installed by replay threads and engine_populate */
     uint64_t hist[HIST_BUCKETS];
 };
 
@@ -43,6 +43,7 @@ struct engine_error {
 };
 
 struct engine;
+typedef int (*engine_wp_fn)(void *ctx, uint64_t addr, uint64_t len);
 
 /* Returns NULL with errno set. The engine does not own uffd. A worker that served a batch keeps
  * polling without sleeping for spin_ns (0: never spins). */
@@ -67,5 +68,28 @@ int engine_errors(struct engine *e, uint64_t *cursor, struct engine_error *out, 
 int engine_client_gone(struct engine *e); /* the owner's mm went away (ESRCH) */
 /* remove, unmap, remap, unknown, fork */
 void engine_event_counts(struct engine *e, uint64_t out[5]);
+/* A region's WP faults go to fn(ctx, address, length), which must unprotect (and wake); its pages
+ * are then installed write-protected (the uffd must be registered MODE_WP there). fn NULL: back
+ * to plain installs. Returns once no fault is inside the previous fn. 0 or -ENOENT. */
+int engine_region_set_wp(struct engine *e, int id, engine_wp_fn fn, void *ctx);
+
+/* Working sets. Recording keeps the first touch of each granule of a region (its source offset
+ * and the time since the recording started) in first-touch order, written on the fault path into
+ * an array allocated here; readahead should be off meanwhile, so that every first touch is a
+ * fault. 0, -ENOENT, -EBUSY (already recorded), -ENOMEM. */
+int engine_record_start(struct engine *e, int id);
+/* Ends the recording (if still on) and returns its *n (offset, ns) pairs in a malloc'ed array
+ * (NULL when *n is 0). Can be called again: the same pairs. 0, -ENOENT, -EINVAL (never
+ * recorded), -ENOMEM. */
+int engine_record_finish(struct engine *e, int id, uint64_t **out, size_t *n);
+/* Installs n (region id, offset, length) runs in the background, in this order, with `threads`
+ * threads of low priority, while the workers keep serving faults. Granules already present or
+ * removed (REMOVE event) are skipped; the threads end at the last run, at engine_stop, or when
+ * the client has gone. `speculative`: runs nobody predicted will be touched soon (streaming the
+ * rest of the memory), installed only with CPU time that would otherwise idle. 0, -EINVAL,
+ * -EAGAIN (too many replays running), -ENOMEM, -errno. */
+int engine_replay(struct engine *e, const uint64_t *runs, size_t n, int threads, int speculative);
+/* Replays whose threads have not finished yet. */
+int engine_replays_running(struct engine *e);
 
 #endif

@@ -13,6 +13,7 @@
 #include "py_handles.h"
 #include "py_mapping.h"
 #include "py_memory.h"
+#include "py_tracking.h"
 #include "py_uffd.h"
 
 /* A C constant exported under its own name: Python never retypes a C number. */
@@ -61,7 +62,8 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyModule_AddObject(m, "Mapping", (PyObject *)&MappingType) < 0 ||
         PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0)
         return NULL;
-    if (add_abi_dict(m) < 0 || PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0)
+    if (add_abi_dict(m) < 0 ||
+        PyModule_AddIntConstant(m, "PAGE_SIZE", sysconf(_SC_PAGE_SIZE)) < 0 || tracking_init(m) < 0)
         return NULL;
     if (ADD_INT_MACRO(m, MODE_THREAD) < 0 || ADD_INT_MACRO(m, MODE_SIGBUS) < 0 ||
         ADD_INT_MACRO(m, SRC_ZERO) < 0 || ADD_INT_MACRO(m, SRC_BYTES) < 0 ||

@@ -13,6 +13,7 @@
 #include "py_engine.h"
 #include "py_errors.h"
 #include "sigbus.h"
+#include "tracking.h"
 
 typedef struct {
     PyObject_HEAD
@@ -240,7 +241,91 @@ static PyObject *engineobj_info(EngineObject *o, PyObject *unused)
     return Py_BuildValue("iKKKKK", engine_client_gone(o->e), ev[0], ev[1], ev[2], ev[3], ev[4]);
 }
 
+/* record_start(id): first touches of region id are recorded from now on */
+static PyObject *engineobj_record_start(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_record_start(o->e, id);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "record_start");
+    Py_RETURN_NONE;
+}
+
+/* record_finish(id) -> bytes: (offset, ns) pairs as native uint64, in first-touch order */
+static PyObject *engineobj_record_finish(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    uint64_t *p;
+    size_t n;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "i", &id))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_record_finish(o->e, id, &p, &n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "record_finish");
+    PyObject *out = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)(n * 2 * sizeof(*p)));
+    free(p);
+    return out;
+}
+
+/* replay(runs, *, threads=1, speculative=False): runs is a buffer of (region id, offset, length)
+ * native uint64 triples */
+static PyObject *engineobj_replay(EngineObject *o, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"runs", "threads", "speculative", NULL};
+    Py_buffer runs;
+    int threads = 1, speculative = 0, rc;
+    if (engine_check(o) < 0 || !PyArg_ParseTupleAndKeywords(args, kw, "y*|$ip:replay", kwlist,
+                                                            &runs, &threads, &speculative))
+        return NULL;
+    if (runs.len % (Py_ssize_t)(3 * sizeof(uint64_t))) {
+        PyErr_Format(PyExc_ValueError, "replay: %zd bytes is not a whole number of runs", runs.len);
+        PyBuffer_Release(&runs);
+        return NULL;
+    }
+    size_t n = (size_t)runs.len / (3 * sizeof(uint64_t));
+    const uint64_t *buf = runs.buf;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_replay(o->e, buf, n, threads, speculative);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&runs);
+    if (rc < 0)
+        return rc == -ENOMEM ? PyErr_NoMemory() : os_error(-rc, "replay");
+    Py_RETURN_NONE;
+}
+
+static PyObject *engineobj_replays_running(EngineObject *o, PyObject *unused)
+{
+    if (engine_check(o) < 0)
+        return NULL;
+    return PyLong_FromLong(engine_replays_running(o->e));
+}
+
 /* Every method raises ValueError once the engine is closed or in a forked child of its owner. */
+/* set_wp(id, capsule or None): the region's WP faults go to a WpContext (tracking.c). The caller
+ * keeps the context alive until set_wp(id, None) has returned. */
+static PyObject *engineobj_set_wp(EngineObject *o, PyObject *args)
+{
+    int id, rc;
+    PyObject *cap;
+    if (engine_check(o) < 0 || !PyArg_ParseTuple(args, "iO", &id, &cap))
+        return NULL;
+    void *ctx = cap == Py_None ? NULL : PyCapsule_GetPointer(cap, "wpc");
+    if (cap != Py_None && !ctx)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = engine_region_set_wp(o->e, id, ctx ? wpc_fault : NULL, ctx);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return os_error(-rc, "engine_region_set_wp");
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef engine_methods[] = {
     {"start", (PyCFunction)engineobj_start, METH_NOARGS,
      "Start the worker threads (thread mode) or the event thread and SIGBUS resolver (sigbus "
@@ -276,6 +361,24 @@ static PyMethodDef engine_methods[] = {
     {"info", (PyCFunction)engineobj_info, METH_NOARGS,
      "info() -> (client_gone, remove, unmap, remap, unknown, fork): whether the owner's memory "
      "went away, and the non-cooperative events handled (a FORK event's uffd is closed)."},
+    {"record_start", (PyCFunction)engineobj_record_start, METH_VARARGS,
+     "record_start(id): record the first touch of every granule of the region from now on (its "
+     "offset and the ns since now). OSError ENOENT (unknown id), EBUSY (recorded before), "
+     "ENOMEM."},
+    {"record_finish", (PyCFunction)engineobj_record_finish, METH_VARARGS,
+     "record_finish(id) -> bytes: end the recording and return its (offset, ns) pairs as native "
+     "uint64, in first-touch order; again: the same. OSError ENOENT, EINVAL (never recorded)."},
+    {"replay", (PyCFunction)(void (*)(void))engineobj_replay, METH_VARARGS | METH_KEYWORDS,
+     "replay(runs, *, threads=1, speculative=False): install (region id, offset, length) native "
+     "uint64 triples in this order in `threads` background threads, faults first; present and "
+     "removed granules are skipped. speculative: only with CPU time that would otherwise idle. "
+     "OSError EINVAL (threads not in 1..16), EAGAIN (16 replays running)."},
+    {"replays_running", (PyCFunction)engineobj_replays_running, METH_NOARGS,
+     "replays_running() -> how many replays still have threads installing."},
+    {"set_wp", (PyCFunction)engineobj_set_wp, METH_VARARGS,
+     "set_wp(id, context): the region's pages are installed write-protected and its WP faults go "
+     "to the WpContext's capsule (None: back to plain installs). OSError ENOENT for an unknown "
+     "id."},
     {NULL}};
 
 PyTypeObject EngineType = {

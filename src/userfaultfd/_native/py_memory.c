@@ -77,27 +77,32 @@ PyObject *py_madvise(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* touch_pages(addr, page_size, order, write=False) -> nanoseconds: reads (or increments with a
- * locked add) the first byte of each page listed in order (native-endian uint32 page indices). */
+/* touch_pages(addr, page_size, order, write=False, stride=0) -> nanoseconds: reads (or increments
+ * with a locked add) the first byte of each page listed in order (native-endian uint32 page
+ * indices); with a stride, every stride-th byte of the page (a program using its data). */
 PyObject *py_touch_pages(PyObject *self, PyObject *args)
 {
-    unsigned long long addr, page;
+    unsigned long long addr, page, stride = 0;
     int write = 0;
     Py_buffer order;
-    if (!PyArg_ParseTuple(args, "KKy*|p", &addr, &page, &order, &write))
+    if (!PyArg_ParseTuple(args, "KKy*|pK", &addr, &page, &order, &write, &stride))
         return NULL;
+    if (!stride || stride > page)
+        stride = page;
     const uint32_t *idx = order.buf;
     size_t n = (size_t)order.len / sizeof(uint32_t);
     struct timespec a, b;
     Py_BEGIN_ALLOW_THREADS
     clock_gettime(CLOCK_MONOTONIC, &a);
-    for (size_t k = 0; k < n; k++) {
-        volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)(addr + idx[k] * page);
-        if (write)
-            __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
-        else
-            (void)*p;
-    }
+    for (size_t k = 0; k < n; k++)
+        for (unsigned long long o = 0; o < page; o += stride) {
+            volatile unsigned char *p =
+                (volatile unsigned char *)(uintptr_t)(addr + idx[k] * page + o);
+            if (write)
+                __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
+            else
+                (void)*p;
+        }
     clock_gettime(CLOCK_MONOTONIC, &b);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&order);

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <ucontext.h>
 
 #include "clock.h"
 #include "srcu.h"
@@ -98,12 +99,15 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
     int saved = errno;
     if (si->si_code == BUS_ADRERR) { /* a userfault; poisoned pages come as BUS_MCEERR_AR */
         uint64_t t0 = now_ns(), addr = (uint64_t)(uintptr_t)si->si_addr;
-        int verdict = SIGBUS_ELSEWHERE;
+        int verdict = SIGBUS_ELSEWHERE, write = 0;
+#ifdef __x86_64__
+        write = (((ucontext_t *)uc)->uc_mcontext.gregs[REG_ERR] & 2) != 0; /* the fault's W bit */
+#endif
         unsigned gidx = srcu_enter(&sig_srcu);
         for (int k = 0; k < MAX_SIGBUS_ENGINES && verdict == SIGBUS_ELSEWHERE; k++) {
             void *e = atomic_load(&sig_engines[k].engine);
             if (e)
-                verdict = atomic_load(&sig_engines[k].resolve)(e, addr, t0);
+                verdict = atomic_load(&sig_engines[k].resolve)(e, addr, write, t0);
         }
         srcu_exit(&sig_srcu, gidx);
         /* Resolved: the access is retried and now finds its page. Retired: a stale signal. */

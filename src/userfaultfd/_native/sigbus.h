@@ -16,9 +16,10 @@ enum sigbus_verdict {
     SIGBUS_NOT_OURS = 2,  /* its region covers it but the page was poisoned: the application's */
 };
 
-/* Called in the signal handler, so async-signal-safe; t0 is when the signal came (nanoseconds,
- * clock.h). Returns an enum sigbus_verdict. */
-typedef int (*sigbus_resolver)(void *engine, uint64_t addr, uint64_t t0);
+/* Called in the signal handler, so async-signal-safe; write: the access was a write (x86_64: the
+ * page fault's error code; 0 where unknown); t0 is when the signal came (nanoseconds, clock.h).
+ * Returns an enum sigbus_verdict. */
+typedef int (*sigbus_resolver)(void *engine, uint64_t addr, int write, uint64_t t0);
 /* Writes "region ID SOURCE at offset OFF" and returns 1 if the engine serves addr (a page not
  * poisoned); async-signal-safe. */
 typedef int (*sigbus_describer)(void *engine, uint64_t addr, struct fmt *f);

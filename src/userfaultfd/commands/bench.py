@@ -2,11 +2,11 @@
 side by side in one run (benchmarks/reference.c, compiled here with the system compiler).
 
 Method: one warm-up run of each side first (fresh guest memory is several times slower on first
-touch), then ours and the reference alternate, repeated; medians and the spread are reported. Both
-sides touch the same pages in the same order, and both run the faulting thread on one CPU and the
-handler on another: left to the scheduler, whether the two share a vCPU decides the rate (a
-cross-CPU wake-up of an idle vCPU costs several times a fault), and it would decide differently
-for the two sides."""
+touch), then ours, the reference and any extra sides run in turn, each taking every place in the
+rotation; medians and the spread are reported. Both sides touch the same pages in the same order,
+and both run the faulting thread on one CPU and the handler on another: left to the scheduler,
+whether the two share a vCPU decides the rate (a cross-CPU wake-up of an idle vCPU costs several
+times a fault), and it would decide differently for the two sides."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from userfaultfd import _core
+from userfaultfd._engine import ADAPTIVE_MAX
+from userfaultfd.commands import bench_tracking
 from userfaultfd.flags import Feature
 from userfaultfd.handoff import GuestRegion, send_uffd
 from userfaultfd.page_server import PageServer
 from userfaultfd.sources import File, Fill
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd.working_set import WorkingSet
 
 
 class BenchError(Exception):
@@ -168,7 +171,7 @@ def _rate(amount: float, ns: int) -> float:
 
 Measure = Callable[[], float]
 # An extra figure beside a scenario: measured by fn, and reported as ours / it ("reference") or
-# as it / the reference ("variant" of ours).
+# as it / the reference ("variant" of ours), or as a figure of its own ("figure").
 Extra = tuple[str, Measure]
 
 
@@ -222,6 +225,119 @@ def _restore_seq(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, di
         return _rate(size / 1e6, ref.ns("pread", path))
 
     return ours, reference, "MB/s", {}
+
+
+def _readahead(sequential: bool) -> Callable[[Workload, Reference], Any]:
+    """Adaptive readahead against the fixed choice that suits the access: readahead off for
+    random faults (20,000 pages of the memory file, or a fifth of a small one), 4 MiB (the
+    adaptive maximum) for a sequential read of the whole file."""
+
+    def setup(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+        path, size = w.memory_file, w.size.file_bytes
+        pages = size // PAGE_SIZE
+        order = array.array("I", random.Random(4).sample(range(pages), min(20000, pages // 5)))
+        with _on_cpu(HANDLER_CPU):
+            server = PageServer("thread", workers=1)
+        w.cleanup.append(server.close)
+
+        def read(readahead: int | str) -> float:
+            region = server.map(size, File(path), readahead=readahead)  # type: ignore[arg-type]
+            try:
+                with _on_cpu(TOUCH_CPU):
+                    start = time.perf_counter_ns()
+                    if sequential:
+                        _core.touch(region.address, size, PAGE_SIZE, False)
+                    else:
+                        _core.touch_pages(region.address, PAGE_SIZE, order.tobytes())
+                    return _rate(size / 1e6 if sequential else len(order),
+                                 time.perf_counter_ns() - start)  # fmt: skip
+            finally:
+                region.close()
+
+        fixed = (ADAPTIVE_MAX // PAGE_SIZE - 1) if sequential else 0
+        unit = "MB/s" if sequential else "faults/s"
+        return lambda: read("adaptive"), lambda: read(fixed), unit, {}
+
+    return setup
+
+
+CACHE_LINE = 64
+
+
+def _ws_layout(pages: int, seed: int) -> list[tuple[int, int]]:
+    """About a tenth of `pages` as runs of 1..16 pages, in clusters of 4..16 runs a few pages
+    apart at random places, listed in random order: (first page, count)."""
+    rng = random.Random(seed)
+    runs: list[tuple[int, int]] = []
+    used: set[int] = set()
+    while sum(n for _, n in runs) < pages // 10:
+        pos = rng.randrange(0, max(1, pages - 1024))
+        for _ in range(rng.randint(4, 16)):
+            n = rng.randint(1, 16)
+            if pos + n > pages:
+                break
+            if used.isdisjoint(range(pos, pos + n)):
+                runs.append((pos, n))
+                used.update(range(pos, pos + n))
+            pos += n + rng.randint(1, 32)
+    rng.shuffle(runs)
+    return runs
+
+
+def _restore_ws(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra], Any]:
+    """A restore that touches a recorded working set: lazy vs replay vs resident vs a wrong set.
+    The walk reads every cache line of each page of the set, in the set's order (a program using
+    the data it touches). The clock runs from the hand-off (map, which starts the replay) to the
+    end of the walk; for resident memory the region is populated before it starts."""
+    path, size = w.memory_file, w.size.file_bytes
+    runs = _ws_layout(size // PAGE_SIZE, 11)
+    in_set = {p for first, n in runs for p in range(first, first + n)}
+    order = array.array("I", [p for first, n in runs for p in range(first, first + n)]).tobytes()
+    wrong_runs = [(f, n, 0) for f, n in _ws_layout(size // PAGE_SIZE, 12)
+                  if in_set.isdisjoint(range(f, f + n))]  # fmt: skip
+    with _on_cpu(HANDLER_CPU):  # the worker inherits the CPU; replay threads do not
+        server = PageServer("thread", workers=1)
+    w.cleanup.append(server.close)
+    recording = server.map(size, File(path), record=True)
+    with _on_cpu(TOUCH_CPU):
+        _core.touch_pages(recording.address, PAGE_SIZE, order)
+    recorded = recording.working_set()
+    recording.close()
+    wrong = WorkingSet(PAGE_SIZE, size, wrong_runs)
+    demand: list[float] = []  # faults of each replay walk, per page of the set
+
+    def walk(replay: WorkingSet | None = None, resident: bool = False) -> tuple[float, int]:
+        start = time.perf_counter_ns()
+        region = server.map(size, File(path), readahead="adaptive", replay=replay,
+                            replay_threads=2)  # fmt: skip
+        if resident:
+            region.populate()
+            start = time.perf_counter_ns()
+        try:
+            with _on_cpu(TOUCH_CPU):
+                _core.touch_pages(region.address, PAGE_SIZE, order, False, CACHE_LINE)
+            return _rate(len(in_set), time.perf_counter_ns() - start), region.stats().faults
+        finally:
+            region.close()
+
+    def ours() -> float:
+        rate, faults = walk(recorded)
+        demand.append(faults / len(recorded))
+        return rate
+
+    extra: dict[str, Extra] = {
+        "resident_walk": ("reference", lambda: walk(resident=True)[0]),
+        "wrong_set_walk": ("variant", lambda: walk(wrong)[0]),
+    }
+
+    def finish(result: dict[str, Any]) -> None:
+        result["resident"] = result["resident_walk"]["value"] / result["ours"]
+        result["wrong_set"] = result["wrong_set_walk"]["ratio"]
+        result["demand_fault_fraction"] = statistics.median(demand)
+        result["set_pages"] = len(recorded)
+        result["set_runs"] = len(recorded.runs)
+
+    return ours, lambda: walk()[0], "pages/s", extra, finish
 
 
 def _c_handler(w: Workload, ref: Reference) -> Measure:
@@ -303,6 +419,15 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "vs one pread of the file into fresh anonymous memory",
         _restore_seq,
     ),
+    "readahead-rand": (
+        "random faults on a file-backed region (20,000 pages of the memory file): adaptive "
+        "readahead vs readahead off",
+        _readahead(sequential=False),
+    ),
+    "readahead-seq": (
+        "a sequential read of the memory file: adaptive readahead vs a fixed 4 MiB readahead",
+        _readahead(sequential=True),
+    ),
     "python-source": (
         "4 KiB random faults served by a Python function in a handler process vs the C handler "
         "thread",
@@ -313,10 +438,30 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "path) from the memory file vs the C handler thread",
         _serve,
     ),
+    "restore-ws": (
+        "a restore walking a recorded working set (10% of the memory file in clustered runs): "
+        "replay of the set vs lazy (adaptive readahead); also resident memory and a wrong set",
+        _restore_ws,
+    ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
         "faulting threads",
         _fault("thread", 2, 2),
+    ),
+    "dirty-scan": (
+        "1% of the pages of tracked memory written at random places, collected and re-armed: "
+        "WP_ASYNC + PAGEMAP_SCAN vs soft-dirty (/proc/self/pagemap + clear_refs) in C",
+        bench_tracking.dirty_scan,
+    ),
+    "write-cost": (
+        "the first write to each page after arming, random order: WP_ASYNC vs an mprotect + "
+        "SIGSEGV tracker in C",
+        bench_tracking.write_cost,
+    ),
+    "live-snapshot": (
+        "a writer thread's rate while a live snapshot of the memory is taken vs without; "
+        "stall_fraction: the snapshot's start vs a stop-the-world copy",
+        bench_tracking.live_snapshot,
     ),
 }
 
@@ -327,14 +472,16 @@ def _summary(values: list[float]) -> tuple[float, float]:
 
 
 def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
-    ours, reference, unit, extra = SCENARIOS[name][1](w, ref)
-    ours(), reference()  # warm up: fresh guest memory is slow on first touch
+    ours, reference, unit, extra, *finish = SCENARIOS[name][1](w, ref)
     got: dict[str, list[float]] = {"ours": [], "reference": [], **{k: [] for k in extra}}
+    sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
+    sides += [(name, fn) for name, (_, fn) in extra.items()]
+    for _, fn in sides:
+        fn()  # warm up: fresh guest memory is slow on first touch
     for k in range(w.size.runs):
-        sides: list[tuple[str, Measure]] = [("ours", ours), ("reference", reference)]
-        if k % 2:
-            sides.reverse()  # interleave, alternating who goes first
-        for side, fn in [*sides, *((k, fn) for k, (_, fn) in extra.items())]:
+        # Interleaved, every side taking every place in turn: what ran just before a side (a
+        # large region just freed, caches just filled) weighs on all of them alike.
+        for side, fn in sides[k % len(sides) :] + sides[: k % len(sides)]:
             got[side].append(fn())
     o, o_spread = _summary(got["ours"])
     r, r_spread = _summary(got["reference"])
@@ -348,7 +495,12 @@ def run_scenario(name: str, w: Workload, ref: Reference) -> dict[str, Any]:
     }
     for key, (kind, _) in extra.items():
         value, _ = _summary(got[key])
+        if kind == "figure":  # a figure of its own, beside the ratio
+            result[key] = value
+            continue
         result[key] = {"value": value, "ratio": o / value if kind == "reference" else value / r}
+    for hook in finish:  # figures a scenario derives from its sides
+        hook(result)
     return result
 
 
@@ -388,10 +540,24 @@ def render(report: dict[str, Any]) -> str:
             f"{name:14} {s['ours']:>10,.0f} {unit:5} {s['reference']:>10,.0f} {unit:5} "
             f"{s['ratio']:6.2f}x  {spread:15}  {s['runs']}"
         )
+        if "stall_fraction" in s:
+            lines.append(f"{'':14} stall to start / stop-the-world copy: {s['stall_fraction']:.4f}")
+        if "sigbus_region" in s:
+            c = s["sigbus_region"]
+            lines.append(
+                f"{'':14} in a sigbus-mode PageServer region: {c['value']:,.0f} {unit}, "
+                f"{c['ratio']:.2f}x the rate without"
+            )
         if "c_sigbus_resolver" in s:
             c = s["c_sigbus_resolver"]
             lines.append(
                 f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+            )
+        if "resident" in s:
+            lines.append(
+                f"{'':14} replay {s['resident']:.2f}x the time of resident memory; a wrong set "
+                f"{1 / s['wrong_set']:.2f}x the time of lazy; demand faults "
+                f"{s['demand_fault_fraction'] * 100:.1f}% of the set's {s['set_pages']:,} pages"
             )
         if "ours_without_spinning" in s:
             c = s["ours_without_spinning"]

@@ -1,4 +1,5 @@
-"""The command line: ``userfaultfd demo|info|serve|bench``. Thin: parse, call the library, print."""
+"""The command line: ``userfaultfd demo|info|serve|bench|ws``. Thin: parse, call the library,
+print."""
 
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import serve
 
+    if args.record_seconds is not None and not args.record:
+        raise ValueError("--record-seconds needs --record PATH")
+    if args.replay_threads > 16:
+        raise ValueError(f"--replay-threads {args.replay_threads} is above the limit of 16")
     return int(serve.main(args))
 
 
@@ -140,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     level.add_argument(
         "--quiet", dest="verbosity", action="store_const", const="quiet", help="warnings only"
     )
+    p.add_argument(
+        "--record",
+        metavar="PATH",
+        help="record the first client's first touches into this working-set file (written when "
+        "it disconnects, on SIGUSR1, after --record-seconds, or when the server stops)",
+    )
+    p.add_argument(
+        "--record-seconds",
+        type=_non_negative_float,
+        metavar="S",
+        help="end the recording this many seconds after the client connected",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="PATH",
+        help="install this working set for every client in the background, faults first",
+    )
+    p.add_argument(
+        "--replay-threads", type=_positive_int, default=1, metavar="N", help="(default 1)"
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="performance as ratios against C references")
@@ -147,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
     p.set_defaults(func=_cmd_bench)
+
+    from . import ws
+
+    ws.add_parser(sub)
     return parser
 
 

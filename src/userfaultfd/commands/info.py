@@ -9,6 +9,7 @@ from typing import Any
 
 from userfaultfd import _core
 from userfaultfd.flags import MAP_HUGETLB, Feature, Ioctl, RegisterMode
+from userfaultfd.tracking import probe
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd, _probe
 
 
@@ -94,6 +95,7 @@ def gather() -> dict[str, Any]:
         features_hex=hex(features),
         api_ioctls=_names(Ioctl(ioctls)),
         memory=_memory_types(),
+        write_protect={kind: probe(kind) for kind in ("anonymous", "shmem", "hugetlb", "file")},
     )
     return report
 
@@ -118,4 +120,10 @@ def render(report: dict[str, Any]) -> str:
         if "reserved_huge_pages" in entry:
             text += f"; {entry['reserved_huge_pages']} huge pages reserved"
         lines.append(f"memory {name:9} {text}")
+    for name, wp in report["write_protect"].items():
+        if len(set(wp.values())) == 1 and "yes" not in wp.values():  # one reason for all
+            text = next(iter(wp.values()))
+        else:
+            text = ", ".join(f"{k.upper()} {v}" for k, v in wp.items())
+        lines.append(f"write-protect {name:9} {text}")
     return "\n".join(lines)

@@ -6,7 +6,11 @@ serving process, this module's :class:`Handler`, gets each client from it and ru
 threads (the page server's engine) that serve the client's MISSING faults from the memory file at
 ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the range, so the
 client later reads fresh zero pages, as Firecracker's example handler does. When the serving
-process dies or is upgraded, the supervisor hands every client to a replacement."""
+process dies or is upgraded, the supervisor hands every client to a replacement.
+
+Working sets: ``--record`` records the first client's first touches into a working-set file
+(SIGUSR1 to the daemon ends it early); ``--replay`` installs a recorded set for every client in
+the background while its faults are served first (working_set.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -26,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from userfaultfd import _core
-from userfaultfd._engine import Engine, RegionSpec, parse_readahead
+from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
 from userfaultfd.handoff import GuestRegion, parse_regions
 from userfaultfd.stats import Stats
 from userfaultfd.uffd import PAGE_SIZE
+from userfaultfd.working_set import WorkingSet, plan_replay
 
 from . import serve_log
 from .supervisor import Supervisor, _listen  # noqa: F401 - _listen: part of this module's API
@@ -52,8 +58,9 @@ class Client:
     regions: list[GuestRegion]
     engine: Engine | None = None
     ids: list[int] = field(default_factory=list)
-    prefetcher: threading.Thread | None = None
+    recording: bool = False  # its first touches are being recorded (--record)
     error_cursor: int = 0  # the engine's failure records logged so far
+    connected: float = field(default_factory=time.monotonic)
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -83,8 +90,17 @@ class Handler:
         readahead: str = "adaptive",
         workers: int = 1,
         report_stats: bool = False,
+        record: str | None = None,
+        record_seconds: float | None = None,
+        replay: WorkingSet | None = None,
+        replay_threads: int = 1,
     ) -> None:
         self.ctl = ctl
+        self.record_path = record  # None once the recording is written (one client is recorded)
+        self.record_seconds = record_seconds
+        self.record_deadline = float("inf")
+        self.replay = replay
+        self.replay_threads = replay_threads
         self.readahead = parse_readahead(readahead)
         self.prefetch = prefetch
         self.workers = workers
@@ -107,6 +123,8 @@ class Handler:
                     break
                 self._reap()
                 now = time.monotonic()
+                if now >= self.record_deadline:
+                    self._end_recording("time is up")
                 if self.report_stats and now - last_stats >= STATS_INTERVAL:
                     last_stats = now
                     self.send({"event": "stats", "clients": self._all_stats()})
@@ -139,6 +157,8 @@ class Handler:
             if client is not None:
                 self._release(client, msg["why"])
             self.send({"event": "detached", "number": msg["number"]})
+        elif op == "end_recording":  # SIGUSR1 to the supervisor
+            self._end_recording("asked to")
         elif op == "stop":
             self._stop(msg["on_stop"], float(msg["timeout"]))
             return False
@@ -152,7 +172,7 @@ class Handler:
         regions = parse_regions(json.dumps(info["regions"]).encode(), self.memory_size)
         client = Client(info["number"], info["pid"], info["uid"], uffd, regions)
         try:
-            self._start(client)
+            self._start(client, resumed=msg["resumed"])
         except OSError as e:
             log.error(
                 "%s: cannot serve it: %s", client.name(), e, extra={"fields": client.fields()}
@@ -176,10 +196,17 @@ class Handler:
                 extra={"fields": {**client.fields(), "bytes": size}},
             )  # fmt: skip
 
-    def _start(self, client: Client) -> None:
+    def _start(self, client: Client, resumed: bool) -> None:
         # A REMOVE (balloon inflation) unregisters the range: the guest reads fresh zero pages.
         engine = Engine(client.uffd, workers=self.workers, on_remove="zero", spin_ns=50_000)
         client.engine = engine
+        # The first client is recorded, if asked, with readahead off: every first touch a fault.
+        # (Not one taken over from a previous serving process: its first touches are past.)
+        recorded = client.recording = (
+            self.record_path is not None
+            and not resumed
+            and not any(c.recording for c in self.clients.values())
+        )
         for r in client.regions:
             spec = RegionSpec(
                 start=r.base_host_virt_addr,
@@ -189,21 +216,55 @@ class Handler:
                 base=self.memory.address + r.offset,
                 base_len=r.size,
                 can_zeropage=r.page_size == PAGE_SIZE,
-                readahead=self.readahead,
+                readahead=Readahead() if recorded else self.readahead,
             )
             client.ids.append(engine.add_region(spec))
+            if recorded:
+                engine.record_start(client.ids[-1])
+        if recorded and self.record_seconds is not None:
+            self.record_deadline = time.monotonic() + self.record_seconds
         engine.start()
-        if self.prefetch:
-            client.prefetcher = threading.Thread(target=self._prefetch, args=(client,), daemon=True)
-            client.prefetcher.start()
+        if not recorded:
+            self._replay(engine, client)
 
-    def _prefetch(self, client: Client) -> None:
-        """Install every region in the background; the workers serve faults meanwhile."""
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # faults come first
-        try:
-            self._populate(client, None)
-        except OSError as e:
-            log.warning("%s: prefetch failed: %s", client.name(), e)
+    def _replay(self, engine: Engine, client: Client) -> None:
+        """The working set first, in its order, below the workers; with --prefetch all the rest
+        of the memory streamed in address order, speculatively: only with CPU time nothing else
+        wants, so it never competes with the set or with a fault."""
+        pairs = zip(client.ids, client.regions, strict=True)
+        layout = [(rid, r.offset, r.size) for rid, r in pairs]
+        if self.replay:
+            runs = plan_replay(self.replay, layout, self.memory_size)[0]
+            if runs:
+                engine.replay(runs, threads=self.replay_threads)
+        if self.prefetch:
+            rest = b"".join(struct.pack("=QQQ", rid, 0, size) for rid, _, size in layout)
+            engine.replay(rest, threads=self.replay_threads, speculative=True)
+
+    def _end_recording(self, why: str) -> None:
+        self.record_deadline = float("inf")
+        for client in self.clients.values():
+            if client.recording:
+                self._finish_recording(client, why)
+
+    def _finish_recording(self, client: Client, why: str) -> None:
+        """Writes the client's first touches, in memory-file offsets, to the --record file."""
+        assert client.engine is not None and self.record_path is not None
+        client.recording = False
+        touches: list[tuple[int, int]] = []
+        for rid, region in zip(client.ids, client.regions, strict=True):
+            for offset, ns in client.engine.record_finish(rid):
+                start = region.offset + offset  # a huge page's granule: all its base pages
+                touches += [(o, ns) for o in range(start, start + region.page_size, PAGE_SIZE)]
+        touches.sort(key=lambda t: t[1])  # the regions' touches interleaved by time (stable)
+        duration = int((time.monotonic() - client.connected) * 1e9)
+        ws = WorkingSet.from_touches(touches, PAGE_SIZE, self.memory_size, duration)
+        ws.save(self.record_path)
+        log.info(
+            "recorded %s (%s): %d pages in %d runs to %s",
+            client.name(), why, len(ws), len(ws.runs), self.record_path,
+        )  # fmt: skip
+        self.record_path = None
 
     def _populate(self, client: Client, deadline: float | None) -> int:
         """Installs every page of the client's regions (chunk by chunk, stopping at deadline);
@@ -262,6 +323,7 @@ class Handler:
         """Drain (install every page each client still misses, all clients at once, for at most
         timeout seconds) or abandon; either way the log says how each client ended."""
         self.stopping = True
+        self._end_recording("the server stops")
         if on_stop == "abandon":
             for client in self.clients.values():
                 s = client.stats()
@@ -317,17 +379,17 @@ class Handler:
         disconnect and what the client was served."""
         if client.engine is not None:
             client.engine.stop()
-            if client.prefetcher:
-                client.prefetcher.join()
+            if client.recording:
+                self._finish_recording(client, why or "handed over")
             self._log_failures(client)
             total = client.stats()
             forks = client.engine.info().fork
             client.engine.close()
             if why is not None:
                 log.info(
-                    "disconnect %s: %s; faults %d, pages %d, bytes %d, races %d, errors %d, "
-                    "removes %d, forks %d",
-                    client.name(), why, total.faults, total.pages_installed,
+                    "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
+                    "races %d, errors %d, removes %d, forks %d",
+                    client.name(), why, total.faults, total.prefetched, total.pages_installed,
                     total.bytes_installed, total.eexist, total.errors, total.removes, forks,
                     extra={"fields": {**client.fields(), "why": why}},
                 )  # fmt: skip
@@ -351,6 +413,10 @@ def worker_main() -> None:
         readahead=config["readahead"],
         workers=config["workers"],
         report_stats=config["report_stats"],
+        record=config["record"],
+        record_seconds=config["record_seconds"],
+        replay=WorkingSet.load(config["replay"], page_size=PAGE_SIZE) if config["replay"] else None,
+        replay_threads=config["replay_threads"],
     )
     os.close(config["memory_fd"])
     handler.run()
@@ -371,6 +437,7 @@ def _die_with_parent() -> None:
 def main(args: argparse.Namespace) -> int:
     serve_log.configure(args.log_format, args.verbosity, "supervisor")
     parse_readahead(args.readahead)  # bad input is refused before anything starts
+    replay = WorkingSet.load(args.replay, page_size=PAGE_SIZE) if args.replay else None
     supervisor = Supervisor(
         args.socket,
         args.memory,
@@ -383,5 +450,15 @@ def main(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         log_format=args.log_format,
         verbosity=args.verbosity,
-    )
+        working_sets={"record": args.record, "record_seconds": args.record_seconds,
+                      "replay": args.replay, "replay_threads": args.replay_threads},
+    )  # fmt: skip
+    if replay is not None:  # said once here, not by every serving process
+        size = supervisor.memory_size
+        beyond = sum(max(0, o + n - max(o, size)) for o, n in replay) // PAGE_SIZE
+        if beyond:
+            log.warning(
+                "%d page(s) of the working set lie beyond the memory file's %d bytes: ignored",
+                beyond, size,
+            )  # fmt: skip
     return supervisor.run()

@@ -124,6 +124,7 @@ class Supervisor:
         metrics: str | None = None,
         log_format: str = "text",
         verbosity: str = "normal",
+        working_sets: dict[str, Any] | None = None,
     ) -> None:
         if on_stop not in ("drain", "abandon"):
             raise ValueError(f"on-stop {on_stop!r} is not 'drain' or 'abandon'")
@@ -131,7 +132,8 @@ class Supervisor:
         self.on_stop, self.stop_timeout = on_stop, stop_timeout
         self.config = {"prefetch": prefetch, "readahead": readahead, "workers": workers,
                        "report_stats": metrics is not None, "log_format": log_format,
-                       "verbosity": verbosity}  # fmt: skip
+                       "verbosity": verbosity, "record": None, "record_seconds": None,
+                       "replay": None, "replay_threads": 1, **(working_sets or {})}  # fmt: skip
         try:
             mode = os.stat(memory_path).st_mode
         except FileNotFoundError:
@@ -181,7 +183,7 @@ class Supervisor:
         wake_w.setblocking(False)
         self.selector.register(wake_r, selectors.EVENT_READ, ("signal", None))
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in sigs}
         log.info(
             "listening on %s, serving %s (%d bytes)", self.path, self.memory_path, self.memory_size
@@ -222,6 +224,10 @@ class Supervisor:
         self.signals.append(sig)
 
     def _signal(self, sig: int) -> None:
+        if sig == signal.SIGUSR1:  # --record: write the working set recorded so far
+            if self.active is not None:
+                self.active.send({"op": "end_recording"})
+            return
         if sig == signal.SIGHUP:
             if not self.stopping:
                 self._start_upgrade()

@@ -7,6 +7,7 @@ import mmap
 import os
 import select
 import socket
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from userfaultfd.errors import SourceError, source_error
 from userfaultfd.flags import RegisterMode
 from userfaultfd.handoff import GuestRegion, send_uffd
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd.working_set import WorkingSet
 
 from . import messages
 from .handler import FunctionSource, PageSource
@@ -32,6 +34,20 @@ class RemoteRegion(_core.Mapping):
 
     server: PythonSourceServer
     offset: int
+    _recording: bool = False
+    _working_set: WorkingSet | None = None
+
+    def working_set(self) -> WorkingSet:
+        """The first touches recorded since the region was mapped with ``record=True``, in
+        region offsets. Ends the recording (as closing the region does); later calls return the
+        same set."""
+        if self._working_set is None:
+            if not self._recording:
+                raise ValueError("this region was not mapped with record=True")
+            if self.closed:
+                raise ValueError("the region was closed before its working set was taken")
+            self._working_set = self.server._fetch_working_set(self.address)
+        return self._working_set
 
     def close(self) -> None:
         if self.closed:
@@ -39,6 +55,8 @@ class RemoteRegion(_core.Mapping):
         if self.exports:
             super().close()  # raises BufferError naming the count
         server, address = self.server, self.address
+        if self._recording and self._working_set is None and server._process.exitcode is None:
+            self._working_set = server._fetch_working_set(address)
         if server._process.exitcode is None:
             server._request(messages.Unmap(address))
         # munmap ends the registration. (Unregistering first would let a thread still touching
@@ -107,10 +125,15 @@ class PythonSourceServer:
                 raise SourceError(f"{errs[0].message}\n{errs[0].traceback}", []) from None
             raise
 
-    def map(self, length: int, *, offset: int = 0, readahead: int = 0) -> RemoteRegion:
+    def map(
+        self, length: int, *, offset: int = 0, readahead: int = 0, record: bool = False
+    ) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
-        ``readahead``: extra pages asked of the source with each fault."""
+        ``readahead``: extra pages asked of the source with each fault. ``record``: record the
+        first touches (:meth:`RemoteRegion.working_set`); readahead must be off meanwhile."""
         self._check()
+        if record and readahead:
+            raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
         if not isinstance(length, int) or length <= 0 or length % PAGE_SIZE:
             raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
         if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
@@ -123,10 +146,21 @@ class PythonSourceServer:
             send_uffd(self._sock, self._uffd.fileno(),
                       [GuestRegion(region.address, length, offset, PAGE_SIZE)])  # fmt: skip
             self._reply()
+            if record:
+                self._request(messages.Record(region.address))
+                region._recording = True
             if readahead:
                 self._request(messages.Readahead(region.address, (readahead + 1) * PAGE_SIZE))
         self._regions.add(region)
         return region
+
+    def _fetch_working_set(self, base: int) -> WorkingSet:
+        """The handler writes the region's recording to a file (a set can outgrow a message)."""
+        with tempfile.TemporaryDirectory(prefix="uffd-ws-") as tmp:
+            path = os.path.join(tmp, "recording")
+            self._request(messages.WorkingSetRequest(base, path))
+            self._check()
+            return WorkingSet.load(path)
 
     def stats(self) -> dict[str, int]:
         """Faults served, pages installed and source errors, counted by the handler."""

@@ -19,6 +19,7 @@ from userfaultfd.errors import PartialError
 from userfaultfd.events import PageFault
 from userfaultfd.handoff import GuestRegion, accept_handoff, recv_with_fds
 from userfaultfd.uffd import PAGE_SIZE, Userfaultfd
+from userfaultfd.working_set import WorkingSet
 
 from . import messages, notices
 
@@ -59,6 +60,8 @@ class FaultLoop:
         self.uffd: Userfaultfd | None = None
         self.bases: list[int] = []
         self.regions: dict[int, tuple[GuestRegion, int]] = {}  # base -> (region, readahead)
+        # base -> (start ns, {region offset: ns since the start}) in first-touch order
+        self.recordings: dict[int, tuple[int, dict[int, int]]] = {}
         self.faults = self.pages = self.errors = 0
 
     def run(self) -> None:
@@ -114,6 +117,13 @@ class FaultLoop:
         if isinstance(msg, messages.Unmap):
             if self.regions.pop(msg.base, None):
                 self.bases.remove(msg.base)
+            self.recordings.pop(msg.base, None)
+        elif isinstance(msg, messages.Record):
+            self.recordings[msg.base] = (time.monotonic_ns(), {})
+        elif isinstance(msg, messages.WorkingSetRequest):  # ends the recording
+            r, _ = self.regions[msg.base]
+            _, touches = self.recordings.pop(msg.base)
+            WorkingSet.from_touches(touches.items(), PAGE_SIZE, r.size).save(msg.path)
         elif isinstance(msg, messages.Readahead):
             r, _ = self.regions[msg.base]
             self.regions[msg.base] = (r, msg.nbytes)
@@ -136,6 +146,10 @@ class FaultLoop:
             return
         r, chunk = region
         start = address & ~(r.page_size - 1)
+        recording = self.recordings.get(r.base_host_virt_addr)
+        if recording:  # dict order is first-touch order; a page touched again keeps its time
+            since = time.monotonic_ns() - recording[0]
+            recording[1].setdefault(start - r.base_host_virt_addr, since)
         length = min(max(chunk, r.page_size), r.end - start)
         offset = r.offset + (start - r.base_host_virt_addr)
         try:

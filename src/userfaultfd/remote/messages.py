@@ -24,6 +24,22 @@ class Readahead:
 
 
 @dataclass(frozen=True)
+class Record:
+    """Application -> handler: record the first touches of the region at ``base`` from now."""
+
+    base: int
+
+
+@dataclass(frozen=True)
+class WorkingSetRequest:
+    """Application -> handler: end the recording of the region at ``base`` and write it as a
+    working-set file at ``path`` (a set can outgrow a message)."""
+
+    base: int
+    path: str
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     """Application -> handler: answer with Counts."""
 
@@ -58,10 +74,23 @@ class ErrorReport:
     traceback: str = ""
 
 
-Message = Unmap | Readahead | StatsRequest | Ready | Ok | Counts | ErrorReport
+Message = (
+    Unmap
+    | Readahead
+    | Record
+    | WorkingSetRequest
+    | StatsRequest
+    | Ready
+    | Ok
+    | Counts
+    | ErrorReport
+)
 _KINDS: dict[str, type[Message]] = {
-    kind.__name__: kind for kind in (Unmap, Readahead, StatsRequest, Ready, Ok, Counts, ErrorReport)
-}
+    kind.__name__: kind
+    for kind in (
+        Unmap, Readahead, Record, WorkingSetRequest, StatsRequest, Ready, Ok, Counts, ErrorReport
+    )
+}  # fmt: skip
 
 
 def encode(msg: Message) -> bytes:
