@@ -130,3 +130,25 @@ def test_sigbus_mode_regions_name_the_reason_in_a_forked_child() -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"child {-signal.SIGSEGV}" in proc.stdout
     assert "a sigbus-mode server serves only the process that created it" in proc.stderr
+
+
+def test_serve_forks_false_leaves_children_without_regions_and_says_so() -> None:
+    code = textwrap.dedent(
+        """
+        import os
+        import userfaultfd as u
+        server = u.PageServer("thread", serve_forks=False)
+        assert not server.serves_forks
+        region = server.map(4096)
+        pid = os.fork()
+        if pid == 0:
+            region[0]
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        """
+    )
+    proc = run_child(code)
+    assert proc.returncode == 0, proc.stderr
+    assert f"child {-signal.SIGSEGV}" in proc.stdout
+    assert "its server was created with serve_forks=False" in proc.stderr

@@ -54,11 +54,12 @@ def _guard_forked_child() -> None:
     for server in list(_servers):
         if server.serves_forks or server.closed:
             continue
-        why = (
-            "a sigbus-mode server serves only the process that created it"
-            if server.mode == "sigbus"
-            else "the kernel refused UFFD_FEATURE_EVENT_FORK (it needs CAP_SYS_PTRACE)"
-        )
+        if server.mode == "sigbus":
+            why = "a sigbus-mode server serves only the process that created it"
+        elif not server._forks_asked:
+            why = "its server was created with serve_forks=False"
+        else:
+            why = "the kernel refused UFFD_FEATURE_EVENT_FORK (it needs CAP_SYS_PTRACE)"
         for region in list(server._regions.values()):
             if region.closed:
                 continue
@@ -232,7 +233,9 @@ class PageServer:
     own fault). ``on_remove``: after MADV_DONTNEED/MADV_REMOVE, "refill" serves the pages again
     from the source; "zero" unregisters the range so it reads fresh zero pages. ``spin_us``: how
     long a worker that just served keeps polling before it sleeps; waking an idle vCPU costs more
-    than a fault in a VM (0 never spins)."""
+    than a fault in a VM (0 never spins). ``serve_forks``: in thread mode, ask for EVENT_FORK so
+    that forked children keep the regions and are served (where the kernel grants it); False
+    leaves children without them (a touch there names the region before its SIGSEGV)."""
 
     def __init__(
         self,
@@ -241,6 +244,7 @@ class PageServer:
         *,
         on_remove: OnRemove = "refill",
         spin_us: float = 50.0,
+        serve_forks: bool = True,
     ) -> None:
         if mode not in ("thread", "sigbus"):
             raise ValueError(f"mode {mode!r} is not 'thread' or 'sigbus'")
@@ -257,10 +261,11 @@ class PageServer:
         wanted |= available_features() & (Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM)
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
-        self._uffd = _open_uffd(wanted, forks=mode == "thread")
+        self._uffd = _open_uffd(wanted, forks=mode == "thread" and serve_forks)
         # With EVENT_FORK a forked child keeps the regions, and the engine serves its faults
         # (the child's uffd arrives with the FORK event).
         self.serves_forks = Feature.EVENT_FORK in self._uffd.features
+        self._forks_asked = serve_forks
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
