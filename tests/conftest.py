@@ -69,7 +69,7 @@ def move(address: int, length: int) -> int:
     its REMAP event to be read); returns the new address."""
     target = _core.Mapping(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     new = target.address
-    target.rebase(0)  # its range is taken over by the move
+    target._rebase(0)  # its range is taken over by the move
     moved = Caller(libc.mremap, address, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, new)
     assert moved.finish() == new
     return new
@@ -182,3 +182,36 @@ def memfd() -> Iterator[int]:
     fd = os.memfd_create("uffd-test", os.MFD_CLOEXEC)
     yield fd
     os.close(fd)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """A real S3-compatible server on loopback for the whole session (store/localserver.py),
+    with the AWS_* variables pointing at it."""
+    from userfaultfd.store.localserver import running
+
+    with running() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+_buckets = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_url(request: Any, tmp_path: Any) -> str:
+    """An empty store: a directory, or a fresh bucket (and prefix) on the session's S3 server."""
+    if request.param == "file":
+        return f"file://{tmp_path}/store"
+    server = request.getfixturevalue("s3_server")
+    bucket = f"test-{os.getpid()}-{next(_buckets)}"
+    server.create_bucket(bucket)
+    return f"s3://{bucket}/snaps"

@@ -107,20 +107,25 @@ def test_info_text_and_json() -> None:
     text = run("info")
     assert text.returncode == 0, text.stderr
     assert "features" in text.stdout and "EXACT_ADDRESS" in text.stdout
-    assert re.search(r"memory anonymous yes", text.stdout)
+    assert re.search(r"memory anonymous yes, MISSING\|WP", text.stdout)
+    assert re.search(r"create +syscall +yes", text.stdout)
     report = json.loads(run("info", "--json").stdout)
     assert report["usable"] is True
     assert report["kernel"] and report["page_size"] == PAGE_SIZE
     assert {"syscall", "syscall_user_mode_only", "device"} <= set(report["create"])
+    assert all(isinstance(c["usable"], bool) for c in report["create"].values())
     assert "SIGBUS" in report["features"] and "API" in report["api_ioctls"]
     assert report["memory"]["anonymous"]["usable"] is True
     assert "COPY" in report["memory"]["anonymous"]["ioctls"]
+    if "PAGEFAULT_FLAG_WP" in report["features"]:  # not MISSING only
+        assert report["memory"]["anonymous"]["modes"] == ["MISSING", "WP"]
+        assert "WRITEPROTECT" in report["memory"]["anonymous"]["ioctls"]
     assert (
         report["memory"]["shmem"]["usable"] is True
         and "CONTINUE" in report["memory"]["shmem"]["ioctls"]
     )
     assert isinstance(report["memory"]["hugetlb"]["reserved_huge_pages"], int)
-    assert report["sysctl_unprivileged_userfaultfd"] in ("0", "1")
+    assert report["sysctl_unprivileged_userfaultfd"] in (0, 1)
 
 
 def test_info_reports_write_protection_per_memory_type() -> None:
@@ -128,8 +133,18 @@ def test_info_reports_write_protection_per_memory_type() -> None:
     assert re.search(r"write-protect anonymous +WP yes", text)
     report = json.loads(run("info", "--json").stdout)["write_protect"]
     assert set(report) == {"anonymous", "shmem", "hugetlb", "file"}
-    assert report["anonymous"]["wp"] == "yes"
+    assert report["anonymous"]["wp"] == {"usable": True}
     if available_features() & Feature.WP_ASYNC:
-        assert report["anonymous"]["wp_async"] == report["anonymous"]["pagemap_scan"] == "yes"
-        assert report["file"]["wp_async"] == "yes"  # WP_ASYNC takes any memory
+        assert report["anonymous"]["wp_async"] == report["anonymous"]["pagemap_scan"]
+        assert report["anonymous"]["pagemap_scan"] == {"usable": True}
+        assert report["file"]["wp_async"] == {"usable": True}  # WP_ASYNC takes any memory
     assert all(set(v) == {"wp", "wp_async", "pagemap_scan"} for v in report.values())
+    assert all(isinstance(a["usable"], bool) for v in report.values() for a in v.values())
+
+
+def test_a_bare_command_line_names_the_commands_and_version_answers() -> None:
+    proc = run()
+    assert proc.returncode == 2
+    assert "required: {demo,info,serve,bench,ws," in proc.stderr, proc.stderr
+    proc = run("--version")
+    assert proc.returncode == 0 and re.fullmatch(r"userfaultfd \d+\.\d+\.\d+\n", proc.stdout)

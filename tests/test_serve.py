@@ -8,9 +8,12 @@ import json
 import mmap
 import os
 import queue
+import random
+import resource
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,12 +47,17 @@ MIB = 1 << 20
 class Server:
     """`userfaultfd serve` in a subprocess; its log lines arrive in a queue."""
 
-    def __init__(self, tmp: Path, memory: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, memory: Path, *extra: str, max_fds: int = 0) -> None:
         self.socket = tmp / "uffd.sock"
+
+        def limit() -> None:
+            if max_fds:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(self.socket),
              "--memory", str(memory), *extra],
-            stderr=subprocess.PIPE, text=True,
+            stderr=subprocess.PIPE, text=True, preexec_fn=limit,
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
@@ -324,6 +332,9 @@ BAD = [
         regions_json(region(BASE, 3 * PAGE, page=3 * PAGE)),
         "page_size 12288",
     ),
+    ("deep nesting", b"[" * 30000 + b"]" * 30000, "nests deeper than 8 levels"),
+    ("huge number", b"[" + b"7" * 5000 + b"]", "a number of 5000 digits"),
+    ("huge field", regions_json({**region(BASE), "size": 10**30}), "a number of 31 digits"),
 ]
 
 
@@ -341,6 +352,178 @@ def test_bad_payloads_are_refused_and_the_server_keeps_serving(
             assert sock.recv(1) == b""
         sock.close()
     assert finish(client(server, memory, f"{MIB}@0")).split()[-1] == "OK"
+
+
+def _adversarial_payload(rng: random.Random) -> bytes:
+    valid = region(BASE + rng.randrange(1 << 20) * PAGE, rng.randrange(1, 64) * PAGE)
+    odd_values: list[object] = [
+        "0",
+        1.5,
+        -0.0,
+        1e308,
+        True,
+        None,
+        [],
+        {},
+        [1],
+        {"a": 1},
+        -1,
+        2**64,
+        2**70,
+        "\u00e9",
+    ]
+    kind = rng.randrange(9)
+    if kind == 0:
+        return os.urandom(rng.randrange(1, 3000))
+    if kind == 1:
+        n = rng.randrange(9, 40000)
+        return b"[" * n + (b"]" * n if rng.random() < 0.5 else b"")
+    if kind == 2:
+        return b"[" + b"9" * rng.randrange(21, 20000) + b"]"
+    if kind == 3:  # one field of the wrong type
+        field = rng.choice(["base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"])
+        return regions_json({**valid, field: rng.choice(odd_values)})
+    if kind == 4:  # the wrong shape
+        return json.dumps(rng.choice([valid, [valid] * 3, [[valid]], {"regions": [valid]}, 7,
+                                      "x", None, [None], [{"": valid}]])).encode()  # fmt: skip
+    if kind == 5:
+        return b"[" + b" " * rng.randrange(60000, 70000) + b"]"
+    if kind == 6:
+        return regions_json(*[region(BASE + k * MIB) for k in range(rng.randrange(1, 700))])
+    if kind == 7:  # invalid UTF-8 inside a string
+        return b'[{"base_host_virt_addr": "\xff\xfe' + os.urandom(8) + b'"}]'
+    return regions_json(valid)
+
+
+def _ready_uffd() -> int:
+    with u.Userfaultfd() as uffd:
+        return os.dup(uffd.fileno())
+
+
+def _adversarial_fds(rng: random.Random, keep: list[int]) -> list[int]:
+    def fresh(fd: int) -> int:
+        keep.append(fd)
+        return fd
+
+    uffd = fresh(_core.create(os.O_CLOEXEC))  # UFFDIO_API never done on it
+    choices: list[list[int]] = [
+        [],
+        [uffd],
+        [uffd, uffd],
+        [uffd] * 20,  # more than the 16 the server reads: truncated by the kernel
+        [fresh(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))],
+        [fresh(os.eventfd(0, os.EFD_CLOEXEC))],
+        [fresh(os.memfd_create("fuzz", os.MFD_CLOEXEC))],
+        [fresh(_ready_uffd())],  # the server serves it: no region of it is registered
+    ]
+    return rng.choice(choices)
+
+
+def _fuzz_once(server: Server, rng: random.Random, keep: list[int]) -> socket.socket | None:
+    """One adversarial client; returns its socket if it stays connected (a pending client)."""
+    payload = _adversarial_payload(rng)
+    fds = _adversarial_fds(rng, keep)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.socket))
+    sock.settimeout(2)
+    how = rng.randrange(5)
+    try:
+        if how == 0:  # the whole message
+            socket.send_fds(sock, [payload], fds)
+        elif how == 1:  # in pieces
+            cut = rng.randrange(len(payload) + 1)
+            socket.send_fds(sock, [payload[:cut]], fds)
+            time.sleep(rng.random() * 0.01)
+            sock.sendall(payload[cut:])
+        elif how == 2:  # dies mid-message, with a reset
+            socket.send_fds(sock, [payload[: rng.randrange(len(payload) + 1)]], fds)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return None
+        elif how == 3:  # dies mid-message, stays connected a while
+            socket.send_fds(sock, [payload[: rng.randrange(len(payload) + 1)]], fds)
+            return sock
+        else:  # the fds alone, or nothing at all
+            if fds:
+                socket.send_fds(sock, [b" "], fds)
+    except OSError:  # the server refused and closed early: expected
+        pass
+    if rng.random() < 0.5:
+        sock.close()
+        return None
+    return sock
+
+
+def test_fuzzed_hand_offs_leave_the_server_serving(server: Server, memory: Path) -> None:
+    """Random and adversarial hand-offs for a few seconds; then a well-behaved client is still
+    served byte-exactly, and nothing the fuzz sent was an error the server did not foresee."""
+    seed = int(os.environ.get("FUZZ_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    open_socks: list[socket.socket] = []
+    keep: list[int] = []
+    deadline = time.monotonic() + float(os.environ.get("FUZZ_SECONDS", "4"))
+    sent = 0
+    try:
+        while time.monotonic() < deadline:
+            assert server.proc.poll() is None, f"the server died (FUZZ_SEED={seed})"
+            sock = _fuzz_once(server, rng, keep)
+            sent += 1
+            if sock is not None:
+                open_socks.append(sock)
+            if len(open_socks) > 20:
+                open_socks.pop(rng.randrange(len(open_socks))).close()
+            for fd in keep:
+                os.close(fd)
+            keep.clear()
+    finally:
+        for sock in open_socks:
+            sock.close()
+    assert sent > 20
+    assert server.proc.poll() is None, f"the server died (FUZZ_SEED={seed})"
+    assert finish(client(server, memory, f"{2 * MIB}@{MIB},{MIB}@0")).split() == [
+        "sent",
+        "verified",
+        "OK",
+    ], f"FUZZ_SEED={seed}"
+    while not server.lines.empty():
+        server.log.append(server.lines.get())
+    unforeseen = [line for line in server.log if "unexpected error" in line]
+    assert not unforeseen, f"FUZZ_SEED={seed}: {unforeseen[:3]}"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_fds_the_server_pauses_accepting_instead_of_spinning(
+    tmp_path: Path, memory: Path
+) -> None:
+    """Idle connections use up the server's fds: accept fails while the listener stays
+    readable. The server says so once and retries now and then, not in a busy loop; once the
+    connections go, it serves again."""
+    s = Server(tmp_path, memory, max_fds=24)
+    idle = []
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(s.socket))  # the backlog takes it even when accept cannot
+            idle.append(sock)
+        s.expect("cannot accept connections")
+        before = _cpu_seconds(s.proc.pid)
+        time.sleep(1.5)
+        assert _cpu_seconds(s.proc.pid) - before < 0.5  # a spinning loop takes ~1.5 s
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        assert finish(client(s, memory, f"{MIB}@0")).split()[-1] == "OK"
+        while not s.lines.empty():
+            s.log.append(s.lines.get())
+        assert sum("cannot accept" in line for line in s.log) == 1
+    finally:
+        for sock in idle:
+            sock.close()
+        assert s.stop() == 0
 
 
 def test_bad_fds_are_refused(server: Server, memory: Path) -> None:
@@ -400,7 +583,13 @@ def test_cli_errors(tmp_path: Path, memory: Path) -> None:
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "missing"))
+    assert proc.returncode == 1 and f"{str(tmp_path / 'missing')!r} does not exist" in proc.stderr
+    os.mkfifo(tmp_path / "fifo")  # refused, not waited on for a writer
+    proc = serve("--socket", str(tmp_path / "s"), "--memory", str(tmp_path / "fifo"))
     assert proc.returncode == 1 and "is not a regular file or a block device" in proc.stderr
+    proc = serve("--socket", "/missing/dir/s", "--memory", str(memory))
+    assert proc.returncode == 1
+    assert "cannot listen on /missing/dir/s: No such file or directory" in proc.stderr
     proc = serve("--socket", str(tmp_path / "s"), "--memory", str(memory), "--readahead", "lots")
     assert proc.returncode == 1 and "readahead 'lots'" in proc.stderr
     (tmp_path / "plain").write_text("x")
@@ -451,6 +640,22 @@ def test_send_and_receive_round_trip() -> None:
     with pytest.raises(ConnectionError):
         receive_uffd(b)
     b.close()
+
+
+def test_send_uffd_refuses_what_the_receiver_would_naming_it() -> None:
+    a, b = socket.socketpair()
+    with u.Userfaultfd() as uffd, a, b:
+        with pytest.raises(TypeError, match="None is not a socket"):
+            send_uffd(None, uffd.fileno(), [GuestRegion(BASE, PAGE, 0, PAGE)])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"\(1, 2, 3, 4\) is not a GuestRegion"):
+            send_uffd(a, uffd.fileno(), [(1, 2, 3, 4)])  # type: ignore[list-item]
+        with pytest.raises(HandoffError, match="non-empty"):
+            send_uffd(a, uffd.fileno(), [])
+        with pytest.raises(HandoffError, match="base_host_virt_addr -4096"):
+            send_uffd(a, uffd.fileno(), [GuestRegion(-PAGE, PAGE, 0, PAGE)])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing was sent
+            b.recv(1)
 
 
 def test_a_payload_cut_anywhere_reads_as_incomplete_and_a_malformed_one_as_complete() -> None:

@@ -7,7 +7,9 @@ import ctypes
 import errno
 import mmap
 import os
+import pydoc
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +120,20 @@ def test_file_source_refuses_what_is_not_a_file(server: u.PageServer, tmp_path: 
         server.map(PAGE, u.File(tmp_path / "nonexistent"))
 
 
+def test_file_source_on_a_fifo_is_refused_without_waiting_for_a_writer(
+    server: u.PageServer, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    mapping = Caller(server.map, PAGE, u.File(fifo))
+    try:
+        with pytest.raises(ValueError, match=f"file {str(fifo)!r} is not a regular file"):
+            mapping.finish()
+    finally:
+        if mapping.is_alive():  # a blocked open() returns once a writer comes
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_file_source_on_a_block_device(server: u.PageServer, tmp_path: Path) -> None:
     """A block device's size comes from seeking to its end (its st_size is 0): a snapshot on
     a volume is served, not read as zeros."""
@@ -167,6 +183,20 @@ def test_memfd_holes_between_pages_with_readahead(server: u.PageServer) -> None:
 def test_shmem_memory(server: u.PageServer) -> None:
     region = server.map(16 * PAGE, u.Fill(b"sh"), memory="shmem")
     assert region[:4] == b"shsh" and region[16 * PAGE - 2 :] == b"sh"
+
+
+def test_dontneed_keeps_shmem_pages_and_remove_drops_them(server: u.PageServer) -> None:
+    """What the README says: MADV_DONTNEED on shared memory unmaps the page but its file keeps
+    it (writes included); MADV_REMOVE drops it, and the source serves it again."""
+    for memory, after_dontneed in (("anonymous", b"a"), ("shmem", b"z")):
+        region = server.map(4 * PAGE, u.Fill(b"a"), memory=memory)  # type: ignore[arg-type]
+        region[0] = ord("z")
+        assert Caller(libc.madvise, region.address, PAGE, MADV_DONTNEED).finish() == 0
+        assert region[:1] == after_dontneed, memory
+        if memory == "shmem":
+            assert Caller(libc.madvise, region.address, PAGE, MADV_REMOVE).finish() == 0
+            assert region[:1] == b"a"
+        region.close()
 
 
 # ---- granularity and readahead ----
@@ -705,7 +735,7 @@ REMAP_RACE_CHILD = textwrap.dedent(
     anon = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     region, target = _core.Mapping(4 * PAGE, anon), _core.Mapping(4 * PAGE, anon)
     old, new = region.address, target.address
-    target.rebase(0)
+    target._rebase(0)
     uffd.register(old, 4 * PAGE)
     pattern = b"m"
     engine = _core.Engine(uffd.fileno(), mode=0, workers=1, remove_policy=0, base_page=PAGE,
@@ -844,8 +874,52 @@ def test_bad_arguments_name_the_value(server: u.PageServer) -> None:
         server.map(PAGE, b"x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="file offset -1"):
         u.File("x", offset=-1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="file '/nonexistent/file' does not exist"):
         server.map(PAGE, u.File("/nonexistent/file"))
+
+
+def test_wrong_types_are_type_errors_naming_the_value(server: u.PageServer) -> None:
+    with pytest.raises(TypeError, match="length '4096' is a str, not an int"):
+        server.map("4096")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="page_size 4096.0 is a float"):
+        server.map(PAGE, page_size=4096.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fill pattern 'x' is a str: give a byte value"):
+        u.Fill("x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="buffer source 'x' is a str, not a bytes-like"):
+        u.Buffer("x")
+    with pytest.raises(TypeError, match="file offset '0' is a str"):
+        u.File("x", offset="0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="workers '2' is a str"):
+        u.PageServer(workers="2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="populate offset '0' is a str"):
+        server.map(PAGE).populate("0")  # type: ignore[arg-type]
+    assert u.Fill(bytearray(b"ab")).pattern == b"ab"
+
+
+def test_a_closed_server_or_region_says_so(server: u.PageServer) -> None:
+    region = server.map(PAGE)
+    region.close()
+    for call in (region.stats, region.populate):
+        with pytest.raises(ValueError, match=f"region {region.id} is closed"):
+            call()
+    kept = server.map(PAGE)
+    server.close()
+    for call in (lambda: server.map(PAGE), server.stats, server.events, kept.stats):
+        with pytest.raises(ValueError, match=r"PageServer is closed|region \d+ is closed"):
+            call()
+
+
+def test_help_shows_the_public_api_only_and_stats_repr_is_short(server: u.PageServer) -> None:
+    text = pydoc.render_doc(u.Region, renderer=pydoc.plaintext)
+    methods = set(re.findall(r"^ \|  ([a-z]\w*)\(", text, re.MULTILINE))
+    assert methods == {"close", "populate", "snapshot", "stats", "track_writes", "working_set"}, (
+        methods
+    )
+    region = server.map(4 * PAGE)
+    bytes(region)
+    text = repr(settled(region, 4))
+    assert text.startswith("Stats(faults_missing=4,") and "latency_p99_ns=" in text
+    assert "histogram" not in text and len(text) < 300
 
 
 def test_stats_count_a_page_before_its_toucher_resumes(server: u.PageServer) -> None:
@@ -890,11 +964,58 @@ def test_close_with_exported_regions_detaches_them() -> None:
     server = u.PageServer("thread")
     region = server.map(8 * PAGE, u.Fill(b"d"))
     view = memoryview(region)
-    with pytest.warns(ResourceWarning, match="detaching"):
+    with pytest.warns(u.DetachWarning, match="detaching"):
         server.close()
     assert bytes(view) == b"d" * 8 * PAGE  # every page installed, then unregistered
     view.release()
     region.close()
+
+
+DETACH_CHILD = textwrap.dedent(
+    """
+    import numpy, userfaultfd as u
+    with u.PageServer() as server:
+        array = numpy.frombuffer(server.map(64 * u.PAGE_SIZE, u.Fill(b"w")), dtype=numpy.uint8)
+    print(chr(array[-1]))
+    """
+)
+
+
+def test_leaving_a_server_with_a_live_view_warns_visibly_by_default() -> None:
+    """The install of every page is no silent cost: the warning shows under default filters."""
+    proc = run_child(DETACH_CHILD)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "w\n"
+    assert "DetachWarning" in proc.stderr and "installing every page" in proc.stderr
+    assert proc.stderr.startswith("<string>:3: DetachWarning")  # the user's with statement
+
+
+def test_close_detach_error_does_not_count_a_buffer_source_of_its_own() -> None:
+    """A region that is another region's Buffer source is exported by that one, which the
+    close releases first: no live view of the user's, nothing to refuse or to detach."""
+    server = u.PageServer("thread")
+    source = server.map(4 * PAGE, u.Fill(b"b"))
+    copy = server.map(4 * PAGE, u.Buffer(source))
+    assert copy[:4] == b"bbbb"
+    server.close(detach="error")
+    assert source.closed and copy.closed
+
+
+def test_close_detach_error_raises_before_closing_anything() -> None:
+    server = u.PageServer("thread")
+    region = server.map(8 * PAGE, u.Fill(b"e"))
+    other = server.map(8 * PAGE, u.Fill(b"o"))
+    view = memoryview(region)
+    with pytest.raises(BufferError, match=r"1 region\(s\) still exported.*1 buffer"):
+        server.close(detach="error")
+    assert not server.closed and not other.closed
+    assert Toucher(other.address, 8 * PAGE).finish() == 8 * ord("o")  # still served
+    assert view[-1] == ord("e")
+    with pytest.raises(ValueError, match="detach 'later'"):
+        server.close(detach="later")  # type: ignore[arg-type]
+    view.release()
+    server.close(detach="error")
+    assert server.closed and region.closed and other.closed
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -906,7 +1027,7 @@ def test_close_while_faults_are_pending_on_an_exported_region(mode: str) -> None
     region = server.map(pages * PAGE, u.Fill(b"c"))
     view = memoryview(region)
     toucher = Caller(_core.touch, region.address, pages * PAGE, PAGE, False)
-    with pytest.warns(ResourceWarning, match="detaching"):
+    with pytest.warns(u.DetachWarning, match="detaching"):
         server.close()
     assert toucher.finish(30) == pages * ord("c")
     assert view[-1] == ord("c")
@@ -1091,3 +1212,35 @@ def test_hugetlb_regions(mode: str, huge_pages: None, tmp_path: Path) -> None:
         assert settled(backed, 1024).faults == 2
         with pytest.raises(ValueError, match="page_size 4096"):
             server.map(huge, memory="hugetlb", page_size=PAGE)
+
+
+# Registered before userfaultfd is imported, so it runs after the library's own exit hook: a
+# view still alive then (a daemon thread reading it) must read the source's bytes, not zeros.
+VIEW_AT_EXIT = """
+import atexit, sys
+views = []
+def read_late():
+    view = views[0]
+    print(sorted({view[k] for k in range(0, len(view), 4096)}))
+atexit.register(read_late)
+import userfaultfd as u
+if sys.argv[1] == "python":
+    server = u.PythonSourceServer(lambda offset, length: b"\\x07" * length)
+    region = server.map(64 * 4096)
+else:
+    server = u.PageServer(sys.argv[1])
+    region = server.map(64 * 4096, u.Fill(b"\\x07"))
+views.append(memoryview(region))
+"""
+
+
+@pytest.mark.parametrize("mode", [*MODES, "python"])
+def test_a_view_alive_at_interpreter_exit_still_reads_the_source(mode: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", VIEW_AT_EXIT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[7]\n"

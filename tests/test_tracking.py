@@ -391,11 +391,28 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     server = u.PageServer()
     region = server.map(16 * PAGE, u.Fill(b"z"))
     tracker = region.track_writes()
-    with pytest.warns(ResourceWarning, match="still exported"):
+    with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()
     assert region[0] == ord("z")  # detached: every page installed
+    region[PAGE] = 1
+    with pytest.raises(ValueError, match="no longer tracked"):  # it said [] before the fix
+        tracker.written()
     tracker.close()
     region.close()
+
+
+def test_closing_a_region_under_its_tracker_says_to_close_the_tracker_first() -> None:
+    with u.PageServer() as server:
+        region = server.map(16 * PAGE, u.Fill(b"z"))
+        tracker = region.track_writes()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            region.close()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            server.close(detach="error")
+        assert region[0] == ord("z")  # still served
+        tracker.close()
+        region.close()
+        assert region.closed
 
 
 def test_a_forked_child_cannot_use_the_tracker_and_leaves_the_parent_alone() -> None:
@@ -447,7 +464,7 @@ def test_a_pageserver_closed_during_a_snapshot_finishes_it_first(tmp_path: Path)
     order = random.Random(5).sample(range(8192), 8192)  # every page once, while it is copied
     writer = _writer(region, order)
     snap = region.snapshot(tmp_path / "img", wait=False)
-    with pytest.warns(ResourceWarning, match="still exported"):
+    with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()  # waits for the copy: the engine holds the writes until then
     writer.join(TIMEOUT)
     snap.wait(TIMEOUT)

@@ -5,13 +5,22 @@ serves regions from native sources in GIL-free threads or in the faulting thread
 Out of process: :mod:`userfaultfd.handoff` (Firecracker's protocol) and
 :class:`PythonSourceServer`."""
 
-from .errors import FeatureUnavailableError, PartialError, ProtocolError, SourceError
+from typing import TYPE_CHECKING
+
+from .errors import (
+    DetachWarning,
+    FeatureUnavailableError,
+    PartialError,
+    ProtocolError,
+    SourceError,
+)
 from .events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .flags import EventCode, Feature, Ioctl, PageFaultFlag, RegisterMode
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
 __all__ = [
     "PAGE_SIZE",
+    "DetachWarning",
     "Event",
     "EventCode",
     "Feature",
@@ -55,3 +64,15 @@ __all__ += [
 from .tracking import Snapshot, WriteTracker, read_snapshot, snapshot, track_writes  # noqa: E402
 
 __all__ += ["Snapshot", "WriteTracker", "read_snapshot", "snapshot", "track_writes"]
+
+if TYPE_CHECKING:
+    from .store import SnapshotStore as SnapshotStore
+
+
+def __getattr__(name: str) -> object:
+    # The store needs the [store] extra (blake3, zstandard, obstore): imported on first use.
+    if name == "SnapshotStore":
+        from .store import SnapshotStore
+
+        return SnapshotStore
+    raise AttributeError(f"module 'userfaultfd' has no attribute {name!r}")

@@ -17,6 +17,13 @@ EFAULT_HINT = (
 )
 
 
+def expect_int(what: str, value: object) -> int:
+    """value, if it is an int (not a bool); else TypeError naming what and the value."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} {value!r} is a {type(value).__name__}, not an int")
+    return value
+
+
 def os_error(err: int, call: str) -> OSError:
     """The OSError subclass Python picks for err, with a message naming the call (and, for
     EFAULT, the likely cause)."""
@@ -70,3 +77,10 @@ def source_error(failures: Sequence[SourceFailure], first: str = "") -> SourceEr
     describes the first failure in full."""
     message = f"{len(failures)} page(s) could not be produced and were poisoned"
     return SourceError(message + (f"; first: {first}" if first else ""), failures)
+
+
+class DetachWarning(UserWarning):
+    """A server closed while a region's memory was still exported (a numpy array, a memoryview):
+    the region was detached, with every page installed first so the views keep reading correct
+    data. A UserWarning, shown by default: for a large sparse region that install costs time and
+    memory the program may not expect."""

@@ -21,6 +21,8 @@ from typing import Any
 from .uffd import PAGE_SIZE
 
 MAX_MESSAGE = 64 * 1024
+MAX_DEPTH = 8  # a region list is 2 deep
+MAX_DIGITS = 20  # 2**64 has 20 digits
 FIELDS = ("base_host_virt_addr", "size", "offset", "page_size", "page_size_kib")
 
 
@@ -53,18 +55,49 @@ class GuestRegion:
 
 
 def send_uffd(sock: socket.socket, uffd_fd: int, regions: Iterable[GuestRegion]) -> None:
-    """Send the uffd and its regions in one message, as Firecracker does."""
+    """Send the uffd and its regions in one message, as Firecracker does. TypeError for a
+    wrong type; HandoffError for regions the receiving side would refuse (the same checks)."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"send_uffd: sock {sock!r:.80} is not a socket.socket")
+    regions = list(regions)
+    for r in regions:
+        if not isinstance(r, GuestRegion):
+            raise TypeError(f"send_uffd: region {r!r:.80} is not a GuestRegion")
     payload = json.dumps([r.to_json() for r in regions]).encode()
     if len(payload) > MAX_MESSAGE:
         raise HandoffError(f"the region list is {len(payload)} bytes, over {MAX_MESSAGE}")
+    parse_regions(payload)  # refused here, naming the region, rather than by the receiver
     socket.send_fds(sock, [payload], [uffd_fd])
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise HandoffError(f"the payload has a number of {len(text)} digits: {text[:24]}...")
+    return int(text)
+
+
+def _loads(payload: bytes) -> Any:
+    """json.loads within bounds checked first: nesting deeper than MAX_DEPTH and integers longer
+    than MAX_DIGITS are HandoffError (the parser would raise RecursionError, or ValueError past
+    Python's 4300-digit limit, neither of them a JSON error)."""
+    depth = deepest = 0
+    for bracket in _STRING.sub(b"", payload).translate(None, _NOT_BRACKET):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH:
+        raise HandoffError(f"the payload nests deeper than {MAX_DEPTH} levels")
+    return json.loads(payload, parse_int=_bounded_int)
 
 
 def parse_regions(payload: bytes, memory_size: int | None = None) -> list[GuestRegion]:
     """Validate a hand-off payload. ``memory_size``: the memory file's size, which every region
     must lie within."""
     try:
-        items = json.loads(payload)
+        items = _loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HandoffError(f"the payload is not JSON: {e}") from None
     if not isinstance(items, list) or not items:
@@ -116,7 +149,9 @@ def _complete(payload: bytes) -> bool:
     """False while payload could be the start of a JSON value still arriving: it parses, or
     fails somewhere a cut could not explain (a malformed message is complete, and refused)."""
     try:
-        json.loads(payload)
+        _loads(payload)
+    except HandoffError:
+        return True  # out of bounds already: refused whatever follows
     except UnicodeDecodeError as e:
         return e.reason != "unexpected end of data"  # cut inside a multi-byte character
     except json.JSONDecodeError as e:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _core
 from ._engine import Engine, Mode, OnRemove, RegionSpec, parse_readahead
 from ._ntuples import Failure, SourceFailure
-from ._regions import in_forked_child, registering
-from .errors import SourceError, source_error
+from ._regions import exported, in_forked_child, registering, warn_detaching
+from .errors import SourceError, expect_int, source_error
 from .flags import MAP_HUGETLB, MAP_NORESERVE, Feature, RegisterMode
 from .progress import populate_in_slices
-from .sources import Prepared, Source, Zero
+from .sources import Buffer, Prepared, Source, Zero
 from .stats import Stats
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 from .working_set import WorkingSet, plan_replay
@@ -103,7 +103,9 @@ class Region(_core.Mapping):
         Ctrl-C interrupts it within tens of milliseconds (KeyboardInterrupt; what was installed
         stays). ``progress``: show a tqdm bar (``pip install 'userfaultfd[progress]'``), or a
         plain stderr line without tqdm."""
-        length = len(self) - offset if length is None else length
+        self._check_served()
+        expect_int("populate offset", offset)
+        length = len(self) - offset if length is None else expect_int("populate length", length)
         if offset < 0 or length < 0 or offset + length > len(self):
             raise ValueError(
                 f"populate: range {offset}+{length} is outside the region of {len(self)} bytes"
@@ -135,7 +137,14 @@ class Region(_core.Mapping):
     def stats(self) -> Stats:
         """What this region has served so far. A page is counted before its toucher resumes;
         the fault's latency sample is taken just after."""
+        self._check_served()
         return self.server._engine.stats(self.id)
+
+    def _check_served(self) -> None:
+        if self.closed:
+            raise ValueError(f"region {self.id} is closed")
+        if not self._served:
+            raise ValueError(f"region {self.id} was detached from its server as it closed")
 
     def working_set(self) -> WorkingSet:
         """The first touches recorded since the region was mapped with ``record=True``, in
@@ -158,6 +167,12 @@ class Region(_core.Mapping):
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
         if self.closed:
             return
+        if self.exports and self._served:
+            from .tracking import holder
+
+            held = holder(self)
+            if held:
+                raise BufferError(f"{self!r} cannot be closed: it is held by {held}")
         if self.exports or not self._served:
             super().close()  # raises BufferError naming the count, or unmaps plain memory
             return
@@ -172,7 +187,7 @@ class Region(_core.Mapping):
             # Unmap exactly the pieces the region still has: where the application moved them
             # (mremap), and not what it unmapped itself (something else may live there now).
             pieces = server._engine.pieces(self.id)
-            self.rebase(0)
+            self._rebase(0)
             for start, end, _ in pieces:
                 _core.munmap(start, end - start)  # the engine reads the UNMAP event
             deadline = time.monotonic() + 5.0
@@ -180,16 +195,13 @@ class Region(_core.Mapping):
                 time.sleep(0.0005)  # the event is read; the worker applies it next
             self._forget()
 
-    def _detach(self, populate: bool = True) -> None:
-        """Install every page, then unregister: exported views keep reading correct data. At
-        interpreter exit nothing reads them any more and a large sparse region would take long
-        to install: it is only unregistered, so that unmapping it later raises no event."""
+    def _detach(self) -> None:
+        """Install every page, then unregister: exported views keep reading correct data."""
         from .tracking import finish_copies
 
         server = self.server
         finish_copies(self)  # a live snapshot of it needs the engine until its copy is complete
-        if populate:
-            server._engine.populate(self.id, 0, len(self))
+        server._engine.populate(self.id, 0, len(self))
         for start, end, _ in server._engine.pieces(self.id):
             server._uffd.unregister(start, end - start)
         self._forget()
@@ -248,7 +260,10 @@ class PageServer:
     ) -> None:
         if mode not in ("thread", "sigbus"):
             raise ValueError(f"mode {mode!r} is not 'thread' or 'sigbus'")
-        if not isinstance(workers, int) or not 1 <= workers <= 64:
+        expect_int("workers", workers)
+        if not isinstance(spin_us, (int, float)) or isinstance(spin_us, bool):
+            raise TypeError(f"spin_us {spin_us!r} is a {type(spin_us).__name__}, not a number")
+        if not 1 <= workers <= 64:
             raise ValueError(f"workers {workers!r} is not in 1..64")
         if not 0 <= spin_us <= 1e6:
             raise ValueError(f"spin_us {spin_us!r} is not in 0..1000000")
@@ -337,10 +352,11 @@ class PageServer:
         if memory not in ("anonymous", "shmem", "hugetlb"):
             raise ValueError(f"memory {memory!r} is not 'anonymous', 'shmem' or 'hugetlb'")
         base = HUGE_PAGE_SIZE if memory == "hugetlb" else PAGE_SIZE
-        page_size = base if page_size is None else page_size
-        if not isinstance(page_size, int) or page_size < base or page_size & (page_size - 1):
+        page_size = base if page_size is None else expect_int("page_size", page_size)
+        expect_int("length", length)
+        if page_size < base or page_size & (page_size - 1):
             raise ValueError(f"page_size {page_size!r} is not a power-of-two multiple of {base}")
-        if not isinstance(length, int) or length <= 0 or length % page_size:
+        if length <= 0 or length % page_size:
             raise ValueError(
                 f"length {length!r} is not a positive multiple of page_size {page_size}"
             )
@@ -415,16 +431,14 @@ class PageServer:
         if runs:
             self._engine.replay(runs, threads=threads)
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError("the page server is closed")
-
     def stats(self) -> Stats:
         """Totals over the regions currently mapped."""
+        self._check_open()
         return self._engine.stats()
 
     def events(self) -> dict[str, int]:
         """Non-cooperative events handled so far."""
+        self._check_open()
         info = self._engine.info()
         return {"remove": info.remove, "unmap": info.unmap, "remap": info.remap,
                 "unknown": info.unknown, "fork": info.fork}  # fmt: skip
@@ -440,8 +454,14 @@ class PageServer:
             self._error_cursor, errs = self._engine.errors(self._error_cursor)
             self._pending_errors.extend(errs)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"this {self.mode}-mode PageServer is closed")
+
     def _check(self) -> None:
-        """Raise SourceError for failures recorded since the last check."""
+        """Raise ValueError once closed, SourceError for failures recorded since the last
+        check."""
+        self._check_open()
         errs = self.errors()
         if errs:
             first = errs[0]
@@ -457,11 +477,32 @@ class PageServer:
                 f"{os.strerror(first.errno)} ({first.op})",
             )
 
-    def close(self) -> None:
-        """Unmap every region, stop the engine's threads, close the uffd. Regions whose memory is
-        still exported are detached instead: all their pages are installed, then unregistered.
-        Raises SourceError for failures not yet reported."""
+    def close(self, detach: Literal["populate", "error"] = "populate") -> None:
+        """Unmap every region, stop the engine's threads, close the uffd. A region whose memory
+        is still exported (a numpy array, a memoryview) cannot be unmapped under its views:
+        ``detach="populate"`` installs every page it has not served yet, then unregisters it
+        (the views keep reading correct data; the memory stays until they are gone), with a
+        :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
+        is closed. Raises SourceError for failures not yet reported."""
+        if not self.closed and os.getpid() == self._pid:
+            if detach == "error":
+                from .tracking import holder
+
+                for region in self._viewed():
+                    held = holder(region)
+                    if held:
+                        raise BufferError(f"cannot close: {region!r} is held by {held}")
+            exported(self._viewed(), detach)
         self._shutdown(at_exit=False)
+
+    def _viewed(self) -> list[Region]:
+        """The regions exported beyond what this server's own Buffer sources hold of them
+        (each holds one view of its region while it is served, released as it closes)."""
+        held: dict[int, int] = {}
+        for region in self._regions.values():
+            if isinstance(region.source, Buffer) and region._prepared:
+                held[id(region.source.obj)] = held.get(id(region.source.obj), 0) + 1
+        return [r for r in self._regions.values() if r.exports > held.get(id(r), 0)]
 
     def _shutdown(self, at_exit: bool) -> None:
         if self.closed:
@@ -472,12 +513,19 @@ class PageServer:
             self._uffd.close()  # this process's copy of the fd
             _servers.discard(self)
             return
-        for region in list(self._regions.values()):
+        if at_exit and self._viewed():
+            # A view alive at exit may still be read (a daemon thread, a later exit hook), and
+            # an unregistered page reads as zeros: wrong data. Installing every page first could
+            # hang the exit on a slow or stuck source, so the server is left as it is, serving
+            # until the process ends (its threads and uffd go with it; nothing waits for them).
+            return
+        # Newest first: a region that is another's Buffer source is exported by that one,
+        # and closing that one first releases it instead of detaching it.
+        for region in reversed(list(self._regions.values())):
             if region.exports:
-                warnings.warn(
-                    f"{region!r} is still exported: detaching it", ResourceWarning, stacklevel=3
-                )
-                region._detach(populate=not at_exit)
+                how = f"installing every page of its {len(region)} bytes not yet served"
+                warn_detaching(region, how, stacklevel=3)
+                region._detach()
             else:
                 region._unmap_and_forget()
         self._collect()
@@ -492,7 +540,7 @@ class PageServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._shutdown(at_exit=False)  # as close(), the warning pointing at the with statement
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._regions)} regions"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from . import _core
 
 # The engine's source kinds, as _native/engine.h defines them.
 from ._core import SRC_BYTES, SRC_CONTINUE, SRC_FILL, SRC_ZERO
+from .errors import expect_int
 from .uffd import PAGE_SIZE
 
 
@@ -63,7 +66,14 @@ class Fill(Source):
             if not 0 <= pattern <= 255:
                 raise ValueError(f"fill byte {pattern!r} is not in 0..255")
             pattern = bytes([pattern])
-        pattern = bytes(pattern)
+        try:
+            with memoryview(pattern) as view:
+                pattern = view.tobytes()
+        except TypeError:
+            raise TypeError(
+                f"fill pattern {pattern!r} is a {type(pattern).__name__}: give a byte value "
+                "0..255 or a bytes-like object"
+            ) from None
         if not pattern:
             raise ValueError("fill pattern is empty")
         if len(pattern) > 1 << 20:
@@ -83,7 +93,13 @@ class Buffer(Source):
     end read as zeros."""
 
     def __init__(self, obj: Any) -> None:
-        with memoryview(obj) as view:
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(
+                f"buffer source {obj!r:.60} is a {type(obj).__name__}, not a bytes-like object"
+            ) from None
+        with view:
             if not view.contiguous:
                 raise ValueError("buffer source must be C-contiguous")
             self.nbytes = view.nbytes
@@ -107,32 +123,46 @@ class Buffer(Source):
         return f"Buffer({self.nbytes} bytes)"
 
 
+def open_data_file(file: str | os.PathLike[str] | int, what: str) -> int:
+    """A new read-only fd of a regular file or a block device (``file`` a path or an open fd).
+    The open does not block: a FIFO's would wait for a writer, forever, before its type could be
+    refused. FileNotFoundError and ValueError name ``what`` and the path."""
+    if isinstance(file, int):
+        name = f"{what} fd {file}"
+        fd = fcntl.fcntl(file, fcntl.F_DUPFD_CLOEXEC, 0)
+    else:
+        name = f"{what} {os.fspath(file)!r}"
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{name} does not exist") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise ValueError(f"{name} is not a regular file or a block device")
+    return fd
+
+
 class File(Source):
     """A regular file or a block device (path or open fd) from ``offset``. Bytes past its end
     read as zeros. If the file shrinks while served, the pages that can no longer be read are
     poisoned and reported."""
 
     def __init__(self, file: str | os.PathLike[str] | int, offset: int = 0) -> None:
-        if not isinstance(offset, int) or offset < 0:
+        if expect_int("file offset", offset) < 0:
             raise ValueError(f"file offset {offset!r} is not a non-negative integer")
         self.file = file
         self.offset = offset
 
     def prepare(self, length: int, page_size: int) -> Prepared:
-        if isinstance(self.file, int):
-            fd = os.dup(self.file)
-        else:
-            fd = os.open(self.file, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_data_file(self.file, "file")
         try:
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise ValueError(f"file {self.file!r} is not a regular file or a block device")
             size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
             data = max(0, min(size - self.offset, length))
             aligned = self.offset - self.offset % PAGE_SIZE
             delta = self.offset - aligned
             mapping = _core.Mapping.__new__(_core.Mapping)
-            mapping.map_file(fd, aligned, delta + data, delta + _round_up(length, page_size))
+            mapping._map_file(fd, aligned, delta + data, delta + _round_up(length, page_size))
         finally:
             os.close(fd)
         return Prepared(
@@ -148,7 +178,7 @@ class Memfd(Source):
     serves minor faults with UFFDIO_CONTINUE, copying no byte. Holes read as zeros."""
 
     def __init__(self, fd: int) -> None:
-        if not isinstance(fd, int) or fd < 0:
+        if expect_int("memfd", fd) < 0:
             raise ValueError(f"memfd {fd!r} is not a file descriptor")
         self.fd = fd
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -44,7 +44,7 @@ class Stats:
     errors: int
     removes: int
     prefetched: int  # installed by a replay or populate (prefetch, a stop's drain), not a fault
-    histogram: tuple[int, ...]
+    histogram: tuple[int, ...] = field(repr=False)  # 250 buckets: the percentiles say it
 
     @property
     def faults(self) -> int:
@@ -64,6 +64,13 @@ class Stats:
         buckets = array.array("Q")
         buckets.frombytes(raw[-1])
         return cls(*counts, histogram=tuple(buckets))  # type: ignore[misc, arg-type]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.repr)
+        return (
+            f"Stats({counts}, latency_p50_ns={self.latency_p50_ns}, "
+            f"latency_p99_ns={self.latency_p99_ns})"
+        )
 
     def __str__(self) -> str:
         return (

@@ -32,7 +32,7 @@ import time
 from typing import Any, Literal
 
 from . import _core
-from .flags import Feature, RegisterMode
+from .flags import MAP_HUGETLB, Feature, RegisterMode
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
 
 Mechanism = Literal["async", "sync"]
@@ -163,6 +163,12 @@ class _Attachment:
                 f"this tracker watches process {self.pid}'s memory: a forked child cannot use it"
             )
         span = self.span
+        if span.region is not None and not span.region._served:
+            # Unregistered, its writes raise no WP fault: the bitmap would say "none written".
+            raise ValueError(
+                f"{span.region!r} was detached as its PageServer closed: its writes are no "
+                "longer tracked (close the tracker before the server)"
+            )
         if self.mechanism == "async":
             return _core.pagemap_scan(self.pagemap, span.start, span.end, reset, span.lo, span.hi)
         assert self.ctx is not None
@@ -219,8 +225,21 @@ def finish_copies(region: Any) -> None:
         att.ctx.snapshot_wait(-1)
 
 
+def holder(region: Any) -> str | None:
+    """What of this module holds a view of ``region``, said for a BufferError; None if nothing."""
+    with _lock:
+        att = next((a for a in _attached.values() if a.span.region is region), None)
+        if att is None:
+            return None
+        if att.trackers:
+            return "an open write tracker (region.track_writes()): close the tracker first"
+        return "a live snapshot still copying: wait() for it first"
+
+
 def _refused(span: _Span, e: OSError) -> OSError:
-    if e.errno == errno.EBUSY:
+    if e.errno == errno.EBUSY and span.name.startswith("RemoteRegion"):
+        why = "a PythonSourceServer region's uffd is served by its handler process, not here"
+    elif e.errno == errno.EBUSY:
         why = (
             "it is registered with another userfaultfd (a PageServer region: use "
             "region.track_writes() and region.snapshot())"
@@ -505,9 +524,18 @@ def read_snapshot(path: str | os.PathLike[str]) -> bytes:
         return bytes(image)
 
 
-def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str, str]:
+def _yes() -> dict[str, Any]:
+    return {"usable": True}
+
+
+def _no(why: str) -> dict[str, Any]:
+    return {"usable": False, "why": why}
+
+
+def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str, dict[str, Any]]:
     """Whether synchronous WP, WP_ASYNC and PAGEMAP_SCAN work on a small mapping of ``memory``
-    ("file": a regular file in the temporary directory): "yes", or "no (why)"."""
+    ("file": a regular file in the temporary directory): for each, {"usable": bool}, with "why"
+    where it is not."""
     import mmap
     import tempfile
 
@@ -515,10 +543,10 @@ def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str,
     flags = {
         "anonymous": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
         "shmem": mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
-        "hugetlb": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000,  # MAP_HUGETLB
+        "hugetlb": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB,
         "file": mmap.MAP_SHARED,
     }[memory]
-    result: dict[str, str] = {}
+    result: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryFile() as f:
         fd = -1
         if memory == "file":
@@ -527,7 +555,7 @@ def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str,
         try:
             mapping = _core.Mapping(size, flags, fd)
         except OSError as e:
-            return dict.fromkeys(("wp", "wp_async", "pagemap_scan"), f"no ({e.strerror})")
+            return {key: _no(e.strerror or str(e)) for key in ("wp", "wp_async", "pagemap_scan")}
         try:
             for key, extra in (("wp", Feature(0)), ("wp_async", Feature.WP_ASYNC)):
                 try:
@@ -535,26 +563,26 @@ def probe(memory: Literal["anonymous", "shmem", "hugetlb", "file"]) -> dict[str,
                     with Userfaultfd(wanted | (available_features() & _WP_FEATURES)) as uffd:
                         uffd.register(mapping.address, size, RegisterMode.WP)
                         uffd.writeprotect(mapping.address, size)
-                        result[key] = "yes"
+                        result[key] = _yes()
                         if extra:
                             result["pagemap_scan"] = _scan_probe(mapping.address, size)
                 except OSError as e:
-                    result[key] = f"no ({e.strerror})"
+                    result[key] = _no(e.strerror or str(e))
         finally:
             mapping.close()
-    result.setdefault("pagemap_scan", "no (needs WP_ASYNC)")
+    result.setdefault("pagemap_scan", _no("needs WP_ASYNC"))
     return result
 
 
-def _scan_probe(address: int, size: int) -> str:
+def _scan_probe(address: int, size: int) -> dict[str, Any]:
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        return f"no ({e.strerror})"
+        return _no(e.strerror or str(e))
     try:
         _core.pagemap_scan(fd, address, address + size, True, address, address + size)
-        return "yes"
+        return _yes()
     except OSError as e:
-        return f"no ({e.strerror})"
+        return _no(e.strerror or str(e))
     finally:
         os.close(fd)

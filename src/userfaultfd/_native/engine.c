@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "abi.h"
+#include "chunkcache.h"
 #include "clock.h"
 #include "notice.h"
 #include "sigbus.h"
@@ -254,15 +255,44 @@ static int fill_ioctl(int uffd, unsigned long req, uint64_t dst, uint64_t src, u
 
 /* ---- installing pages ---- */
 
+/* install()'s plan for a chunk not yet in the cache (SRC_CACHE): wait for it. */
+#define PLAN_WAIT 0ul
+
+/* SRC_CACHE: the plan from the chunk cache. A copy pins its chunk (*pinned: the chunk, to unpin
+ * after the copy); a chunk not present is PLAN_WAIT, one that failed is UFFDIO_POISON. */
+static unsigned long plan_cached(const struct region *r, uint64_t off, uint64_t want, uint64_t *src,
+                                 uint64_t *len, uint64_t *chunk, int *pinned)
+{
+    switch (cache_plan(r->p.cache, r->p.cache_off + off, want, src, len, chunk)) {
+    case PLAN_COPY:
+        *pinned = 1;
+        return UFFDIO_COPY;
+    case PLAN_POISON:
+        return UFFDIO_POISON;
+    case PLAN_MISS:
+        return PLAN_WAIT;
+    default: /* PLAN_ZERO */
+        if (r->p.can_zeropage)
+            return UFFDIO_ZEROPAGE;
+        *src = (uint64_t)(uintptr_t)r->zero_block;
+        if (*len > r->p.page_size)
+            *len = r->p.page_size;
+        return UFFDIO_COPY;
+    }
+}
+
 /* The next operation for the source bytes at offset `off`, at most `want` bytes long. */
 static unsigned long plan_op(const struct region *r, uint64_t off, uint64_t want, int minor,
-                             uint64_t *src, uint64_t *len)
+                             uint64_t *src, uint64_t *len, uint64_t *chunk, int *pinned)
 {
     const struct region_params *p = &r->p;
     *len = want;
     *src = 0;
+    *pinned = 0;
     if (minor)
         return UFFDIO_CONTINUE;
+    if (p->kind == SRC_CACHE)
+        return plan_cached(r, off, want, src, len, chunk, pinned);
     if (p->kind == SRC_FILL) {
         *src = (uint64_t)(uintptr_t)(r->fill_block + off % p->base_len);
         if (*len > r->fill_len - p->base_len)
@@ -365,7 +395,8 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
  * partial mremap can split an extent inside a granule. Every granule ends installed, already
  * present, poisoned, or gone (see ENOENT below). Returns 0, EAGAIN when an event is pending (the
  * rest was not attempted), ESRCH when the owner of the uffd is gone, or ENOENT when the unit at
- * `fault` (UINT64_MAX: none) is gone. */
+ * `fault` (UINT64_MAX: none) is gone; ENODATA when chunks not yet in the cache were left for
+ * their fill to wake (SRC_CACHE). */
 static int install(struct engine *e, const struct extent *x, uint64_t addr, uint64_t len,
                    unsigned how, uint64_t fault)
 {
@@ -378,7 +409,7 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     len = end - addr;
     /* The kernel's own unit: a failure at pos concerns one base page, or one huge page. */
     const uint64_t unit = r->p.can_zeropage ? e->base_page : r->p.page_size;
-    uint64_t pos = addr;
+    uint64_t pos = addr, wake_from = addr;
     int ret = 0, need_wake = 0, hole = 0; /* hole: a MINOR granule with no page cache page */
     const int sigbus = e->mode == MODE_SIGBUS;
     uint64_t cap = UINT64_MAX; /* the longest next op: halved on ENOENT, doubled on success */
@@ -386,10 +417,50 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
     const uint64_t wp = atomic_load(&r->wp_mode) ? UFFDIO_COPY_MODE_WP : 0;
 
     while (pos < end) {
-        uint64_t off = x->off + (pos - x->start), src, seg, done;
+        uint64_t off = x->off + (pos - x->start), src, seg, done, chunk = 0;
         uint64_t want = hole ? unit : end - pos;
-        unsigned long req = plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg);
+        int pinned;
+        unsigned long req =
+            plan_op(r, off, want < cap ? want : cap, minor && !hole, &src, &seg, &chunk, &pinned);
         hole = 0;
+        if (req == PLAN_WAIT && !(fault >= pos && fault < pos + seg)) {
+            /* Readahead into a chunk not in the cache: it is fetched in the background (fetches
+             * cost more than copies, so the run stops there once past the fault). */
+            cache_request(r->p.cache, chunk);
+            if (need_wake && pos > wake_from && !sigbus)
+                range_ioctl(e->uffd, UFFDIO_WAKE, wake_from, pos - wake_from);
+            need_wake = 0;
+            pos += seg;
+            wake_from = pos;
+            ret = ret ? ret : ENODATA;
+            if (fault < pos - seg)
+                break;
+            continue;
+        }
+        if (req == PLAN_WAIT) {
+            /* The faulting unit's chunk is not in the cache yet: the fault waits, the fetchers
+             * are told (it goes first), and the fill wakes it. What was installed before is
+             * woken now; the rest of the run goes on. */
+            int waiting = cache_wait(r->p.cache, chunk, e->uffd, pos, seg);
+            if (waiting == 1)
+                continue; /* it arrived meanwhile */
+            if (need_wake && pos > wake_from && !sigbus)
+                range_ioctl(e->uffd, UFFDIO_WAKE, wake_from, pos - wake_from);
+            if (waiting < 0) /* no memory to wait in: the fault comes again, and is served then */
+                range_ioctl(e->uffd, UFFDIO_WAKE, pos, seg);
+            need_wake = 0;
+            pos += seg;
+            wake_from = pos;
+            ret = ret ? ret : ENODATA;
+            continue;
+        }
+        if (req == UFFDIO_POISON) { /* the chunk could not be fetched or verified */
+            poison(e, r, pos, seg, off, EIO, "store chunk");
+            bits_set(r, off >> r->shift, seg >> r->shift, 1);
+            pos += seg;
+            need_wake = 1;
+            continue;
+        }
         /* One operation covering the whole chunk wakes the faulter itself; otherwise batch. It is
          * counted before, so that the stats never trail a toucher who has resumed. */
         int single = !need_wake && seg == end - pos && !sigbus;
@@ -397,6 +468,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
             count_installed(e, r, req, seg, 1, how);
         uint64_t mode = (single ? 0 : UFFDIO_MODE_DONTWAKE) | wp; /* COPY/CONTINUE_MODE_WP */
         int err = fill_ioctl(e->uffd, req, pos, src, seg, mode, &done);
+        if (pinned)
+            cache_unpin(r->p.cache, chunk);
         if (!single || err)
             need_wake = 1; /* also when the op failed: the faulter must not sleep on (ENOENT) */
         if (single && done < seg)
@@ -464,8 +537,8 @@ static int install(struct engine *e, const struct extent *x, uint64_t addr, uint
         pos += unit;
         need_wake = 1;
     }
-    if (need_wake && !sigbus)
-        range_ioctl(e->uffd, UFFDIO_WAKE, addr, len);
+    if (need_wake && !sigbus && end > wake_from)
+        range_ioctl(e->uffd, UFFDIO_WAKE, wake_from, end - wake_from);
     return ret;
 }
 
@@ -1208,12 +1281,20 @@ fail:
     return NULL;
 }
 
+/* A cached region is served in thread mode only (a miss waits for a fetch, which a SIGBUS
+ * handler cannot), and a granule never spans two chunks. */
+static int cache_fits(const struct engine *e, const struct region_params *p)
+{
+    return p->cache && e->mode == MODE_THREAD && cache_chunk_size(p->cache) % p->page_size == 0 &&
+           p->cache_off % p->page_size == 0;
+}
+
 int engine_add_region(struct engine *e, const struct region_params *p)
 {
     const uint64_t g = p->page_size;
     if (g < e->base_page || (g & (g - 1)) || p->start % g || !p->length || p->length % g ||
-        p->kind < SRC_ZERO || p->kind > SRC_CONTINUE || (p->kind == SRC_FILL && !p->base_len) ||
-        (p->kind == SRC_BYTES && p->base_len % g) ||
+        p->kind < SRC_ZERO || p->kind > SRC_CACHE || (p->kind == SRC_FILL && !p->base_len) ||
+        (p->kind == SRC_CACHE && !cache_fits(e, p)) || (p->kind == SRC_BYTES && p->base_len % g) ||
         (p->adaptive_min && p->adaptive_max < p->adaptive_min))
         return -EINVAL;
     struct region *r = region_new(p);
@@ -1304,6 +1385,16 @@ int engine_remove_region(struct engine *e, int id)
     return 0;
 }
 
+/* Queues the chunks of region offsets [from, to) not yet in the cache for the fetchers;
+ * returns `to`. */
+static uint64_t request_chunks(const struct region *r, uint64_t from, uint64_t to)
+{
+    const uint64_t cs = cache_chunk_size(r->p.cache);
+    for (uint64_t k = (r->p.cache_off + from) / cs; k * cs < r->p.cache_off + to; k++)
+        cache_request(r->p.cache, k);
+    return to;
+}
+
 /* Whether a fill should leave granule i alone: present, or (a replay) given back by a REMOVE. */
 static int skip_granule(const struct region *r, uint64_t i, unsigned how)
 {
@@ -1315,7 +1406,7 @@ static int skip_granule(const struct region *r, uint64_t i, unsigned how)
  * an event is being applied (the madvise that raised it may be zapping that very range). */
 static int fill_range(struct engine *e, int id, uint64_t offset, uint64_t length, unsigned how)
 {
-    uint64_t pos = offset, end = offset + length;
+    uint64_t pos = offset, end = offset + length, requested = 0;
     while (pos < end) {
         if (atomic_load(&e->stopping))
             return -ECANCELED;
@@ -1355,12 +1446,19 @@ static int fill_range(struct engine *e, int id, uint64_t offset, uint64_t length
         int rc = 0;
         uint64_t upto = (i + n) << r->shift; /* offsets; the extent may end inside a granule */
         upto = upto < xend ? upto : xend;
+        if (r->p.kind == SRC_CACHE && stop > requested) /* all fetched at once, not one by one */
+            requested = request_chunks(r, requested > pos ? requested : pos, stop);
         if (n) /* the granule may also start before the extent: install keeps to it */
             rc = install(e, x, x->start + (i << r->shift) - x->off, n << r->shift,
                          how | (r->p.kind == SRC_CONTINUE ? INSTALL_MINOR : 0), UINT64_MAX);
         srcu_exit(&e->srcu, idx);
         if (rc == ESRCH)
             return -ESRCH;
+        if (rc == ENODATA) { /* chunks still on their way: install again once they are in */
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
         if (rc == EAGAIN) { /* an event is pending; a worker reads it */
             sched_yield();
             continue;

@@ -7,7 +7,9 @@
 #include <stdint.h>
 
 enum engine_mode { MODE_THREAD = 0, MODE_SIGBUS = 1 };
-enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3 };
+enum source_kind { SRC_ZERO = 0, SRC_BYTES = 1, SRC_FILL = 2, SRC_CONTINUE = 3, SRC_CACHE = 4 };
+
+struct chunk_cache;
 enum remove_policy { REMOVE_REFILL = 0, REMOVE_UNREGISTER = 1 };
 
 struct region_params {
@@ -21,7 +23,10 @@ struct region_params {
     uint64_t readahead;     /* fixed: granules installed after the faulting one */
     uint64_t adaptive_min;  /* bytes; 0 disables adaptive readahead */
     uint64_t adaptive_max;
-    const char *label; /* NULL, or what the region serves (copied): for failure notices */
+    const char *label;         /* NULL, or what the region serves (copied): for failure notices */
+    struct chunk_cache *cache; /* SRC_CACHE (thread mode only): the chunk cache (chunkcache.h),
+                                  kept alive by the caller while the region exists */
+    uint64_t cache_off;        /* SRC_CACHE: the snapshot offset of the region's offset 0 */
 };
 
 #define HIST_BUCKETS 256 /* 4 sub-buckets per power of two of nanoseconds */

@@ -8,6 +8,7 @@
 
 #include "engine.h"
 #include "notice.h"
+#include "py_chunkcache.h"
 #include "py_engine.h"
 #include "py_forkguard.h"
 #include "py_handles.h"
@@ -55,7 +56,7 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&core_module);
-    if (!m)
+    if (!m || chunkcache_add_type(m) < 0)
         return NULL;
     Py_INCREF(&MappingType);
     Py_INCREF(&EngineType);
@@ -68,8 +69,9 @@ PyMODINIT_FUNC PyInit__core(void)
     if (ADD_INT_MACRO(m, MODE_THREAD) < 0 || ADD_INT_MACRO(m, MODE_SIGBUS) < 0 ||
         ADD_INT_MACRO(m, SRC_ZERO) < 0 || ADD_INT_MACRO(m, SRC_BYTES) < 0 ||
         ADD_INT_MACRO(m, SRC_FILL) < 0 || ADD_INT_MACRO(m, SRC_CONTINUE) < 0 ||
-        ADD_INT_MACRO(m, REMOVE_REFILL) < 0 || ADD_INT_MACRO(m, REMOVE_UNREGISTER) < 0 ||
-        ADD_INT_MACRO(m, NOTICE_TEXT) < 0 || ADD_INT_MACRO(m, NOTICE_BOARD_SLOTS) < 0)
+        ADD_INT_MACRO(m, SRC_CACHE) < 0 || ADD_INT_MACRO(m, REMOVE_REFILL) < 0 ||
+        ADD_INT_MACRO(m, REMOVE_UNREGISTER) < 0 || ADD_INT_MACRO(m, NOTICE_TEXT) < 0 ||
+        ADD_INT_MACRO(m, NOTICE_BOARD_SLOTS) < 0)
         return NULL;
     return m;
 }

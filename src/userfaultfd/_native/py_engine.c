@@ -131,6 +131,13 @@ static PyObject *engineobj_add_region(EngineObject *o, PyObject *args, PyObject 
     p.base = (const char *)(uintptr_t)base;
     p.tail = (const char *)(uintptr_t)tail;
     p.can_zeropage = can_zero;
+    p.cache = NULL;
+    if (kind == SRC_CACHE) { /* base: a ChunkCache's handle; base_len: the snapshot offset */
+        p.cache = (struct chunk_cache *)(uintptr_t)base;
+        p.cache_off = p.base_len;
+        p.base = NULL;
+        p.base_len = 0;
+    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = engine_add_region(o->e, &p);

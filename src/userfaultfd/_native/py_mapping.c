@@ -143,7 +143,7 @@ static PyObject *mapping_map_file(MappingObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "iKKK", &fd, &offset, &length, &total))
         return NULL;
     if (m->addr || length > total) {
-        PyErr_SetString(PyExc_ValueError, "map_file: mapping open or length > total");
+        PyErr_SetString(PyExc_ValueError, "_map_file: mapping open or length > total");
         return NULL;
     }
     long page = sysconf(_SC_PAGE_SIZE);
@@ -269,9 +269,9 @@ static int mapping_ass_subscript(MappingObject *m, PyObject *key, PyObject *valu
 
 static PyMethodDef mapping_methods[] = {
     {"close", (PyCFunction)mapping_close, METH_NOARGS, "Unmap the memory (once)."},
-    {"rebase", (PyCFunction)mapping_rebase, METH_VARARGS,
+    {"_rebase", (PyCFunction)mapping_rebase, METH_VARARGS,
      "Follow the memory to a new address (0: forget it)."},
-    {"map_file", (PyCFunction)mapping_map_file, METH_VARARGS, "Map a file, zeros past its end."},
+    {"_map_file", (PyCFunction)mapping_map_file, METH_VARARGS, "Map a file, zeros past its end."},
     {NULL}};
 
 static PyGetSetDef mapping_getset[] = {

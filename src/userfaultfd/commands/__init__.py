@@ -1,2 +1,2 @@
-"""The command line's subcommands (``userfaultfd demo|info|serve|bench|ws``). They use the library;
-the library never imports them."""
+"""The command line's subcommands (``userfaultfd demo|info|serve|bench|ws|snapshot``). They use
+the library; the library never imports them."""

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -403,6 +404,12 @@ def _serve(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str
     return ours, _c_handler(w, ref), "faults/s", {}
 
 
+def _restore_remote(w: Workload, ref: Reference) -> tuple[Measure, Measure, str, dict[str, Extra]]:
+    from .bench_store import restore_remote
+
+    return restore_remote(w, ref)
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
     "fault-thread": (
         "4 KiB faults in random order, page server in thread mode (1 worker) vs a C handler "
@@ -442,6 +449,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Workload, Reference], Any]]] = {
         "a restore walking a recorded working set (10% of the memory file in clustered runs): "
         "replay of the set vs lazy (adaptive readahead); also resident memory and a wrong set",
         _restore_ws,
+    ),
+    "restore-remote": (
+        "time to walk a 10% working set of a snapshot in a local S3 server: lazily from the "
+        "store (chunk cache filled on demand) vs `snapshot pull` then restore from the file",
+        _restore_remote,
     ),
     "multithread": (
         "two faulting threads, thread mode with 2 workers vs the C handler thread serving two "
@@ -519,74 +531,156 @@ def machine(ref: Reference, size: Size) -> dict[str, Any]:
     }
 
 
-def run(names: list[str], size: Size) -> dict[str, Any]:
+SPREAD_WARNING = 0.25
+
+
+def run(
+    names: list[str],
+    size: Size,
+    on_result: Callable[[str, dict[str, Any]], None] | None = None,
+    on_machine: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every scenario of names, in order. The machine (and the kernel's populate rate) is
+    measured first, then on_machine(machine); on_result(name, result) as each scenario ends."""
     with tempfile.TemporaryDirectory(prefix="uffd-bench-") as tmp:
         ref = Reference(Path(tmp))
         w = Workload(Path(tmp), size)
         try:
-            scenarios = {name: run_scenario(name, w, ref) for name in names}
-            return {"scenarios": scenarios, "machine": machine(ref, size)}
+            report: dict[str, Any] = {"scenarios": {}, "machine": machine(ref, size)}
+            if on_machine:
+                on_machine(report["machine"])
+            for name in names:
+                report["scenarios"][name] = run_scenario(name, w, ref)
+                if on_result:
+                    on_result(name, report["scenarios"][name])
+            return report
         finally:
             for close in w.cleanup:
                 close()
 
 
-def render(report: dict[str, Any]) -> str:
-    lines = [f"{'scenario':14} {'ours':>16} {'reference':>16} {'ratio':>7}  spread ours/ref  runs"]
-    for name, s in report["scenarios"].items():
-        unit = s["unit"]
-        spread = f"{s['spread']['ours'] * 100:4.0f}% / {s['spread']['reference'] * 100:3.0f}%"
-        lines.append(
-            f"{name:14} {s['ours']:>10,.0f} {unit:5} {s['reference']:>10,.0f} {unit:5} "
-            f"{s['ratio']:6.2f}x  {spread:15}  {s['runs']}"
-        )
-        if "stall_fraction" in s:
-            lines.append(f"{'':14} stall to start / stop-the-world copy: {s['stall_fraction']:.4f}")
-        if "sigbus_region" in s:
-            c = s["sigbus_region"]
-            lines.append(
-                f"{'':14} in a sigbus-mode PageServer region: {c['value']:,.0f} {unit}, "
-                f"{c['ratio']:.2f}x the rate without"
-            )
-        if "c_sigbus_resolver" in s:
-            c = s["c_sigbus_resolver"]
-            lines.append(
-                f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
-            )
-        if "resident" in s:
-            lines.append(
-                f"{'':14} replay {s['resident']:.2f}x the time of resident memory; a wrong set "
-                f"{1 / s['wrong_set']:.2f}x the time of lazy; demand faults "
-                f"{s['demand_fault_fraction'] * 100:.1f}% of the set's {s['set_pages']:,} pages"
-            )
-        if "ours_without_spinning" in s:
-            c = s["ours_without_spinning"]
-            lines.append(
-                f"{'':14} ours with spin_us=0: {c['value']:,.0f} {unit}, "
-                f"{c['ratio']:.2f}x the reference"
-            )
-    m = report["machine"]
-    lines.append(
+def render_header(m: dict[str, Any]) -> list[str]:
+    return [
         f"machine: Linux {m['kernel']}, {m['cpus']} CPUs, Python {m['python']}, kernel populate "
-        f"rate {m['kernel_populate_MBps']:,.0f} MB/s"
-    )
-    return "\n".join(lines)
+        f"rate {m['kernel_populate_MBps']:,.0f} MB/s",
+        f"{'scenario':14} {'ours':>16} {'reference':>16} {'ratio':>7}  spread ours/ref  runs",
+    ]
+
+
+def render_scenario(name: str, s: dict[str, Any]) -> list[str]:
+    unit = s["unit"]
+    spread = f"{s['spread']['ours'] * 100:4.0f}% / {s['spread']['reference'] * 100:3.0f}%"
+    lines = [
+        f"{name:14} {s['ours']:>10,.0f} {unit:5} {s['reference']:>10,.0f} {unit:5} "
+        f"{s['ratio']:6.2f}x  {spread:15}  {s['runs']}"
+    ]
+    if "stall_fraction" in s:
+        lines.append(f"{'':14} stall to start / stop-the-world copy: {s['stall_fraction']:.4f}")
+    if "sigbus_region" in s:
+        c = s["sigbus_region"]
+        lines.append(
+            f"{'':14} in a sigbus-mode PageServer region: {c['value']:,.0f} {unit}, "
+            f"{c['ratio']:.2f}x the rate without"
+        )
+    if "c_sigbus_resolver" in s:
+        c = s["c_sigbus_resolver"]
+        lines.append(
+            f"{'':14} ours vs a C SIGBUS resolver ({c['value']:,.0f} {unit}): {c['ratio']:.2f}x"
+        )
+    if "cached_fault_ratio" in s:
+        lines.append(
+            f"{'':14} cached faults {s['cached_fault_ratio']:.2f}x a local file; compression "
+            f"{s['compression_ratio']:.2f}x, base + diff dedup {s['dedup_ratio']:.2f}x"
+        )
+    if "resident" in s:
+        lines.append(
+            f"{'':14} replay {s['resident']:.2f}x the time of resident memory; a wrong set "
+            f"{1 / s['wrong_set']:.2f}x the time of lazy; demand faults "
+            f"{s['demand_fault_fraction'] * 100:.1f}% of the set's {s['set_pages']:,} pages"
+        )
+    if "ours_without_spinning" in s:
+        c = s["ours_without_spinning"]
+        lines.append(
+            f"{'':14} ours with spin_us=0: {c['value']:,.0f} {unit}, "
+            f"{c['ratio']:.2f}x the reference"
+        )
+    return lines
+
+
+def render_notes(report: dict[str, Any]) -> list[str]:
+    """The legend, a warning for each spread too wide to trust the ratio, and why restore-seq
+    may beat the populate rate."""
+    runs = {s["runs"] for s in report["scenarios"].values()}
+    lines = [
+        "",
+        f"ours, reference: medians of {'/'.join(map(str, sorted(runs)))} runs of each side, "
+        "interleaved, after a warm-up run; the reference is a C program doing the same work "
+        "(see docs/benchmarks.md). ratio: ours / reference (rates: higher is better). "
+        "spread: (max - min) / median of one side's runs.",
+    ]
+    for name, s in report["scenarios"].items():
+        for side, spread in s["spread"].items():
+            if spread > SPREAD_WARNING:
+                lines.append(
+                    f"warning: {name}: the spread of {side} is {spread * 100:.0f}% (over "
+                    f"{SPREAD_WARNING * 100:.0f}%): the machine was busy or noisy; treat the "
+                    "ratio as rough, or rerun"
+                )
+    if "restore-seq" in report["scenarios"]:
+        s, m = report["scenarios"]["restore-seq"], report["machine"]
+        lines.append(
+            f"restore-seq ran at {s['ours'] / m['kernel_populate_MBps']:.2f}x the kernel "
+            "populate rate. It can exceed 1: the populate rate is measured in a fresh process "
+            "whose memory is new to this VM (backed on first touch) and zeroed page by page, "
+            "where restore-seq reuses memory its earlier runs freed and UFFDIO_COPY writes each "
+            "page once, with its data, without zeroing it first."
+        )
+    return [textwrap.fill(line, 100, subsequent_indent="  ") for line in lines]
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = render_header(report["machine"])
+    for name, s in report["scenarios"].items():
+        lines += render_scenario(name, s)
+    return "\n".join(lines + render_notes(report))
+
+
+def scenario_names(args: list[str] | None) -> list[str]:
+    """The scenarios asked for (each argument may be a comma-separated list), in order, once
+    each; ValueError names an unknown one and lists the choices."""
+    if not args:
+        return list(SCENARIOS)
+    names = list(dict.fromkeys(n.strip() for a in args for n in a.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown scenario {unknown[0] if unknown else ''!r}; choose from "
+            f"{', '.join(SCENARIOS)}"
+        )
+    return names
 
 
 def main(args: argparse.Namespace) -> int:
-    names = args.scenario or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        print(
-            f"userfaultfd bench: error: unknown scenario {unknown[0]!r}; choose from "
-            f"{', '.join(SCENARIOS)}",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        report = run(names, QUICK if args.quick else FULL)
+        names = scenario_names(args.scenario)
+    except ValueError as e:
+        print(f"userfaultfd bench: error: {e}", file=sys.stderr)
+        return 2
+
+    def header(m: dict[str, Any]) -> None:
+        if not args.json:
+            print("\n".join(render_header(m)), flush=True)
+
+    def finished(name: str, result: dict[str, Any]) -> None:
+        if args.json:  # stdout is the one JSON object: progress goes to stderr
+            print(f"userfaultfd bench: {name} done", file=sys.stderr, flush=True)
+        else:
+            print("\n".join(render_scenario(name, result)), flush=True)
+
+    try:
+        report = run(names, QUICK if args.quick else FULL, finished, header)
     except BenchError as e:
         print(f"userfaultfd bench: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    print(json.dumps(report, indent=2) if args.json else "\n".join(render_notes(report)))
     return 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -66,6 +68,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.record_seconds is not None and not args.record:
         raise ValueError("--record-seconds needs --record PATH")
+    if args.replay_threads != 1 and not args.replay:
+        raise ValueError("--replay-threads needs --replay PATH")
+    if args.record:  # the set is written after the restore: a bad path would lose it then
+        folder = os.path.dirname(os.path.abspath(args.record))
+        if os.path.isdir(args.record):
+            raise ValueError(f"--record {args.record!r} is a directory, not a file path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--record {args.record!r}: {folder} is not a writable directory")
     if args.replay_threads > 16:
         raise ValueError(f"--replay-threads {args.replay_threads} is above the limit of 16")
     return int(serve.main(args))
@@ -78,7 +88,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import snapshot
+
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"userfaultfd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="the userfaultfd(2) example program, reproduced")
@@ -98,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a page-fault handler for Firecracker-style snapshot restore")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on")
-    p.add_argument("--memory", required=True, metavar="FILE", help="the guest memory file")
+    p.add_argument(
+        "--memory",
+        required=True,
+        metavar="FILE|ADDRESS",
+        help="the guest memory file, or a stored snapshot (file:///DIR/NAME, s3://BUCKET/.../NAME)",
+    )
     p.add_argument(
         "--prefetch",
         choices=["none", "all"],
@@ -165,17 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replay-threads", type=_positive_int, default=1, metavar="N", help="(default 1)"
     )
+    snapshot.add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("bench", help="performance as ratios against C references")
+    from .bench import SCENARIOS
+
+    p = sub.add_parser(
+        "bench",
+        help="performance as ratios against C references",
+        description="Each scenario measures ours and a C reference side by side in one run.",
+        epilog="scenarios:\n"
+        + "\n".join(
+            textwrap.fill(text, 78, initial_indent=f"  {name:15}", subsequent_indent=" " * 17)
+            for name, (text, _) in SCENARIOS.items()
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--scenario", action="append", metavar="NAME", help="run only these")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help=f"run only these (repeatable or comma-separated): {', '.join(SCENARIOS)}",
+    )
     p.set_defaults(func=_cmd_bench)
 
     from . import ws
 
     ws.add_parser(sub)
+    snapshot.add_parser(sub)
+    # Named in the error a bare `userfaultfd` gets (argparse would say "required: command").
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 

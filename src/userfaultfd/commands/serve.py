@@ -15,6 +15,7 @@ the background while its faults are served first (working_set.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -27,8 +28,9 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from userfaultfd import _core
 from userfaultfd._engine import Engine, Readahead, RegionSpec, parse_readahead
@@ -39,6 +41,9 @@ from userfaultfd.working_set import WorkingSet, plan_replay
 
 from . import serve_log
 from .supervisor import Supervisor, _listen  # noqa: F401 - _listen: part of this module's API
+
+if TYPE_CHECKING:
+    from userfaultfd.store.serving import StoreCache
 
 log = logging.getLogger("userfaultfd.serve")
 DRAIN_CHUNK = 8 << 20  # a stop's drain checks its deadline between chunks of this many bytes
@@ -86,6 +91,9 @@ class Handler:
         ctl: socket.socket,
         memory_fd: int,
         *,
+        address: str | None = None,
+        cache_bytes: int = 1 << 30,
+        fetch_timeout: float = 30.0,
         prefetch: bool = False,
         readahead: str = "adaptive",
         workers: int = 1,
@@ -105,10 +113,16 @@ class Handler:
         self.prefetch = prefetch
         self.workers = workers
         self.report_stats = report_stats
-        self.memory_size = os.lseek(memory_fd, 0, os.SEEK_END)  # a block device's st_size is 0
-        self.memory = _core.Mapping.__new__(_core.Mapping)
-        self.memory.map_file(memory_fd, 0, self.memory_size, self.memory_size)
         self.clients: dict[int, Client] = {}
+        self.memory: _core.Mapping | None = None
+        self.store_cache: StoreCache | None = None
+        if address is not None:  # a snapshot in a store: each serving process opens its cache
+            self.store_cache = _open_snapshot(address, cache_bytes, fetch_timeout, self)
+            self.memory_size = self.store_cache.snapshot.size
+        else:
+            self.memory_size = os.lseek(memory_fd, 0, os.SEEK_END)  # a block device: st_size 0
+            self.memory = _core.Mapping.__new__(_core.Mapping)
+            self.memory._map_file(memory_fd, 0, self.memory_size, self.memory_size)
         self.stopping = False
 
     def run(self) -> None:
@@ -131,8 +145,45 @@ class Handler:
         finally:
             selector.close()
             for client in list(self.clients.values()):
+                self._guarded(client, self._release)
+            if self.memory is not None:
+                self.memory.close()
+            if self.store_cache is not None:
+                self.store_cache.close()
+
+    def report_poison(self, chunk: int, start: int, end: int, cause: str) -> None:
+        """A chunk of a stored snapshot could not be served: log where its pages are in every
+        client."""
+        where = [
+            f"{c.name()} {r.base_host_virt_addr + max(start, r.offset) - r.offset:#x}-"
+            f"{r.base_host_virt_addr + min(end, r.offset + r.size) - r.offset:#x}"
+            for c in list(self.clients.values())
+            for r in c.regions
+            if r.offset < end and start < r.offset + r.size
+        ]
+        log.error(
+            "chunk %d (snapshot offsets %#x-%#x) poisoned: %s; pages at: %s",
+            chunk, start, end, cause, ", ".join(where) or "no client maps it",
+        )  # fmt: skip
+
+    def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
+        """Whatever one client makes go wrong costs that client only: an error nobody foresaw
+        is logged and the client dropped (the supervisor told); the others keep being served."""
+        try:
+            step(client)
+        except Exception:
+            log.exception(
+                "%s: unexpected error; dropping it",
+                client.name(),
+                extra={"fields": client.fields()},
+            )
+            self.clients.pop(client.number, None)
+            self.send({"event": "gone", "number": client.number,
+                       "why": "dropped after an unexpected error"})  # fmt: skip
+            try:
                 self._release(client)
-            self.memory.close()
+            except Exception:
+                log.exception("%s: dropping it failed too", client.name())
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -155,7 +206,7 @@ class Handler:
         elif op == "detach":
             client = self.clients.pop(msg["number"], None)
             if client is not None:
-                self._release(client, msg["why"])
+                self._guarded(client, lambda c: self._release(c, msg["why"]))
             self.send({"event": "detached", "number": msg["number"]})
         elif op == "end_recording":  # SIGUSR1 to the supervisor
             self._end_recording("asked to")
@@ -169,11 +220,12 @@ class Handler:
 
     def _attach(self, msg: dict[str, Any], uffd: int) -> None:
         info = msg["client"]
-        regions = parse_regions(json.dumps(info["regions"]).encode(), self.memory_size)
-        client = Client(info["number"], info["pid"], info["uid"], uffd, regions)
+        client = Client(info["number"], info["pid"], info["uid"], uffd, [])
         try:
+            # (Checked here too: for a stored snapshot the supervisor does not know its size.)
+            client.regions = parse_regions(json.dumps(info["regions"]).encode(), self.memory_size)
             self._start(client, resumed=msg["resumed"])
-        except OSError as e:
+        except Exception as e:  # this client only: the others keep being served
             log.error(
                 "%s: cannot serve it: %s", client.name(), e, extra={"fields": client.fields()}
             )
@@ -208,13 +260,18 @@ class Handler:
             and not any(c.recording for c in self.clients.values())
         )
         for r in client.regions:
+            if self.store_cache is not None:  # the chunk cache, at the region's offset
+                kind, base, base_len = _core.SRC_CACHE, self.store_cache.handle, r.offset
+            else:
+                assert self.memory is not None
+                kind, base, base_len = _core.SRC_BYTES, self.memory.address + r.offset, r.size
             spec = RegionSpec(
                 start=r.base_host_virt_addr,
                 length=r.size,
                 page_size=r.page_size,
-                kind=_core.SRC_BYTES,
-                base=self.memory.address + r.offset,
-                base_len=r.size,
+                kind=kind,
+                base=base,
+                base_len=base_len,
                 can_zeropage=r.page_size == PAGE_SIZE,
                 readahead=Readahead() if recorded else self.readahead,
             )
@@ -297,19 +354,22 @@ class Handler:
 
     def _reap(self) -> None:
         for client in list(self.clients.values()):
-            assert client.engine is not None
-            self._log_failures(client)
-            if client.engine.info().client_gone:
-                self.clients.pop(client.number)
-                self._release(client, "its process exited")
-                self.send({"event": "gone", "number": client.number, "why": "its process exited"})
+            self._guarded(client, self._reap_client)
+
+    def _reap_client(self, client: Client) -> None:
+        assert client.engine is not None
+        self._log_failures(client)
+        if client.engine.info().client_gone:
+            self.clients.pop(client.number)
+            self._release(client, "its process exited")
+            self.send({"event": "gone", "number": client.number, "why": "its process exited"})
 
     def _log_failures(self, client: Client) -> None:
         """A page that could not be produced is poisoned: the guest thread touching it dies of
         SIGBUS in the client, which cannot say why. The server says it, as it happens."""
         assert client.engine is not None
         client.error_cursor, errs = client.engine.errors(client.error_cursor)
-        regions = dict(zip(client.ids, client.regions, strict=True))
+        regions = dict(zip(client.ids, client.regions, strict=False))  # ids: as far as _start got
         for failure in errs:
             base = regions[failure.region].offset if failure.region in regions else 0
             log.error(
@@ -376,24 +436,32 @@ class Handler:
 
     def _release(self, client: Client, why: str | None = None) -> None:
         """Stops serving client and closes our copy of its uffd; with why, logs the
-        disconnect and what the client was served."""
-        if client.engine is not None:
-            client.engine.stop()
-            if client.recording:
-                self._finish_recording(client, why or "handed over")
-            self._log_failures(client)
-            total = client.stats()
-            forks = client.engine.info().fork
-            client.engine.close()
-            if why is not None:
-                log.info(
-                    "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
-                    "races %d, errors %d, removes %d, forks %d",
-                    client.name(), why, total.faults, total.prefetched, total.pages_installed,
-                    total.bytes_installed, total.eexist, total.errors, total.removes, forks,
-                    extra={"fields": {**client.fields(), "why": why}},
-                )  # fmt: skip
-        os.close(client.uffd)
+        disconnect and what the client was served. Safe to call again after it failed half
+        way (_guarded): each resource is taken off the client as it is released."""
+        engine, uffd = client.engine, client.uffd
+        client.uffd = -1
+        try:
+            if engine is not None:
+                engine.stop()
+                if client.recording:
+                    self._finish_recording(client, why or "handed over")
+                self._log_failures(client)
+                total = engine.stats()
+                forks = engine.info().fork
+                if why is not None:
+                    log.info(
+                        "disconnect %s: %s; demand faults %d, prefetched %d, pages %d, bytes %d, "
+                        "races %d, errors %d, removes %d, forks %d",
+                        client.name(), why, total.faults, total.prefetched, total.pages_installed,
+                        total.bytes_installed, total.eexist, total.errors, total.removes, forks,
+                        extra={"fields": {**client.fields(), "why": why}},
+                    )  # fmt: skip
+        finally:
+            client.engine = None  # (a second _release, after a failed one, finds nothing left)
+            if engine is not None:
+                engine.close()
+            if uffd >= 0:
+                os.close(uffd)
 
 
 def worker_main() -> None:
@@ -406,9 +474,26 @@ def worker_main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     ctl = socket.socket(fileno=config["ctl"])
-    handler = Handler(
+    try:
+        handler = _handler(ctl, config)
+    except (OSError, ValueError) as e:  # a stored snapshot that cannot be opened, say
+        log.error("cannot serve: %s", e)
+        with contextlib.suppress(OSError):
+            ctl.send(json.dumps({"event": "failed", "error": str(e)}).encode())
+        sys.exit(1)
+    if config["memory_fd"] >= 0:
+        os.close(config["memory_fd"])
+    handler.run()
+    sys.exit(0)
+
+
+def _handler(ctl: socket.socket, config: dict[str, Any]) -> Handler:
+    return Handler(
         ctl,
         config["memory_fd"],
+        address=config["address"],
+        cache_bytes=config["cache_bytes"],
+        fetch_timeout=config["fetch_timeout"],
         prefetch=config["prefetch"],
         readahead=config["readahead"],
         workers=config["workers"],
@@ -418,9 +503,6 @@ def worker_main() -> None:
         replay=WorkingSet.load(config["replay"], page_size=PAGE_SIZE) if config["replay"] else None,
         replay_threads=config["replay_threads"],
     )
-    os.close(config["memory_fd"])
-    handler.run()
-    sys.exit(0)
 
 
 def _die_with_parent() -> None:
@@ -452,9 +534,12 @@ def main(args: argparse.Namespace) -> int:
         verbosity=args.verbosity,
         working_sets={"record": args.record, "record_seconds": args.record_seconds,
                       "replay": args.replay, "replay_threads": args.replay_threads},
+        cache_bytes=args.cache_size,
+        fetch_timeout=args.fetch_timeout,
+        exit_with=args.exit_with,
     )  # fmt: skip
-    if replay is not None:  # said once here, not by every serving process
-        size = supervisor.memory_size
+    size = supervisor.memory_size  # None for a stored snapshot: the supervisor never opens it
+    if replay is not None and size is not None:  # said once here, not by every serving process
         beyond = sum(max(0, o + n - max(o, size)) for o, n in replay) // PAGE_SIZE
         if beyond:
             log.warning(
@@ -462,3 +547,14 @@ def main(args: argparse.Namespace) -> int:
                 beyond, size,
             )  # fmt: skip
     return supervisor.run()
+
+
+def _open_snapshot(address: str, budget: int, fetch_timeout: float, handler: Handler) -> StoreCache:
+    from userfaultfd.store import SnapshotStore
+    from userfaultfd.store.serving import StoreCache
+
+    store, name = SnapshotStore.at(address, timeout=min(30.0, fetch_timeout))
+    return StoreCache(
+        store.open(name), budget=budget, fetch_timeout=fetch_timeout,
+        on_poison=handler.report_poison,
+    )  # fmt: skip

@@ -28,10 +28,12 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from userfaultfd.handoff import GuestRegion, HandoffError, HandoffReader, accept_handoff
+from userfaultfd.sources import open_data_file
 
 from .serve_metrics import Metrics
 
@@ -40,6 +42,7 @@ HANDSHAKE_TIMEOUT = 10.0
 RELEASE_TIMEOUT = 5.0  # an old serving process that does not exit by then is killed
 RESPAWN_INTERVAL = 1.0  # serving processes that die at start are restarted at most this often
 TICK = 0.2
+ACCEPT_PAUSE = 0.5  # seconds between accept attempts while out of fds
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Client:
     regions: list[GuestRegion] = field(default_factory=list)
     served_by: int = 0  # pid of the serving process it was last given to
     reader: HandoffReader = field(default_factory=HandoffReader)  # the hand-off, as it arrives
+    chatty: bool = False  # it sent bytes after its hand-off (logged once)
 
     def name(self) -> str:
         return f"client {self.number} (pid {self.pid}, uid {self.uid})"
@@ -68,12 +72,13 @@ class Worker:
     def __init__(self, config: dict[str, Any], memory_fd: int) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = dict(config, ctl=theirs.fileno(), memory_fd=memory_fd)
+        fds = (theirs.fileno(), memory_fd) if memory_fd >= 0 else (theirs.fileno(),)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         code = "from userfaultfd.commands.serve import worker_main; worker_main()"
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, json.dumps(config)],
-                pass_fds=(theirs.fileno(), memory_fd), env=env, stdin=subprocess.DEVNULL,
+                pass_fds=fds, env=env, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         except BaseException:
             self.sock.close()
@@ -81,7 +86,13 @@ class Worker:
         finally:
             theirs.close()
         self.pid = self.proc.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except OSError:  # out of fds: a process we could not watch must not run
+            self.proc.kill()
+            self.proc.wait()
+            self.sock.close()
+            raise
         self.ready = False
         self.started = time.monotonic()
 
@@ -125,6 +136,9 @@ class Supervisor:
         log_format: str = "text",
         verbosity: str = "normal",
         working_sets: dict[str, Any] | None = None,
+        cache_bytes: int = 1 << 30,
+        fetch_timeout: float = 30.0,
+        exit_with: int | None = None,
     ) -> None:
         if on_stop not in ("drain", "abandon"):
             raise ValueError(f"on-stop {on_stop!r} is not 'drain' or 'abandon'")
@@ -133,17 +147,24 @@ class Supervisor:
         self.config = {"prefetch": prefetch, "readahead": readahead, "workers": workers,
                        "report_stats": metrics is not None, "log_format": log_format,
                        "verbosity": verbosity, "record": None, "record_seconds": None,
-                       "replay": None, "replay_threads": 1, **(working_sets or {})}  # fmt: skip
-        try:
-            mode = os.stat(memory_path).st_mode
-        except FileNotFoundError:
-            mode = 0
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ValueError(f"memory file {memory_path!r} is not a regular file or a block device")
-        # Opened once: every serving process maps this very file, even if the path is replaced.
-        self.memory_fd = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
+                       "replay": None, "replay_threads": 1, **(working_sets or {}),
+                       "address": None, "cache_bytes": cache_bytes,
+                       "fetch_timeout": fetch_timeout}  # fmt: skip
         self.memory_path = memory_path
-        self.memory_size = os.lseek(self.memory_fd, 0, os.SEEK_END)  # a block device: st_size 0
+        self.memory_fd = -1
+        self.memory_size: int | None = None  # a stored snapshot's: the serving process checks
+        if "://" in memory_path:
+            # A snapshot in a store: each serving process opens its own chunk cache (a
+            # replacement too), so the supervisor never needs the store.
+            self.config["address"] = memory_path
+        else:
+            # Opened once: every serving process maps this very file, even if the path is
+            # replaced. (A FIFO is refused without blocking; a missing file "does not exist".)
+            self.memory_fd = open_data_file(memory_path, "memory file")
+            self.memory_size = os.lseek(self.memory_fd, 0, os.SEEK_END)  # a block device's: 0
+        self.exit_with, self.parent_fd = exit_with, -1
+        self.short_of_fds = False
+        self.accept_again = 0.0  # while out of fds: when the listener is watched again
         self.path = socket_path
         self.selector = selectors.DefaultSelector()
         self.pending: dict[int, Client] = {}  # connected, hand-off not yet complete
@@ -156,6 +177,8 @@ class Supervisor:
         self.next_spawn = 0.0
         self.stopping = False
         self.stop_pid = 0  # the serving process told to stop: it reports how each client ended
+        self.served = False  # a serving process has been ready (until then a failure is fatal)
+        self.fatal: str | None = None
         self.signals: list[int] = []
         self.fdstore = FdStore.from_environment()
         self.metrics = Metrics(lambda: len(self.clients))
@@ -168,9 +191,13 @@ class Supervisor:
             if metrics is not None:
                 self.metrics_server = self.metrics.serve(metrics)
         except BaseException:
-            os.close(self.memory_fd)
+            if self.memory_fd >= 0:
+                os.close(self.memory_fd)
             raise
         self.selector.register(self.listener, selectors.EVENT_READ, ("listener", None))
+        if exit_with is not None:  # SnapshotStore.map: a handler must not outlive its application
+            self.parent_fd = os.pidfd_open(exit_with)
+            self.selector.register(self.parent_fd, selectors.EVENT_READ, ("exit_with", None))
         for client in self.fdstore.take_clients(self.memory_size):
             self.counter = max(self.counter, client.number)
             self._add_client(client, restored=True)
@@ -185,9 +212,8 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in sigs}
-        log.info(
-            "listening on %s, serving %s (%d bytes)", self.path, self.memory_path, self.memory_size
-        )
+        size = "" if self.memory_size is None else f" ({self.memory_size} bytes)"
+        log.info("listening on %s, serving %s%s", self.path, self.memory_path, size)
         self.fdstore.notify("READY=1")
         try:
             while not self._finished():
@@ -196,9 +222,13 @@ class Supervisor:
                     if kind == "listener":
                         self._accept()
                     elif kind == "pending":
-                        self._handshake(obj)
+                        self._guarded(obj, self._handshake)
                     elif kind == "client":
-                        self._readable(obj)
+                        self._guarded(obj, self._readable)
+                    elif kind == "exit_with":  # the process we serve for has ended: stop
+                        log.info("process %d has ended: stopping", self.exit_with)
+                        self.selector.unregister(self.parent_fd)
+                        self._signal(signal.SIGTERM)
                     elif kind == "ctl":
                         self._from_worker(obj)
                     elif kind == "exit":
@@ -218,7 +248,21 @@ class Supervisor:
             wake_w.close()
             self._close()
         log.info("stopped")
+        if self.fatal is not None:  # the first serving process could not start: bad input
+            raise ValueError(self.fatal)
         return 0
+
+    def _guarded(self, client: Client, step: Callable[[Client], None]) -> None:
+        """Whatever one client makes go wrong costs that client only: an error nobody foresaw
+        is logged and the client dropped; the others keep being served."""
+        try:
+            step(client)
+        except Exception:
+            log.exception("%s: unexpected error; dropping it", client.name())
+            try:
+                self._drop(client, "dropped after an unexpected error", refused=True)
+            except Exception:
+                log.exception("%s: dropping it failed too", client.name())
 
     def _on_signal(self, sig: int, _: object) -> None:
         self.signals.append(sig)
@@ -237,7 +281,8 @@ class Supervisor:
         self.stopping = True
         log.info("stopping (%s): %d client(s) attached, on stop: %s",
                  signal.Signals(sig).name, len(self.clients), self.on_stop)  # fmt: skip
-        self.selector.unregister(self.listener)
+        with contextlib.suppress(KeyError):  # (not watched while out of fds)
+            self.selector.unregister(self.listener)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -284,16 +329,24 @@ class Supervisor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         self.selector.close()
-        os.close(self.memory_fd)
+        if self.parent_fd >= 0:
+            os.close(self.parent_fd)
+        if self.memory_fd >= 0:
+            os.close(self.memory_fd)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self.accept_again and now >= self.accept_again and not self.stopping:
+            self.accept_again = 0.0
+            self.selector.register(self.listener, selectors.EVENT_READ, ("listener", None))
         for client in list(self.pending.values()):
             if now - client.connected > HANDSHAKE_TIMEOUT:
-                self._drop(client, "refused: no hand-off message in time", refused=True)
+                self._guarded(
+                    client, lambda c: self._drop(c, "refused: no hand-off message in time", True)
+                )
         for worker in self.leaving:
             if now - worker.started > RELEASE_TIMEOUT and worker.proc.poll() is None:
                 worker.kill()
@@ -303,7 +356,7 @@ class Supervisor:
             and self.upgrade is None
             and now >= self.next_spawn
         ):
-            self._spawn()
+            self._try_spawn()
 
     # serving processes
 
@@ -316,6 +369,15 @@ class Supervisor:
         log.debug("started serving process %d (standby)", worker.pid)
         return worker
 
+    def _try_spawn(self) -> None:
+        """A standby, unless this process is short of something (out of fds, say): then it is
+        tried again after RESPAWN_INTERVAL, and the supervisor keeps its clients meanwhile."""
+        try:
+            self._spawn()
+        except OSError as e:
+            log.warning("cannot start a serving process: %s; retrying in %.1f s",
+                        e, RESPAWN_INTERVAL)  # fmt: skip
+
     def _from_worker(self, worker: Worker) -> None:
         try:
             data = worker.sock.recv(1 << 22)
@@ -326,7 +388,13 @@ class Supervisor:
             return
         msg = json.loads(data)
         event = msg["event"]
-        if event == "ready":
+        if event == "failed" and not self.served and self.fatal is None:
+            # Nothing was ever served: what failed is the configuration (a stored snapshot
+            # that cannot be opened), not a crash a replacement would get past.
+            self.fatal = msg["error"]
+            self._signal(signal.SIGTERM)
+        elif event == "ready":
+            self.served = True
             worker.ready = True
             self._ready(worker)
         elif event == "gone" and worker is self.active:
@@ -406,7 +474,7 @@ class Supervisor:
             if ready:
                 self._promote(ready[0])
             elif not self.spares and self.upgrade is None and not self.stopping:
-                self._spawn()  # no spare: start one now, whatever the respawn interval
+                self._try_spawn()  # no spare: start one now, whatever the respawn interval
 
     def _start_upgrade(self) -> None:
         if self.upgrade is not None:
@@ -428,11 +496,18 @@ class Supervisor:
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except OSError:
+            pid, uid, _ = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        except OSError as e:  # the peer is already gone, or we are out of fds
+            with contextlib.suppress(UnboundLocalError):
+                conn.close()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._pause_accepting(e)
+            else:
+                log.warning("accept failed: %s", e)
             return
-        pid, uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
+        self.short_of_fds = False
         self.counter += 1
         client = Client(self.counter, conn, pid, uid)
         if uid not in self.allowed:
@@ -442,6 +517,15 @@ class Supervisor:
         conn.setblocking(False)
         self.pending[client.number] = client
         self.selector.register(conn, selectors.EVENT_READ, ("pending", client))
+
+    def _pause_accepting(self, e: OSError) -> None:
+        """Out of fds, the listener stays readable and every accept fails: without a pause the
+        loop would spin (and log) at full speed. Connections wait in the backlog meanwhile."""
+        if not self.short_of_fds:
+            log.warning("cannot accept connections: %s; retrying every %.1f s", e, ACCEPT_PAUSE)
+            self.short_of_fds = True
+        self.selector.unregister(self.listener)
+        self.accept_again = time.monotonic() + ACCEPT_PAUSE
 
     def _handshake(self, client: Client) -> None:
         """Reads what has arrived of the hand-off, without waiting for the rest: a client
@@ -477,10 +561,9 @@ class Supervisor:
             why = "closed the connection"
         if not data:
             self._drop(client, why)
-        else:
-            log.warning(
-                "%s sent %d unexpected bytes after its hand-off: ignored", client.name(), len(data)
-            )
+        elif not client.chatty:  # said once: a client sending on and on must not flood the log
+            client.chatty = True
+            log.warning("%s sends unexpected bytes after its hand-off: ignored", client.name())
 
     def _drop(self, client: Client, why: str, refused: bool = False, quiet: bool = False) -> None:
         """Forgets client: the serving process stops serving it (and logs the disconnect with
@@ -568,7 +651,7 @@ class FdStore:
         for what in ("uffd", "conn", "meta"):
             self.notify(f"FDSTOREREMOVE=1\nFDNAME=c{client.number}.{what}")
 
-    def take_clients(self, memory_size: int) -> list[Client]:
+    def take_clients(self, memory_size: int | None) -> list[Client]:
         """The clients a previous supervisor stored (their fds are ours now)."""
         clients = []
         tags = sorted({name.split(".")[0] for name in self.inherited if name.startswith("c")})
@@ -617,10 +700,23 @@ def _listen(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Bound aside and renamed into place once listening: a client that waits for the path to
+    # appear and connects at once is never refused.
+    aside = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
     old = os.umask(0o177)
     try:
-        sock.bind(path)
+        sock.bind(aside)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    sock.listen(64)
+    try:
+        sock.listen(64)
+        os.rename(aside, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        raise
     return sock

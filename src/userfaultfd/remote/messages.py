@@ -17,10 +17,29 @@ class Unmap:
 
 @dataclass(frozen=True)
 class Readahead:
-    """Application -> handler: ask the source for ``nbytes`` per fault in the region at ``base``."""
+    """Application -> handler: ask the source for ``nbytes`` per fault in the region at
+    ``base``; ``adaptive``: start there and grow on sequential faults."""
 
     base: int
     nbytes: int
+    adaptive: bool = False
+
+
+@dataclass(frozen=True)
+class Populate:
+    """Application -> handler: install (or, where the source fails, poison) every page of
+    ``length`` bytes at region offset ``offset`` of the region at ``base``; Ok when done."""
+
+    base: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Application -> handler: stop the Populate in progress (Ctrl-C); its Ok comes at once
+    after the chunk being produced. Never answered itself: one that comes after the populate
+    ended is ignored."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,9 @@ class WorkingSetRequest:
 
 @dataclass(frozen=True)
 class StatsRequest:
-    """Application -> handler: answer with Counts."""
+    """Application -> handler: answer with Counts, of the region at ``base`` (0: of all)."""
+
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,11 +77,13 @@ class Ok:
 
 @dataclass(frozen=True)
 class Counts:
-    """Handler -> application: faults served, pages installed, source errors."""
+    """Handler -> application: faults served, pages installed, source errors, and error reports
+    dropped because the application read none of them for a while."""
 
     faults: int
     pages: int
     errors: int
+    reports_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,8 @@ class ErrorReport:
 Message = (
     Unmap
     | Readahead
+    | Populate
+    | Cancel
     | Record
     | WorkingSetRequest
     | StatsRequest
@@ -88,7 +113,9 @@ Message = (
 _KINDS: dict[str, type[Message]] = {
     kind.__name__: kind
     for kind in (
-        Unmap, Readahead, Record, WorkingSetRequest, StatsRequest, Ready, Ok, Counts, ErrorReport
+        Unmap, Readahead, Populate, Cancel, Record, WorkingSetRequest, StatsRequest, Ready, Ok,
+        Counts,
+        ErrorReport,
     )
 }  # fmt: skip
 

@@ -17,6 +17,25 @@ from .handler import PageSource, handler_main
 app_sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
+def _main_reference() -> list[str]:
+    """How a spawned handler finds the application's ``__main__``, which the source refers to
+    (a function or class defined in the script): as multiprocessing does, the handler runs the
+    script (or module) as ``__mp_main__``, so what the ``if __name__ == "__main__"`` guard
+    protects does not run there. TypeError where there is no file to run (``-c``, a REPL)."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", None):
+        return ["module", spec.name.removesuffix(".__main__")]
+    path = getattr(main, "__file__", None)
+    if path and os.path.exists(path):
+        return ["path", os.path.abspath(path)]
+    raise TypeError(
+        "start='spawn' needs a source the handler can import: this one is defined in a "
+        "__main__ with no file (python -c, an interactive session); define it in a module or "
+        "a script, or use start='fork'"
+    )
+
+
 class HandlerProcess:
     """The handler process: forked (the source is inherited as it is), or spawned as a fresh
     interpreter (the source travels pickled; nothing of the application's threads comes
@@ -24,18 +43,26 @@ class HandlerProcess:
     process it knows, and it runs in a plain os.fork() child of the application too, which
     would kill the parent's handler when that child exits."""
 
-    def __init__(self, sock: socket.socket, source: PageSource, start: str, board: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        source: PageSource,
+        start: str,
+        board: int,
+        timeout: float | None,
+    ) -> None:
         self._exitcode: int | None = None
+        app_pid = os.getpid()
         if start == "spawn":
-            self.pid = self._spawn(sock, source, board)
+            self.pid = self._spawn(sock, source, board, timeout)
         else:
             self.pid = os.fork()
             if self.pid == 0:
-                handler_main(sock, source, board, list(app_sockets))
+                handler_main(sock, source, board, list(app_sockets), app_pid, timeout)
         self.pidfd = os.pidfd_open(self.pid)
 
     @staticmethod
-    def _spawn(sock: socket.socket, source: PageSource, board: int) -> int:
+    def _spawn(sock: socket.socket, source: PageSource, board: int, timeout: float | None) -> int:
         try:
             payload = pickle.dumps(source)
         except Exception as e:
@@ -43,6 +70,13 @@ class HandlerProcess:
                 f"start='spawn' needs a picklable source (a module-level function or class "
                 f"instance): {e}"
             ) from None
+        main = [*_main_reference(), *sys.argv] if b"__main__" in payload else []
+        settings = [
+            str(sock.fileno()),
+            str(board),
+            str(os.getpid()),
+            "none" if timeout is None else str(timeout),
+        ]
         code = "from userfaultfd.remote.handler import spawned_main; spawned_main()"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         r, w = os.pipe()
@@ -52,7 +86,7 @@ class HandlerProcess:
         try:
             pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-c", code, str(sock.fileno()), str(board)],
+                [sys.executable, "-c", code, *settings, *main],
                 env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)],
             )
