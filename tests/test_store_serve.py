@@ -358,3 +358,40 @@ def test_serve_replays_a_working_set_from_the_store(pushed, tmp_path: Path) -> N
         assert "resident" in proc.stdout and proc.stdout.split()[-1] == "OK"
     finally:
         assert server.stop() == 0
+
+
+def test_a_replaced_serving_process_opens_its_own_cache_and_loses_nothing(
+    pushed, tmp_path: Path
+) -> None:
+    """The supervisor never opens the store: each serving process opens its chunk cache, so one
+    started after a kill -9 fetches again what the clients touch next, every byte right."""
+    from .test_serve_production import load, result, serving_pid
+
+    address, _, local = pushed
+    server = Server(tmp_path, address, "--readahead", "none", "--verbose")  # type: ignore[arg-type]
+    try:
+        first = serving_pid(server)
+        proc = load(server, local, SIZE, 0, 3.0)
+        server.expect("connect client")
+        time.sleep(0.5)  # faulting, chunks fetched into the first process's cache
+        os.kill(first, 9)
+        assert "(killed by SIGKILL) while serving 1 client(s)" in server.expect("ended")
+        server.expect("took over 1 client(s)")
+        report = result(proc)  # no wrong page, before or after the takeover
+        assert report["pages"] == SIZE // PAGE, report
+        assert "errors 0" in server.expect("disconnect client 1")
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_of_a_missing_stored_snapshot_exits_naming_it(store_url: str, tmp_path: Path) -> None:
+    """Only the serving process opens the store: its failure to, before anything was ever
+    served, ends the supervisor with that error (not a loop of replacements failing alike)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(tmp_path / "s.sock"),
+         "--memory", f"{store_url}/ghost"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: no snapshot 'ghost'" in proc.stderr.splitlines()[-1], proc.stderr
+    assert not (tmp_path / "s.sock").exists()

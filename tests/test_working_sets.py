@@ -550,9 +550,10 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
     try:
         client = fc_client(s, big, f"{1 << 30}@0", "--hold", "60")
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
-        s.expect("connect client 1")
+        line = s.expect("connect client 1")  # said by the serving process, which replays
+        serving = line.split("[serving ")[1].split("]")[0]
         deadline = time.monotonic() + 10  # the stream starts just after the connect line
-        while not (tids := replay_threads(str(s.proc.pid))) and time.monotonic() < deadline:
+        while not (tids := replay_threads(serving)) and time.monotonic() < deadline:
             time.sleep(0.01)
         with contextlib.suppress(ProcessLookupError):  # a stream that has just ended
             assert tids and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}

@@ -26,14 +26,17 @@ def registering(
     region: _core.Mapping,
     mode: RegisterMode,
     on_failure: Callable[[], None] = _nothing,
+    inherit: bool = False,
 ) -> Iterator[None]:
     """Registers ``region`` with ``uffd``; the block hands it to whoever serves it. If anything
-    here or in the block fails, the region is unmapped and ``on_failure`` runs."""
+    here or in the block fails, the region is unmapped and ``on_failure`` runs. ``inherit``:
+    forked children keep the region (the uffd has EVENT_FORK and their faults are served)."""
     try:
-        # A forked child would see the region unregistered: zeros where pages are still
+        # Unserved in a forked child, the region would read zeros where pages are still
         # missing, and with shared memory zero pages it allocates would be what this
-        # process reads too. Children do not inherit regions (touching one is SIGSEGV).
-        _core.madvise(region.address, region.length, mmap.MADV_DONTFORK)
+        # process reads too. Such children do not inherit regions (touching one is SIGSEGV).
+        if not inherit:
+            _core.madvise(region.address, region.length, mmap.MADV_DONTFORK)
         uffd.register(region.address, region.length, mode)
         yield
     except BaseException:

@@ -47,6 +47,35 @@ def _close_all() -> None:
             server._shutdown(at_exit=True)
 
 
+def _guard_forked_child() -> None:
+    """In a forked child, regions that are not served there (not inherited) get a guard: a
+    touch prints which region it was and why before the SIGSEGV kills the child."""
+    guards = []
+    for server in list(_servers):
+        if server.serves_forks or server.closed:
+            continue
+        if server.mode == "sigbus":
+            why = "a sigbus-mode server serves only the process that created it"
+        elif not server._forks_asked:
+            why = "its server was created with serve_forks=False"
+        else:
+            why = "the kernel refused UFFD_FEATURE_EVENT_FORK (it needs CAP_SYS_PTRACE)"
+        for region in list(server._regions.values()):
+            if region.closed:
+                continue
+            message = (
+                f"userfaultfd: process {os.getpid()} (a forked child) touched {region!r}, which "
+                f"is not mapped in forked children: {why}. Create the region in the child, or "
+                "start children with 'spawn'.\n"
+            )
+            guards.append((region.address, region.address + len(region), message))
+    if guards:
+        _core.fork_guard(guards)
+
+
+os.register_at_fork(after_in_child=_guard_forked_child)
+
+
 class Region(_core.Mapping):
     """Memory whose pages come from a source on first touch. Supports the buffer protocol
     (``numpy.frombuffer(region)``, ``memoryview(region)``), ``region[i]`` and ``region[a:b]``.
@@ -198,6 +227,17 @@ class Region(_core.Mapping):
         return f"<Region {self.id} {len(self)} bytes {self.memory} {state} from {self.source!r}>"
 
 
+def _open_uffd(wanted: Feature, forks: bool) -> Userfaultfd:
+    """A uffd with wanted, plus EVENT_FORK if forks and the kernel grants it (it needs
+    CAP_SYS_PTRACE: EPERM otherwise)."""
+    if forks and Feature.EVENT_FORK in available_features():
+        try:
+            return Userfaultfd(wanted | Feature.EVENT_FORK)
+        except PermissionError:
+            pass
+    return Userfaultfd(wanted)
+
+
 class PageServer:
     """Owns a uffd and serves the faults of the regions it maps.
 
@@ -205,7 +245,9 @@ class PageServer:
     own fault). ``on_remove``: after MADV_DONTNEED/MADV_REMOVE, "refill" serves the pages again
     from the source; "zero" unregisters the range so it reads fresh zero pages. ``spin_us``: how
     long a worker that just served keeps polling before it sleeps; waking an idle vCPU costs more
-    than a fault in a VM (0 never spins)."""
+    than a fault in a VM (0 never spins). ``serve_forks``: in thread mode, ask for EVENT_FORK so
+    that forked children keep the regions and are served (where the kernel grants it); False
+    leaves children without them (a touch there names the region before its SIGSEGV)."""
 
     def __init__(
         self,
@@ -214,6 +256,7 @@ class PageServer:
         *,
         on_remove: OnRemove = "refill",
         spin_us: float = 50.0,
+        serve_forks: bool = True,
     ) -> None:
         if mode not in ("thread", "sigbus"):
             raise ValueError(f"mode {mode!r} is not 'thread' or 'sigbus'")
@@ -233,7 +276,11 @@ class PageServer:
         wanted |= available_features() & (Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM)
         if mode == "sigbus":
             wanted |= Feature.SIGBUS
-        self._uffd = Userfaultfd(wanted)
+        self._uffd = _open_uffd(wanted, forks=mode == "thread" and serve_forks)
+        # With EVENT_FORK a forked child keeps the regions, and the engine serves its faults
+        # (the child's uffd arrives with the FORK event).
+        self.serves_forks = Feature.EVENT_FORK in self._uffd.features
+        self._forks_asked = serve_forks
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._regions: dict[int, Region] = {}
@@ -343,7 +390,10 @@ class PageServer:
             region.server, region.source = self, source
             region.page_size, region.memory = page_size, memory
             region._prepared = prepared
-            with registering(self._uffd, region, mode, on_failure=prepared.release):
+            # Without EVENT_FORK a forked child does not inherit the region; touching it there
+            # is SIGSEGV with a message naming it (_guard_forked_child).
+            with registering(self._uffd, region, mode, on_failure=prepared.release,
+                             inherit=self.serves_forks):  # fmt: skip
                 region.id = self._engine.add_region(
                     RegionSpec(
                         start=region.address,

@@ -43,7 +43,7 @@ class Stats:
     poisoned: int
     errors: int
     removes: int
-    prefetched: int  # pages installed by a replay, not for a fault
+    prefetched: int  # installed by a replay or populate (prefetch, a stop's drain), not a fault
     histogram: tuple[int, ...] = field(repr=False)  # 250 buckets: the percentiles say it
 
     @property

@@ -7,11 +7,13 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -34,6 +36,7 @@
 #define ERR_RING 64
 #define FILL_CAP (256u * 1024u) /* the most one COPY of a fill pattern installs */
 #define MAX_POISONED 64         /* per region; past that every filled granule counts as poisoned */
+#define CHILD_PROBE_MS 100      /* how often an idle child's engine checks that the child lives */
 #define MAX_REPLAYS 16
 #define MAX_REPLAY_THREADS 16
 #define REPLAY_PIECE (1u << 20) /* replay runs are cut into pieces of at most this many bytes */
@@ -113,7 +116,7 @@ struct engine {
     int uffd, mode, nworkers, remove_policy;
     uint64_t base_page, spin_ns;
     int stop_fd;
-    pthread_t threads[MAX_WORKERS];
+    pthread_t threads[MAX_WORKERS + 1]; /* the workers, and the forker thread */
     int nthreads;
     pthread_mutex_t lock; /* writers: the table and the region list */
     /* A worker reads under read_lock and, when its batch holds events, keeps it until they are
@@ -132,6 +135,17 @@ struct engine {
     } errors[ERR_RING];
     atomic_int gone, stopping;
     atomic_uint_fast64_t events[5]; /* remove, unmap, remap, unknown, fork */
+    /* fork(): the kernel gives each forked child of the uffd's owner a uffd of its own (the
+     * FORK event); an engine of its own serves it from the same regions. */
+    struct engine *root;     /* the engine Python created: errors are recorded there */
+    struct engine *parent;   /* set on an engine serving a forked child */
+    struct engine *children; /* engines serving forked children, linked by sibling, under lock */
+    struct engine *sibling;
+    uint64_t probe; /* children: a page in no region, for the liveness probe */
+    /* FORK events go through this pipe (fds) to a thread of their own: a reader must never
+     * allocate while it holds read_lock, since the forking thread holds glibc's malloc locks
+     * until it returns from fork(), and it returns only once a reader has read its event. */
+    int fork_pipe[2];
     /* Faults in replayed regions: on pages a replay holds (hits) or not (misses). */
     atomic_uint_fast64_t replay_hits, replay_misses;
     atomic_int predicted; /* threads of replays that are not speculative, still running */
@@ -152,6 +166,7 @@ static unsigned hist_bucket(uint64_t ns)
 static void record_error(struct engine *e, int err, int region_id, uint64_t addr, uint64_t off,
                          const char *op)
 {
+    e = e->root;
     uint64_t n = atomic_fetch_add(&e->nerrors, 1);
     e->errors[n % ERR_RING].e = (struct engine_error){err, region_id, addr, off, op};
     atomic_store_explicit(&e->errors[n % ERR_RING].seq, n + 1, memory_order_release);
@@ -347,6 +362,9 @@ static void poison(struct engine *e, struct region *r, uint64_t addr, uint64_t l
     }
 }
 
+/* Set while this thread runs engine_populate (prefetch, a stop's drain): what it installs counts
+ * as prefetched, as a replay's does. */
+static _Thread_local int populating;
 /* What install() is asked to do (flags). */
 #define INSTALL_MINOR 1u    /* UFFDIO_CONTINUE: the page cache holds the data */
 #define INSTALL_PREFETCH 2u /* a replay thread, not a fault: counted as prefetched */
@@ -361,14 +379,14 @@ static void count_installed(const struct engine *e, struct region *r, unsigned l
         ADD(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             ADD(r->st.zero_pages, pages);
-        if (how & INSTALL_PREFETCH)
+        if ((how & INSTALL_PREFETCH) || populating)
             ADD(r->st.prefetched, pages);
     } else {
         SUB(r->st.pages_installed, pages);
         SUB(r->st.bytes_installed, n);
         if (req == UFFDIO_ZEROPAGE)
             SUB(r->st.zero_pages, pages);
-        if (how & INSTALL_PREFETCH)
+        if ((how & INSTALL_PREFETCH) || populating)
             SUB(r->st.prefetched, pages);
     }
 }
@@ -659,8 +677,21 @@ static struct table *retable(const struct table *t, uint64_t from, uint64_t len,
     return nt;
 }
 
+static void fork_child(struct engine *e, int fd);
+
 static void handle_event(struct engine *e, const struct uffd_msg *m)
 {
+    if (m->event == UFFD_EVENT_FORK) {
+        /* Queued for the forker thread, without e->lock: the forker may hold it while it
+         * allocates, which waits for a forking thread that waits for this event to be read. */
+        int fd = (int)m->arg.fork.ufd;
+        ADD(e->events[4], 1);
+        if (e->fork_pipe[1] < 0 || write(e->fork_pipe[1], &fd, sizeof(fd)) != sizeof(fd)) {
+            record_error(e, EMFILE, -1, 0, 0, "fork");
+            close(fd); /* nothing can serve it: the child's regions read as plain memory */
+        }
+        return;
+    }
     pthread_mutex_lock(&e->lock);
     struct table *t = atomic_load(&e->table), *nt = NULL;
     switch (m->event) {
@@ -697,13 +728,6 @@ static void handle_event(struct engine *e, const struct uffd_msg *m)
     case UFFD_EVENT_REMAP:
         ADD(e->events[2], 1);
         nt = retable(t, m->arg.remap.from, m->arg.remap.len, m->arg.remap.to, 1);
-        break;
-    case UFFD_EVENT_FORK:
-        /* The kernel put a uffd for the child in our fd table. Nobody serves children here: it
-         * is closed, which unregisters the child's copy of the regions (it reads them as plain
-         * memory, as without EVENT_FORK). */
-        ADD(e->events[4], 1);
-        close((int)m->arg.fork.ufd);
         break;
     default:
         ADD(e->events[3], 1);
@@ -770,6 +794,14 @@ static int serve_faults(struct engine *e, const struct uffd_msg *msgs, int count
     return marked;
 }
 
+/* A forked child's exit raises no event: its uffd just goes quiet. ZEROPAGE on a page in no
+ * region fails with ENOENT while the child's memory exists, ESRCH once it has gone. */
+static int child_gone(struct engine *e)
+{
+    struct uffdio_rangeop o = {{e->probe, e->base_page}, UFFDIO_MODE_DONTWAKE, 0};
+    return ioctl(e->uffd, UFFDIO_ZEROPAGE, &o) != 0 && errno == ESRCH;
+}
+
 static void *worker(void *arg)
 {
     struct engine *e = arg;
@@ -792,12 +824,17 @@ static void *worker(void *arg)
             int sigbus = e->mode == MODE_SIGBUS; /* the only thread: it guards the handler */
             if (sigbus)
                 sigbus_guard();
-            int ready = poll(pf, 2, sigbus ? SIGBUS_GUARD_MS : -1);
-            if (ready == 0)
-                continue;
+            int ready = poll(pf, 2, sigbus ? SIGBUS_GUARD_MS : e->parent ? CHILD_PROBE_MS : -1);
             if (ready < 0 && errno != EINTR) {
                 record_error(e, errno, -1, 0, 0, "poll");
                 break;
+            }
+            if (ready == 0) { /* idle: a child's engine checks that the child lives */
+                if (e->parent && child_gone(e)) {
+                    atomic_store(&e->gone, 1);
+                    break;
+                }
+                continue;
             }
             if (pf[1].revents)
                 break;
@@ -875,6 +912,199 @@ static int sigbus_describe(void *ctx, uint64_t addr, struct fmt *f)
     return ours;
 }
 
+/* ---- forked children ---- */
+
+static void stop_threads(struct engine *e);
+static struct region *region_new(const struct region_params *p);
+static int find_region(struct engine *e, int id);
+static void add_stats(struct region_stats *out, const struct region_stats *s);
+
+/* A page no region of e can cover, for child_gone(): the lowest mappable page, as a rule. */
+static uint64_t probe_address(const struct engine *e)
+{
+    uint64_t addr = 0x10000;
+    FILE *f = fopen("/proc/sys/vm/mmap_min_addr", "re");
+    unsigned long long min;
+    if (f && fscanf(f, "%llu", &min) == 1 && min > addr)
+        addr = (min + e->base_page - 1) & ~(e->base_page - 1);
+    if (f)
+        fclose(f);
+    return addr;
+}
+
+/* Poisons every granule of c's regions the child may still miss (installing over present pages
+ * fails with EEXIST and changes nothing), and wakes its faulters: they get SIGBUS. */
+static void poison_missing(struct engine *c)
+{
+    const struct table *t = atomic_load(&c->table);
+    for (size_t k = 0; t && k < t->n; k++) {
+        const struct extent *x = &t->x[k];
+        struct region *r = x->r;
+        const uint64_t unit = r->p.can_zeropage ? c->base_page : r->p.page_size;
+        uint64_t pos = x->start;
+        while (pos < x->end) {
+            uint64_t i = (x->off + (pos - x->start)) >> r->shift, done;
+            if (bit_test(r, i) && !is_poisoned(r, i)) {
+                pos = x->start + (((i + 1) << r->shift) - x->off);
+                continue;
+            }
+            int err = fill_ioctl(c->uffd, UFFDIO_POISON, pos, 0, unit, UFFDIO_MODE_DONTWAKE, &done);
+            if (err && err != EEXIST)
+                break; /* ESRCH (gone), or no poison on this kernel: nothing more to do */
+            pos += unit;
+        }
+        range_ioctl(c->uffd, UFFDIO_WAKE, x->start, x->end - x->start);
+    }
+}
+
+/* Joins and frees the engines of children that have exited (with e->lock held); what they
+ * served is added to e's regions, and their own children become e's. */
+static void reap_children(struct engine *e)
+{
+    struct engine **link = &e->children;
+    while (*link) {
+        struct engine *c = *link;
+        if (!atomic_load(&c->gone)) {
+            link = &c->sibling;
+            continue;
+        }
+        *link = c->sibling;
+        stop_threads(c); /* its worker has exited; c's children are handed up, not stopped */
+        for (int k = 0; k < c->nregions; k++) {
+            int j = find_region(e, c->regions[k]->id);
+            if (j >= 0)
+                add_stats(&e->regions[j]->st, &c->regions[k]->st);
+        }
+        pthread_mutex_lock(&c->lock);
+        struct engine *orphans = c->children;
+        c->children = NULL;
+        pthread_mutex_unlock(&c->lock);
+        while (orphans) {
+            struct engine *o = orphans;
+            orphans = o->sibling;
+            o->parent = e;
+            o->sibling = e->children;
+            e->children = o;
+        }
+        engine_free(c);
+    }
+}
+
+/* The FORK event (with e->lock held): fd is the child's uffd, installed in this process by the
+ * read. Its engine starts with copies of e's regions: same sources, same pages filled (private
+ * memory filled at the fork was copied; shared memory is the same pages). */
+static void fork_child(struct engine *e, int fd)
+{
+    reap_children(e);
+    struct engine *c = engine_new(fd, MODE_THREAD, 1, e->remove_policy, e->base_page, 0);
+    struct table *t = atomic_load(&e->table), *nt = NULL;
+    int ok = c != NULL;
+    if (ok) {
+        c->parent = e;
+        c->root = e->root;
+        c->probe = probe_address(e);
+        c->next_id = e->next_id;
+        c->regions = calloc((size_t)e->nregions + 1, sizeof(*c->regions));
+        nt = malloc(sizeof(*nt) + (t ? t->n : 0) * sizeof(struct extent));
+        ok = c->regions && nt;
+    }
+    for (int k = 0; ok && k < e->nregions; k++) {
+        const struct region *r = e->regions[k];
+        struct region *cr = region_new(&r->p);
+        if (!(ok = cr != NULL))
+            break;
+        cr->id = r->id;
+        for (uint64_t w = 0; w < (r->npages + 63) / 64; w++)
+            cr->filled[w] = __atomic_load_n(&r->filled[w], __ATOMIC_RELAXED);
+        for (unsigned p = 0; p < MAX_POISONED; p++)
+            atomic_store(&cr->poisoned[p], atomic_load(&r->poisoned[p]));
+        atomic_store(&cr->npoisoned, atomic_load(&r->npoisoned));
+        atomic_store(&cr->poison_overflow, atomic_load(&r->poison_overflow));
+        c->regions[c->nregions++] = cr;
+    }
+    if (ok) {
+        c->cap = e->nregions + 1;
+        nt->n = 0;
+        for (size_t j = 0; t && j < t->n; j++) {
+            struct extent x = t->x[j];
+            int k = find_region(e, x.r->id);
+            x.r = c->regions[k];
+            nt->x[nt->n++] = x;
+        }
+        atomic_store(&c->table, nt);
+        nt = NULL;
+        ok = engine_start(c) == 0;
+    }
+    if (ok) {
+        c->sibling = e->children;
+        e->children = c;
+        return;
+    }
+    record_error(e, ENOMEM, -1, 0, 0, "fork");
+    free(nt);
+    if (c) {
+        if (atomic_load(&c->table))
+            poison_missing(c); /* unserved, the child must not read zeros either */
+        engine_free(c);        /* closes fd */
+    } else {
+        close(fd); /* nothing to serve it with: the child's regions read as plain memory */
+    }
+}
+
+/* Joins c's threads (a child's engine has no SIGBUS part). */
+static void stop_threads(struct engine *c)
+{
+    uint64_t one = 1;
+    atomic_store(&c->stopping, 1);
+    if (write(c->stop_fd, &one, sizeof(one)) < 0) {
+    }
+    for (int k = 0; k < c->nthreads; k++)
+        pthread_join(c->threads[k], NULL);
+    c->nthreads = 0;
+}
+
+/* Creates the engines of the children whose FORK events were queued. */
+static void take_forks(struct engine *e)
+{
+    int fd;
+    while (read(e->fork_pipe[0], &fd, sizeof(fd)) == sizeof(fd)) {
+        pthread_mutex_lock(&e->lock);
+        fork_child(e, fd);
+        pthread_mutex_unlock(&e->lock);
+    }
+}
+
+static void *forker(void *arg)
+{
+    struct engine *e = arg;
+    struct pollfd pf[2] = {{e->fork_pipe[0], POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+    for (;;) {
+        if (poll(pf, 2, -1) < 0 && errno != EINTR)
+            break;
+        if (pf[1].revents)
+            break;
+        take_forks(e);
+    }
+    return NULL;
+}
+
+/* Whether the uffd was opened with UFFD_FEATURE_EVENT_FORK (its fdinfo says). */
+static int has_fork_events(int uffd)
+{
+    char path[64];
+    unsigned long long proto, features = 0;
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", uffd);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    char line[256];
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "API:\t%llx:%llx", &proto, &features) == 2)
+            break;
+    fclose(f);
+    return (features & UFFD_FEATURE_EVENT_FORK) != 0;
+}
+
 /* ---- public API ---- */
 
 static void replays_stop(struct engine *e);
@@ -890,6 +1120,8 @@ struct engine *engine_new(int uffd, int mode, int workers, int remove_policy, ui
     if (!e)
         return NULL;
     e->owner = getpid();
+    e->root = e;
+    e->fork_pipe[0] = e->fork_pipe[1] = -1;
     e->uffd = uffd;
     e->mode = mode;
     e->nworkers = mode == MODE_SIGBUS ? 1 : workers; /* sigbus: one thread reads events */
@@ -914,10 +1146,18 @@ int engine_start(struct engine *e)
                                     : sigbus_install();
     if (rc)
         return -rc;
+    if (e->mode == MODE_THREAD && has_fork_events(e->uffd) &&
+        pipe2(e->fork_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        return -errno;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* signals belong to the application's threads */
     for (int k = 0; k < e->nworkers && !rc; k++) {
         rc = pthread_create(&e->threads[k], NULL, worker, e);
+        if (!rc)
+            e->nthreads++;
+    }
+    if (!rc && e->fork_pipe[0] >= 0) {
+        rc = pthread_create(&e->threads[e->nthreads], NULL, forker, e);
         if (!rc)
             e->nthreads++;
     }
@@ -941,6 +1181,25 @@ void engine_stop(struct engine *e)
     e->nthreads = 0;
     if (e->mode == MODE_SIGBUS)
         sigbus_detach(e);
+    if (e->fork_pipe[0] >= 0) {
+        pthread_mutex_lock(&e->lock);
+        take_forks(e); /* forks not taken yet get an engine, torn down with the others */
+        pthread_mutex_unlock(&e->lock);
+    }
+    /* Forked children still alive lose their server: what they have not got yet is poisoned
+     * (SIGBUS on touch), since closing their uffd would let them read zeros instead. */
+    pthread_mutex_lock(&e->lock);
+    struct engine *c = e->children;
+    e->children = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (c) {
+        struct engine *next = c->sibling;
+        engine_stop(c);
+        if (!atomic_load(&c->gone) && !child_gone(c))
+            poison_missing(c);
+        engine_free(c);
+        c = next;
+    }
 }
 
 static void region_free(struct region *r)
@@ -961,6 +1220,11 @@ void engine_free(struct engine *e)
 {
     if (getpid() != e->owner)
         return; /* a forked child: the copy is left alone (its mutexes may be held) */
+    if (e->parent)
+        close(e->uffd); /* the fd the FORK event installed is the engine's own */
+    for (int k = 0; k < 2; k++)
+        if (e->fork_pipe[k] >= 0)
+            close(e->fork_pipe[k]);
     atomic_store(&e->stopping, 1);
     replays_stop(e); /* replays started on an engine that never ran */
     for (int k = 0; k < e->nregions; k++)
@@ -1112,6 +1376,10 @@ int engine_remove_region(struct engine *e, int id)
     }
     publish(e, nt); /* after this no worker or SIGBUS handler can still see r */
     e->regions[k] = e->regions[--e->nregions];
+    /* The source goes away with the region: forked children's engines drop it too (a child's
+     * fault there is then poisoned, never answered with made-up data). */
+    for (struct engine *c = e->children; c; c = c->sibling)
+        engine_remove_region(c, id);
     pthread_mutex_unlock(&e->lock);
     region_free(r);
     return 0;
@@ -1202,25 +1470,41 @@ static int fill_range(struct engine *e, int id, uint64_t offset, uint64_t length
 
 int engine_populate(struct engine *e, int id, uint64_t offset, uint64_t length)
 {
-    return fill_range(e, id, offset, length, 0);
+    populating = 1;
+    int rc = fill_range(e, id, offset, length, 0);
+    populating = 0;
+    return rc;
+}
+
+static void add_stats(struct region_stats *out, const struct region_stats *s)
+{
+    const uint64_t *src = (const uint64_t *)s;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t f = 0; f < sizeof(*s) / sizeof(uint64_t); f++)
+        dst[f] += __atomic_load_n(&src[f], __ATOMIC_RELAXED);
+}
+
+/* Adds what region id (-1: every region) of e and of its children's engines has served. */
+static int sum_stats(struct engine *e, int id, struct region_stats *out)
+{
+    int rc = -ENOENT;
+    pthread_mutex_lock(&e->lock);
+    reap_children(e);
+    for (int k = 0; k < e->nregions; k++)
+        if (id == -1 || e->regions[k]->id == id) {
+            add_stats(out, &e->regions[k]->st);
+            rc = 0;
+        }
+    for (struct engine *c = e->children; c; c = c->sibling)
+        sum_stats(c, id, out);
+    pthread_mutex_unlock(&e->lock);
+    return rc;
 }
 
 int engine_region_stats(struct engine *e, int id, struct region_stats *out)
 {
-    int rc = -ENOENT;
     memset(out, 0, sizeof(*out));
-    pthread_mutex_lock(&e->lock);
-    for (int k = 0; k < e->nregions; k++) {
-        const struct region_stats *s = &e->regions[k]->st;
-        if (id != -1 && e->regions[k]->id != id)
-            continue;
-        const uint64_t *src = (const uint64_t *)s;
-        uint64_t *dst = (uint64_t *)out;
-        for (size_t f = 0; f < sizeof(*s) / sizeof(uint64_t); f++)
-            dst[f] += __atomic_load_n(&src[f], __ATOMIC_RELAXED);
-        rc = 0;
-    }
-    pthread_mutex_unlock(&e->lock);
+    int rc = sum_stats(e, id, out);
     return id == -1 ? 0 : rc;
 }
 

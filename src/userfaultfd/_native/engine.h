@@ -35,7 +35,7 @@ struct region_stats {
     uint64_t faults_missing, faults_minor, faults_wp;
     uint64_t pages_installed, bytes_installed, zero_pages;
     uint64_t eexist, poisoned, errors, removes;
-    uint64_t prefetched; /* pages installed by replay threads (engine_replay) */
+    uint64_t prefetched; /* base pages installed by replay threads and engine_populate */
     uint64_t hist[HIST_BUCKETS];
 };
 

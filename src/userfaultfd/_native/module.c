@@ -10,6 +10,7 @@
 #include "notice.h"
 #include "py_chunkcache.h"
 #include "py_engine.h"
+#include "py_forkguard.h"
 #include "py_handles.h"
 #include "py_mapping.h"
 #include "py_memory.h"
@@ -41,6 +42,7 @@ static PyMethodDef core_methods[] = {
     {"touch_pages", py_touch_pages, METH_VARARGS, "touch_pages(addr, page, order) -> ns"},
     {"seed_start", py_seed_start, METH_VARARGS, "start the seed's handler thread"},
     {"seed_stop", py_seed_stop, METH_O, "stop it -> (errno, faults)"},
+    {"fork_guard", py_fork_guard, METH_O, "name the regions a forked child must not touch"},
     {"watchdog_start", py_watchdog_start, METH_VARARGS, "poison faults once pidfd's process dies"},
     {"watchdog_stop", py_watchdog_stop, METH_O, "stop it -> whether it fired"},
     {"notice_board", py_notice_board, METH_VARARGS, "say the failure notices at address"},

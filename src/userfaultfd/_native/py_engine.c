@@ -356,8 +356,9 @@ static PyMethodDef engine_methods[] = {
      "ESRCH (the owner's memory is gone)."},
     {"stats", (PyCFunction)engineobj_stats, METH_VARARGS,
      "stats(id) -> (faults_missing, faults_minor, faults_wp, pages, bytes, zero_pages, eexist, "
-     "poisoned, errors, removes, prefetched, histogram); id -1: all regions. OSError ENOENT for "
-     "an unknown id."},
+     "poisoned, errors, removes, prefetched, histogram); id -1: all regions (with the engines "
+     "of forked children). OSError ENOENT for an unknown "
+     "id."},
     {"pieces", (PyCFunction)engineobj_pieces, METH_VARARGS,
      "pieces(id) -> [(start, end, offset)]: where the region's memory is mapped now. OSError "
      "ENOENT for an unknown id."},

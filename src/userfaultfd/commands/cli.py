@@ -141,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive_int, default=1, help="threads per client")
     p.add_argument(
+        "--on-stop",
+        choices=["drain", "abandon"],
+        default="drain",
+        help="on SIGTERM/SIGINT: install every page clients still miss, then exit (default), "
+        "or exit at once",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the longest a drain on stop takes (default 30)",
+    )
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP")
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="one JSON object a line"
+    )
+    level = p.add_mutually_exclusive_group()
+    level.add_argument(
+        "--verbose", dest="verbosity", action="store_const", const="verbose", default="normal"
+    )
+    level.add_argument(
+        "--quiet", dest="verbosity", action="store_const", const="quiet", help="warnings only"
+    )
+    p.add_argument(
         "--record",
         metavar="PATH",
         help="record the first client's first touches into this working-set file (written when "

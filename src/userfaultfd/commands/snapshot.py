@@ -77,7 +77,7 @@ def add_parser(sub: Any) -> None:
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     """`serve --memory ADDRESS`: the chunk cache's bound and the fetches' deadline; and for a
-    handler process started by an application (SnapshotStore.map): --quiet, --exit-with."""
+    handler process started by an application (SnapshotStore.map): --exit-with."""
     p.add_argument(
         "--cache-size",
         type=size,
@@ -92,9 +92,7 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a chunk not fetched by then (retries included) is poisoned (default 30)",
     )
-    p.add_argument(
-        "--quiet", action="store_true", help="log problems only (not clients coming and going)"
-    )
+    # --quiet (log problems only), used by SnapshotStore.map's handler process: serve's own.
     p.add_argument("--exit-with", type=int, metavar="PID", help="stop once this process has ended")
 
 
