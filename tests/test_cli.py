@@ -140,3 +140,11 @@ def test_info_reports_write_protection_per_memory_type() -> None:
         assert report["file"]["wp_async"] == {"usable": True}  # WP_ASYNC takes any memory
     assert all(set(v) == {"wp", "wp_async", "pagemap_scan"} for v in report.values())
     assert all(isinstance(a["usable"], bool) for v in report.values() for a in v.values())
+
+
+def test_a_bare_command_line_names_the_commands_and_version_answers() -> None:
+    proc = run()
+    assert proc.returncode == 2
+    assert "required: {demo,info,serve,bench,ws," in proc.stderr, proc.stderr
+    proc = run("--version")
+    assert proc.returncode == 0 and re.fullmatch(r"userfaultfd \d+\.\d+\.\d+\n", proc.stdout)

@@ -173,6 +173,10 @@ def test_register_reports_ioctls_and_validates(uffd: u.Userfaultfd) -> None:
         uffd.register(region.address, PAGE, 8)
     with pytest.raises(ValueError, match="mode 0"):
         uffd.register(region.address, PAGE, 0)
+    with pytest.raises(TypeError, match="register: start '4096' is a str, not an int"):
+        uffd.register("4096", PAGE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"register: length 4096.0 is a float"):
+        uffd.register(region.address, 4096.0)  # type: ignore[arg-type]
     uffd.unregister(region.address, 4 * PAGE)
     region.close()
 
@@ -387,6 +391,8 @@ def test_read_events_timeouts_and_validation(uffd: u.Userfaultfd) -> None:
             uffd.read_events(max_events=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
         uffd.read_events(timeout=-1)
+    with pytest.raises(TypeError, match="timeout '1' is not a number"):
+        uffd.read_events(timeout="1")  # type: ignore[arg-type]
 
 
 def test_several_faults_in_one_read(uffd: u.Userfaultfd) -> None:

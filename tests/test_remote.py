@@ -96,6 +96,31 @@ def test_a_source_that_cannot_open_fails_the_constructor_with_its_traceback() ->
     assert "the store is down" in str(err.value) and "in open" in str(err.value)
 
 
+class OpenWithoutClose:
+    def open(self) -> None:
+        raise ConnectionRefusedError("the store is down")
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+
+def test_a_source_with_open_but_no_close_is_still_opened() -> None:
+    """Before the fix only an object with all of open, read and close was opened: this one's
+    open() was skipped, and its reads ran unconnected."""
+    with pytest.raises(u.SourceError, match="the store is down"):
+        u.PythonSourceServer(OpenWithoutClose())
+
+
+def test_tracking_a_remote_region_is_refused_without_pointing_at_pageserver_methods() -> None:
+    """Before the fix the error advised region.track_writes(), which RemoteRegion lacks."""
+    with u.PythonSourceServer(page_number) as server:
+        region = server.map(4 * PAGE)
+        with pytest.raises(OSError, match="served by its handler process") as err:
+            u.track_writes(region)
+        assert "track_writes()" not in str(err.value)
+        region.close()
+
+
 def test_spawn_needs_a_picklable_source_and_start_is_checked() -> None:
     with pytest.raises(TypeError, match="start='spawn' needs a picklable source"):
         u.PythonSourceServer(lambda offset, length: bytes(length), start="spawn")
@@ -386,6 +411,35 @@ def test_notice_boards_past_the_table_are_refused_quietly() -> None:
             b.close()
 
 
+def _mapped(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def test_a_closed_servers_notice_board_stays_mapped_and_is_reused_clean() -> None:
+    """A thread dying of a SIGBUS may be reading a board in the signal handler as its server
+    closes: the board is never unmapped (reading it there would fault in the handler), and
+    the next server reuses it, without the old server's notices."""
+    from userfaultfd.remote.notices import Board, Writer
+
+    board = Board()
+    address = board._memory.address
+    Writer(board.fd).write(0x1000, PAGE, "stale")
+    os.close(board.fd)
+    board.close()
+    assert _mapped(address)
+    again = Board()
+    try:
+        assert again._memory.address == address
+        assert bytes(again._memory) == bytes(len(again._memory))
+    finally:
+        os.close(again.fd)
+        again.close()
+
+
 TOUCH_CHILD = textwrap.dedent(
     """
     import userfaultfd as u
@@ -574,8 +628,10 @@ def test_adaptive_readahead_grows_on_a_sequential_stream() -> None:
         assert region[:] == page_number(0, 2048 * PAGE)
         stats = region.stats()
         assert stats["pages"] == 2048 and stats["faults"] < 16  # 64 KiB, 128 KiB, ... 4 MiB
-        with pytest.raises(TypeError, match="readahead 'fast' is a str"):
+        # one vocabulary with PageServer.map (before the fix "fast" was "a str, not an int")
+        with pytest.raises(ValueError, match="readahead 'fast' is not a page count >= 0, 'adap"):
             server.map(PAGE, readahead="fast")  # type: ignore[arg-type]
+        assert server.map(PAGE, readahead="none", record=True)[0] == 0
 
 
 def test_a_dead_handler_or_a_closed_server_is_named_not_a_broken_pipe() -> None:
@@ -683,4 +739,43 @@ def test_ctrl_c_ends_an_application_frozen_on_a_stuck_source(tmp_path: Path) -> 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(app.pid, signal.SIGKILL)
+        app.wait(10)
+
+
+POPULATE_APP = textwrap.dedent(
+    """
+    import time, userfaultfd as u
+    def slow(offset, length):
+        time.sleep(0.2)
+        return b"s" * length
+    with u.PythonSourceServer(slow) as server:
+        region = server.map(64 << 20)
+        print("populating", flush=True)
+        try:
+            region.populate()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        assert region[len(region) - 1] == ord("s")  # still served after
+        print(region.stats()["pages"] < 16384, flush=True)
+    """
+)
+
+
+def test_ctrl_c_in_a_remote_populate_stops_the_handler_populating_too(tmp_path: Path) -> None:
+    """Before the fix the handler went on populating after the KeyboardInterrupt (here for
+    minutes): the next call timed out, and its reply would have answered the call after."""
+    script = tmp_path / "app.py"
+    script.write_text(POPULATE_APP)
+    app = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline() == "populating\n"
+        time.sleep(1)
+        app.send_signal(signal.SIGINT)
+        out, err = app.communicate(timeout=10)
+        assert app.returncode == 0, err
+        assert out == "interrupted\nTrue\n"
+    finally:
+        app.kill()
         app.wait(10)

@@ -642,6 +642,22 @@ def test_send_and_receive_round_trip() -> None:
     b.close()
 
 
+def test_send_uffd_refuses_what_the_receiver_would_naming_it() -> None:
+    a, b = socket.socketpair()
+    with u.Userfaultfd() as uffd, a, b:
+        with pytest.raises(TypeError, match="None is not a socket"):
+            send_uffd(None, uffd.fileno(), [GuestRegion(BASE, PAGE, 0, PAGE)])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"\(1, 2, 3, 4\) is not a GuestRegion"):
+            send_uffd(a, uffd.fileno(), [(1, 2, 3, 4)])  # type: ignore[list-item]
+        with pytest.raises(HandoffError, match="non-empty"):
+            send_uffd(a, uffd.fileno(), [])
+        with pytest.raises(HandoffError, match="base_host_virt_addr -4096"):
+            send_uffd(a, uffd.fileno(), [GuestRegion(-PAGE, PAGE, 0, PAGE)])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing was sent
+            b.recv(1)
+
+
 def test_a_payload_cut_anywhere_reads_as_incomplete_and_a_malformed_one_as_complete() -> None:
     payloads = [
         json.dumps([GuestRegion(BASE, 2 * MIB, MIB, PAGE).to_json()] * 3).encode(),

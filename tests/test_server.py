@@ -1203,3 +1203,35 @@ def test_hugetlb_regions(mode: str, huge_pages: None, tmp_path: Path) -> None:
         assert settled(backed, 1024).faults == 2
         with pytest.raises(ValueError, match="page_size 4096"):
             server.map(huge, memory="hugetlb", page_size=PAGE)
+
+
+# Registered before userfaultfd is imported, so it runs after the library's own exit hook: a
+# view still alive then (a daemon thread reading it) must read the source's bytes, not zeros.
+VIEW_AT_EXIT = """
+import atexit, sys
+views = []
+def read_late():
+    view = views[0]
+    print(sorted({view[k] for k in range(0, len(view), 4096)}))
+atexit.register(read_late)
+import userfaultfd as u
+if sys.argv[1] == "python":
+    server = u.PythonSourceServer(lambda offset, length: b"\\x07" * length)
+    region = server.map(64 * 4096)
+else:
+    server = u.PageServer(sys.argv[1])
+    region = server.map(64 * 4096, u.Fill(b"\\x07"))
+views.append(memoryview(region))
+"""
+
+
+@pytest.mark.parametrize("mode", [*MODES, "python"])
+def test_a_view_alive_at_interpreter_exit_still_reads_the_source(mode: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", VIEW_AT_EXIT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[7]\n"

@@ -394,8 +394,25 @@ def test_a_pageserver_closed_under_a_tracker_detaches_the_region() -> None:
     with pytest.warns(u.DetachWarning, match="still exported"):
         server.close()
     assert region[0] == ord("z")  # detached: every page installed
+    region[PAGE] = 1
+    with pytest.raises(ValueError, match="no longer tracked"):  # it said [] before the fix
+        tracker.written()
     tracker.close()
     region.close()
+
+
+def test_closing_a_region_under_its_tracker_says_to_close_the_tracker_first() -> None:
+    with u.PageServer() as server:
+        region = server.map(16 * PAGE, u.Fill(b"z"))
+        tracker = region.track_writes()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            region.close()
+        with pytest.raises(BufferError, match="write tracker.*close the tracker first"):
+            server.close(detach="error")
+        assert region[0] == ord("z")  # still served
+        tracker.close()
+        region.close()
+        assert region.closed
 
 
 def test_a_forked_child_cannot_use_the_tracker_and_leaves_the_parent_alone() -> None:

@@ -411,6 +411,46 @@ def test_serve_refuses_a_bad_replay_file_naming_it(tmp_path: Path, memory: Path)
     assert proc.returncode == 1 and "--record-seconds needs --record" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--replay-threads", "3"], "--replay-threads needs --replay PATH"),
+        (["--record", "/missing/dir/ws"], "/missing/dir is not a writable directory"),
+        (["--record", "."], "is a directory"),
+    ],
+)
+def test_serve_refuses_record_and_replay_options_it_could_not_honour(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """Before the fix a --record path in a missing folder was found out only when the restore
+    was over (the recording lost), and --replay-threads without --replay was ignored."""
+    memory = tmp_path / "mem"
+    memory.write_bytes(bytes(PAGE))
+    proc = subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "serve", "--socket", str(tmp_path / "s"),
+         "--memory", str(memory), *args],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr
+
+
+def test_saving_where_it_cannot_names_the_path_given(tmp_path: Path) -> None:
+    """Before the fix the error named the file written aside (for a directory, one in its
+    parent: '/.tmp.PID.tmp' for '/tmp')."""
+    ws = sample_set()
+    with pytest.raises(IsADirectoryError, match=f"working-set file {str(tmp_path)!r}"):
+        ws.save(tmp_path)
+    missing = tmp_path / "missing" / "a.ws"
+    with pytest.raises(FileNotFoundError, match=f"working-set file {str(missing)!r}"):
+        ws.save(missing)
+    assert os.listdir(tmp_path) == []
+
+
+def test_merging_paths_instead_of_sets_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="'a.ws' is not a WorkingSet"):
+        u.WorkingSet.merge(["a.ws"])  # type: ignore[list-item]
+
+
 # ---- `userfaultfd ws` ----
 
 
@@ -511,7 +551,9 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
         client = fc_client(s, big, f"{1 << 30}@0", "--hold", "60")
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
         s.expect("connect client 1")
-        tids = replay_threads(str(s.proc.pid))
+        deadline = time.monotonic() + 10  # the stream starts just after the connect line
+        while not (tids := replay_threads(str(s.proc.pid))) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with contextlib.suppress(ProcessLookupError):  # a stream that has just ended
             assert tids and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
         client.kill()

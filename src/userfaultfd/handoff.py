@@ -55,10 +55,18 @@ class GuestRegion:
 
 
 def send_uffd(sock: socket.socket, uffd_fd: int, regions: Iterable[GuestRegion]) -> None:
-    """Send the uffd and its regions in one message, as Firecracker does."""
+    """Send the uffd and its regions in one message, as Firecracker does. TypeError for a
+    wrong type; HandoffError for regions the receiving side would refuse (the same checks)."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"send_uffd: sock {sock!r:.80} is not a socket.socket")
+    regions = list(regions)
+    for r in regions:
+        if not isinstance(r, GuestRegion):
+            raise TypeError(f"send_uffd: region {r!r:.80} is not a GuestRegion")
     payload = json.dumps([r.to_json() for r in regions]).encode()
     if len(payload) > MAX_MESSAGE:
         raise HandoffError(f"the region list is {len(payload)} bytes, over {MAX_MESSAGE}")
+    parse_regions(payload)  # refused here, naming the region, rather than by the receiver
     socket.send_fds(sock, [payload], [uffd_fd])
 
 

@@ -142,6 +142,12 @@ class Region(_core.Mapping):
         """Unmap the region and stop serving it. BufferError while exported buffers exist."""
         if self.closed:
             return
+        if self.exports and self._served:
+            from .tracking import holder
+
+            held = holder(self)
+            if held:
+                raise BufferError(f"{self!r} cannot be closed: it is held by {held}")
         if self.exports or not self._served:
             super().close()  # raises BufferError naming the count, or unmaps plain memory
             return
@@ -164,16 +170,13 @@ class Region(_core.Mapping):
                 time.sleep(0.0005)  # the event is read; the worker applies it next
             self._forget()
 
-    def _detach(self, populate: bool = True) -> None:
-        """Install every page, then unregister: exported views keep reading correct data. At
-        interpreter exit nothing reads them any more and a large sparse region would take long
-        to install: it is only unregistered, so that unmapping it later raises no event."""
+    def _detach(self) -> None:
+        """Install every page, then unregister: exported views keep reading correct data."""
         from .tracking import finish_copies
 
         server = self.server
         finish_copies(self)  # a live snapshot of it needs the engine until its copy is complete
-        if populate:
-            server._engine.populate(self.id, 0, len(self))
+        server._engine.populate(self.id, 0, len(self))
         for start, end, _ in server._engine.pieces(self.id):
             server._uffd.unregister(start, end - start)
         self._forget()
@@ -436,6 +439,13 @@ class PageServer:
         :class:`DetachWarning`; ``detach="error"`` raises BufferError instead, before anything
         is closed. Raises SourceError for failures not yet reported."""
         if not self.closed and os.getpid() == self._pid:
+            if detach == "error":
+                from .tracking import holder
+
+                for region in self._viewed():
+                    held = holder(region)
+                    if held:
+                        raise BufferError(f"cannot close: {region!r} is held by {held}")
             exported(self._viewed(), detach)
         self._shutdown(at_exit=False)
 
@@ -457,15 +467,19 @@ class PageServer:
             self._uffd.close()  # this process's copy of the fd
             _servers.discard(self)
             return
+        if at_exit and self._viewed():
+            # A view alive at exit may still be read (a daemon thread, a later exit hook), and
+            # an unregistered page reads as zeros: wrong data. Installing every page first could
+            # hang the exit on a slow or stuck source, so the server is left as it is, serving
+            # until the process ends (its threads and uffd go with it; nothing waits for them).
+            return
         # Newest first: a region that is another's Buffer source is exported by that one,
         # and closing that one first releases it instead of detaching it.
         for region in reversed(list(self._regions.values())):
-            if region.exports and at_exit:  # nothing reads the views any more: no install
-                region._detach(populate=False)
-            elif region.exports:
+            if region.exports:
                 how = f"installing every page of its {len(region)} bytes not yet served"
                 warn_detaching(region, how, stacklevel=3)
-                region._detach(populate=True)
+                region._detach()
             else:
                 region._unmap_and_forget()
         self._collect()

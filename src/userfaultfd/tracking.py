@@ -172,6 +172,12 @@ class _Attachment:
                 f"this tracker watches process {self.pid}'s memory: a forked child cannot use it"
             )
         span = self.span
+        if span.region is not None and not span.region._served:
+            # Unregistered, its writes raise no WP fault: the bitmap would say "none written".
+            raise ValueError(
+                f"{span.region!r} was detached as its PageServer closed: its writes are no "
+                "longer tracked (close the tracker before the server)"
+            )
         if self.mechanism == "async":
             return _core.pagemap_scan(self.pagemap, span.start, span.end, reset, span.lo, span.hi)
         assert self.ctx is not None
@@ -228,8 +234,21 @@ def finish_copies(region: Any) -> None:
         att.ctx.snapshot_wait(-1)
 
 
+def holder(region: Any) -> str | None:
+    """What of this module holds a view of ``region``, said for a BufferError; None if nothing."""
+    with _lock:
+        att = next((a for a in _attached.values() if a.span.region is region), None)
+        if att is None:
+            return None
+        if att.trackers:
+            return "an open write tracker (region.track_writes()): close the tracker first"
+        return "a live snapshot still copying: wait() for it first"
+
+
 def _refused(span: _Span, e: OSError) -> OSError:
-    if e.errno == errno.EBUSY:
+    if e.errno == errno.EBUSY and span.name.startswith("RemoteRegion"):
+        why = "a PythonSourceServer region's uffd is served by its handler process, not here"
+    elif e.errno == errno.EBUSY:
         why = (
             "it is registered with another userfaultfd (a PageServer region: use "
             "region.track_writes() and region.snapshot())"

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from . import _core
-from .errors import FeatureUnavailableError, PartialError, os_error
+from .errors import FeatureUnavailableError, PartialError, expect_int, os_error
 from .events import Event, decode
 from .flags import (
     CONTINUE_MODE_WP,
@@ -70,9 +70,11 @@ def available_features() -> Feature:
 
 
 def _check_range(name: str, start: int, length: int, align: int = PAGE_SIZE) -> None:
-    if not isinstance(start, int) or start < 0 or start % align:
+    expect_int(f"{name}: start", start)
+    expect_int(f"{name}: length", length)
+    if start < 0 or start % align:
         raise ValueError(f"{name}: start {start!r} is not a non-negative multiple of {align}")
-    if not isinstance(length, int) or length <= 0 or length % align:
+    if length <= 0 or length % align:
         raise ValueError(f"{name}: length {length!r} is not a positive multiple of {align}")
 
 
@@ -271,6 +273,8 @@ class Userfaultfd:
             raise ValueError(f"max_events {max_events!r} is not in 1..4096")
         if timeout is None:
             ms = -1
+        elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise TypeError(f"timeout {timeout!r} is not a number of seconds or None")
         elif timeout < 0:
             raise ValueError(f"timeout {timeout!r} is negative")
         else:

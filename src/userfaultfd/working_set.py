@@ -4,6 +4,7 @@ them, and when. Recorded by the engine on the fault path, saved in a small versi
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -129,6 +130,9 @@ class WorkingSet:
         time over the recordings that saw them."""
         if not sets:
             raise ValueError("merge needs at least one working set")
+        for ws in sets:
+            if not isinstance(ws, WorkingSet):
+                raise TypeError(f"merge: {ws!r:.80} is not a WorkingSet (WorkingSet.load() it)")
         if not isinstance(min_count, int) or not 1 <= min_count <= len(sets):
             raise ValueError(f"min_count {min_count!r} is not in 1..{len(sets)}")
         page_size = sets[0].page_size
@@ -168,11 +172,18 @@ class WorkingSet:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            if path.is_dir():  # else the error would name the file written aside
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
             with open(tmp, "wb") as f:
                 f.write(self.to_bytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise type(e)(
+                e.errno, f"cannot write working-set file {str(path)!r}: {e.strerror}"
+            ) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -67,6 +68,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.record_seconds is not None and not args.record:
         raise ValueError("--record-seconds needs --record PATH")
+    if args.replay_threads != 1 and not args.replay:
+        raise ValueError("--replay-threads needs --replay PATH")
+    if args.record:  # the set is written after the restore: a bad path would lose it then
+        folder = os.path.dirname(os.path.abspath(args.record))
+        if os.path.isdir(args.record):
+            raise ValueError(f"--record {args.record!r} is a directory, not a file path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"--record {args.record!r}: {folder} is not a writable directory")
     if args.replay_threads > 16:
         raise ValueError(f"--replay-threads {args.replay_threads} is above the limit of 16")
     return int(serve.main(args))
@@ -82,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import snapshot
 
     parser = _Parser(prog="userfaultfd", description="User-space page-fault handling on Linux.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"userfaultfd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="the userfaultfd(2) example program, reproduced")
@@ -178,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ws.add_parser(sub)
     snapshot.add_parser(sub)
+    # Named in the error a bare `userfaultfd` gets (argparse would say "required: command").
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 

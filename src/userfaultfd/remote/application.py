@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from userfaultfd import _core
-from userfaultfd._engine import ADAPTIVE_MIN
+from userfaultfd._engine import ADAPTIVE_MIN, Readahead, parse_readahead
 from userfaultfd._ntuples import SourceFailure
 from userfaultfd._regions import exported, in_forked_child, registering, warn_detaching
 from userfaultfd.errors import SourceError, expect_int, source_error
@@ -44,8 +44,9 @@ class RemoteRegion(_core.Mapping):
     def populate(self, offset: int = 0, length: int | None = None) -> None:
         """Install every page of ``[offset, offset + length)`` now: the handler asks the source
         for what is missing (in chunks of at least 64 KiB) and keeps serving faults meanwhile.
-        Waits as long as the source takes (Ctrl-C interrupts the wait). SourceError for pages
-        the source could not produce: they are poisoned."""
+        Waits as long as the source takes; Ctrl-C stops it, the handler included, after the
+        chunk in hand (what was installed stays). SourceError for pages the source could not
+        produce: they are poisoned."""
         self._check_served()
         expect_int("populate offset", offset)
         length = len(self) - offset if length is None else expect_int("populate length", length)
@@ -61,7 +62,16 @@ class RemoteRegion(_core.Mapping):
     def _install(self, offset: int, length: int) -> None:
         """The handler installs (or poisons) every page of the range; its reports are kept
         for the next check."""
-        self.server._request(messages.Populate(self.address, offset, length), timeout=None)
+        server = self.server
+        server._send(messages.Populate(self.address, offset, length))
+        try:
+            server._reply(timeout=None)
+        except KeyboardInterrupt:
+            # The handler would go on populating, and its reply would answer our next request:
+            # it stops after the chunk in hand (bounded by the source's timeout) and replies.
+            server._sock.send(messages.encode(messages.Cancel()))
+            server._reply(timeout=None)
+            raise
 
     def stats(self) -> dict[str, int]:
         """What the handler has done for this region: faults, pages installed, source errors."""
@@ -207,26 +217,25 @@ class PythonSourceServer:
         length: int,
         *,
         offset: int = 0,
-        readahead: int | Literal["adaptive"] = 0,
+        readahead: int | Literal["adaptive", "none"] = 0,
         record: bool = False,
     ) -> RemoteRegion:
         """Map ``length`` bytes whose page at region offset ``o`` is ``source(offset + o, n)``.
-        ``readahead``: extra pages asked of the source with each fault, or "adaptive" (64 KiB
-        growing to 4 MiB on sequential streams). ``record``: record the first touches
+        ``readahead``: extra pages asked of the source with each fault, "none", or "adaptive"
+        (64 KiB growing to 4 MiB on sequential streams). ``record``: record the first touches
         (:meth:`RemoteRegion.working_set`); readahead must be off meanwhile."""
         self._check()
-        if record and readahead:
+        parsed = parse_readahead(readahead)  # the vocabulary PageServer.map and serve take
+        if record and parsed != Readahead():
             raise ValueError(f"readahead {readahead!r} with record=True: recording needs it off")
         if expect_int("length", length) <= 0 or length % PAGE_SIZE:
             raise ValueError(f"length {length!r} is not a positive multiple of {PAGE_SIZE}")
         if expect_int("offset", offset) < 0 or offset % PAGE_SIZE:
             raise ValueError(f"offset {offset!r} is not a non-negative multiple of {PAGE_SIZE}")
-        if readahead == "adaptive":
+        if parsed.adaptive_max:
             ahead = messages.Readahead(0, ADAPTIVE_MIN, adaptive=True)
-        elif expect_int("readahead", readahead) >= 0:
-            ahead = messages.Readahead(0, (readahead + 1) * PAGE_SIZE)
         else:
-            raise ValueError(f"readahead {readahead!r} is not a page count >= 0 or 'adaptive'")
+            ahead = messages.Readahead(0, (parsed.fixed + 1) * PAGE_SIZE)
         region = RemoteRegion(length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.server, region.offset, region.readahead = self, offset, readahead
         with registering(self._uffd, region, RegisterMode.MISSING):
@@ -236,7 +245,7 @@ class PythonSourceServer:
             if record:
                 self._request(messages.Record(region.address))
                 region._recording = True
-            if readahead:
+            if parsed != Readahead():
                 self._request(dataclasses.replace(ahead, base=region.address))
         self._regions.add(region)
         return region
@@ -261,6 +270,10 @@ class PythonSourceServer:
     def _request(
         self, msg: messages.Message, timeout: float | None = REPLY_TIMEOUT
     ) -> messages.Message:
+        self._send(msg)
+        return self._reply(timeout)
+
+    def _send(self, msg: messages.Message) -> None:
         self._check_alive()
         try:
             self._sock.send(messages.encode(msg))
@@ -268,7 +281,6 @@ class PythonSourceServer:
             self._process.join(REPLY_TIMEOUT)
             self._check_alive()
             raise
-        return self._reply(timeout)
 
     def _reply(self, timeout: float | None = REPLY_TIMEOUT) -> messages.Message:
         """The next reply; error reports that come first are kept for _check."""

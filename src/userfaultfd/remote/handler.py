@@ -62,21 +62,24 @@ class FunctionSource:
         pass
 
 
-class ReadOnlySource:
-    """An object with only ``read(offset, length)`` as a PageSource."""
+class ObjectSource:
+    """An object with ``read(offset, length)``, and ``open()`` or ``close()`` if it has either
+    (one without the other is still called: a source whose open() connects needs it)."""
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
         self.read = obj.read
 
     def open(self) -> None:
-        pass
+        if callable(getattr(self.obj, "open", None)):
+            self.obj.open()
 
     def close(self) -> None:
-        pass
+        if callable(getattr(self.obj, "close", None)):
+            self.obj.close()
 
     def __reduce__(self) -> tuple[Any, ...]:  # a bound method does not pickle by reference
-        return ReadOnlySource, (self.obj,)
+        return ObjectSource, (self.obj,)
 
 
 def as_page_source(source: Any) -> PageSource:
@@ -85,7 +88,7 @@ def as_page_source(source: Any) -> PageSource:
     if isinstance(source, PageSource):
         return source
     if callable(getattr(source, "read", None)):
-        return ReadOnlySource(source)
+        return ObjectSource(source)
     if callable(source):
         return FunctionSource(source)
     raise TypeError(
@@ -240,6 +243,8 @@ class FaultLoop:
             self.reply(messages.Ok())
             return True
         msg = messages.decode(data)
+        if isinstance(msg, messages.Cancel):  # the populate it meant has ended already
+            return True
         if isinstance(msg, messages.Unmap):
             if self.regions.pop(msg.base, None):
                 self.bases.remove(msg.base)
@@ -335,6 +340,20 @@ class FaultLoop:
             self.produce(served, pos, chunk, chunk)
             pos += chunk
             self.serve_pending()
+            if self.cancelled():
+                return
+
+    def cancelled(self) -> bool:
+        """Whether the application sent Cancel (Ctrl-C) during a populate: it waits for the
+        populate's reply meanwhile, so nothing else can be queued (a peek leaves EOF)."""
+        try:
+            data = self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if data != messages.encode(messages.Cancel()):
+            return False
+        self.sock.recv(1 << 16)
+        return True
 
     def produce(self, served: Served, start: int, length: int, poison: int) -> None:
         """Asks the source for ``length`` bytes at ``start`` and installs them; if it fails,

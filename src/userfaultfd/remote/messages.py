@@ -36,6 +36,13 @@ class Populate:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Application -> handler: stop the Populate in progress (Ctrl-C); its Ok comes at once
+    after the chunk being produced. Never answered itself: one that comes after the populate
+    ended is ignored."""
+
+
+@dataclass(frozen=True)
 class Record:
     """Application -> handler: record the first touches of the region at ``base`` from now."""
 
@@ -94,6 +101,7 @@ Message = (
     Unmap
     | Readahead
     | Populate
+    | Cancel
     | Record
     | WorkingSetRequest
     | StatsRequest
@@ -105,7 +113,8 @@ Message = (
 _KINDS: dict[str, type[Message]] = {
     kind.__name__: kind
     for kind in (
-        Unmap, Readahead, Populate, Record, WorkingSetRequest, StatsRequest, Ready, Ok, Counts,
+        Unmap, Readahead, Populate, Cancel, Record, WorkingSetRequest, StatsRequest, Ready, Ok,
+        Counts,
         ErrorReport,
     )
 }  # fmt: skip

@@ -19,24 +19,39 @@ SIZE = SLOT.size * _core.NOTICE_BOARD_SLOTS
 
 
 class Board:
-    """The application's side: a memfd the handler process maps too, said by our SIGBUS
+    """The application's side: a memfd the handler process maps too, read by our SIGBUS
     handler. ``fd`` is for the handler process; close it once the handler has it."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("userfaultfd-notices", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, SIZE)
-            self._memory = _core.Mapping(SIZE, mmap.MAP_SHARED, self.fd)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self._memfd, self._memory = _retired.pop() if _retired else _new_board()
+        self._memory[:] = bytes(SIZE)  # a previous server's notices would name its regions
+        self.fd = os.dup(self._memfd)
         # False past 64 boards at once: those servers' notices go unsaid, they still serve.
         _core.notice_board(self._memory.address)
+        self._closed = False
 
     def close(self) -> None:
-        if not self._memory.closed:
+        """The board is no longer read, but it stays mapped for the life of the process: a
+        thread dying of a SIGBUS may be reading it in the signal handler right now, and reading
+        unmapped memory there would fault inside the handler. The next Board reuses it."""
+        if not self._closed:
+            self._closed = True
             _core.notice_board_remove(self._memory.address)
-            self._memory.close()
+            _retired.append((self._memfd, self._memory))
+
+
+def _new_board() -> tuple[int, _core.Mapping]:
+    fd = os.memfd_create("userfaultfd-notices", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, SIZE)
+        return fd, _core.Mapping(SIZE, mmap.MAP_SHARED, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# Boards no server uses any more (memfd, mapping), never unmapped (see Board.close).
+_retired: list[tuple[int, _core.Mapping]] = []
 
 
 class Writer:
