@@ -96,7 +96,11 @@ def test_a_stored_diff_layer_stores_only_changed_chunks_and_restores_the_same_by
     writer = _writer(m, order)
     layer = u.snapshot(m, f"{store_url}/s1", parent=full)  # by the Snapshot it returned
     writer.join(TIMEOUT)
-    assert layer.parent is full and layer.stored is not None
+    assert layer.stored is not None
+    if tracked:  # only the pages written since were copied, and the push keeps the rest
+        assert layer.parent is full and layer.pages <= npages // 8
+    else:  # the whole image was copied, and the push compared its chunks
+        assert layer.parent is None and layer.pages == npages
     _consistent(_pull(store_url, "s1", tmp_path), base, order)
     assert layer.stored.inherited_chunks >= layer.stored.chunks * 7 // 8
     assert layer.stored.stored_bytes <= full.stored.stored_bytes // 4
@@ -139,4 +143,21 @@ def test_stored_snapshot_errors_come_before_anything_is_protected(
     assert u.SnapshotStore(url).names() == ["there"]
     assert list(own_tmp.iterdir()) == []
     m[0] = 1  # plain memory
+    m.close()
+
+
+def test_a_stored_layer_of_an_object_inside_pages_is_its_bytes(
+    store_url: str, tmp_path: Path
+) -> None:
+    m = mmap.mmap(-1, 300 * PAGE)
+    m[:] = os.urandom(len(m))
+    v = memoryview(m)[7:-100]  # its pages straddle the file blocks of the local copy
+    with u.track_writes(v, mechanism="sync"):
+        full = u.snapshot(v, f"{store_url}/a")
+        for at in (3, 10, 5 * PAGE, 299 * PAGE + 5):  # before, in, and at the end of the object
+            m[at] = (m[at] + 1) % 256
+        layer = u.snapshot(v, f"{store_url}/b", parent=full)
+    assert layer.parent is full and layer.pages == 3
+    assert _pull(store_url, "b", tmp_path) == bytes(v)
+    v.release()
     m.close()

@@ -35,6 +35,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
@@ -430,7 +431,9 @@ class Snapshot:
         (store, name, parent), self._push = self._push, None
         try:
             if self._error is None:
-                self.stored = store.push(self.path, name, parent=parent)
+                # A local diff layer (only the written pages): the rest is as in the parent.
+                changed = _layer_to_image(self.path) if self.parent is not None else None
+                self.stored = store.push(self.path, name, parent=parent, changed=changed)
         except OSError as e:
             self._error = e
         finally:
@@ -465,12 +468,14 @@ def snapshot(
     docs/snapshot-store.md): the snapshot ends as stored snapshot NAME, pushed as the store's
     chunks (hashed, compressed, deduplicated). ``parent`` is then an earlier stored snapshot: its
     name or address in the same store, or the Snapshot an earlier call returned; the push is a
-    diff layer over it that stores only the chunks that differ (no tracker is needed: chunks are
-    compared by hash). Cost: the instant's image is first copied whole, exactly as for a file,
-    into a temporary file (``tempfile.gettempdir()``, as large as the object), which ``wait()``
-    then reads, hashes and pushes (with ``wait=False`` the push runs in ``wait()``) and removes;
-    ``snapshot.stored`` tells what the push stored. A bad address, an existing name or a missing
-    parent raise before anything is write-protected."""
+    diff layer over it that stores only the chunks that differ (compared by hash: no tracker is
+    needed). Cost: the instant's image is first copied whole, exactly as for a file, into a
+    temporary file (``tempfile.gettempdir()``, as large as the object), which ``wait()`` then
+    reads, hashes and pushes (with ``wait=False`` the push runs in ``wait()``) and removes. When
+    ``parent`` is the Snapshot returned for this memory while a sync tracker ran and has run
+    since, only the pages written since are copied (then ``.parent`` is set; the push fetches the
+    parent's chunks that were only partly written). ``.stored`` tells what the push stored. A
+    bad address, an existing name or a missing parent raise before anything is write-protected."""
     if parent is not None and not isinstance(parent, (Snapshot, str)):
         raise TypeError(f"snapshot: parent {parent!r} is not a Snapshot")
     path = os.fspath(dest)
@@ -506,17 +511,22 @@ def snapshot(
                 )
         if push is None:
             return _start(att, path, parent, wait)
+        # The tracker knows what was written since a stored parent taken of this memory: copy
+        # only those pages (the push takes the rest from the parent).
+        over = push[3]
+        if over is not att.last or not att.tracked_since_last or not att.trackers:
+            over = None
         fd, tmp = tempfile.mkstemp(prefix="uffd-snapshot-")
         os.close(fd)
         try:
-            snap = _start(att, tmp, None, False)
+            snap = _start(att, tmp, over, False)
         except BaseException:
             os.unlink(tmp)
             raise
     except BaseException:
         att.leave()
         raise
-    snap.address, snap._push, snap.parent, snap.stored_parent = path, push[:3], push[3], push[2]
+    snap.address, snap._push, snap.stored_parent = path, push[:3], push[2]
     if wait:
         snap.wait()
     return snap
@@ -596,25 +606,55 @@ def read_snapshot(path: str | os.PathLike[str]) -> bytes:
         head = f.read(_HEADER_AREA)
         if not head.startswith(LAYER_MAGIC):
             return head + f.read()
-        magic, version, page, length, offset, count, plen = _HEADER.unpack_from(head)
-        if version != 1:
-            raise ValueError(f"{path}: diff layer version {version} is not 1")
+        length, plen = _HEADER.unpack_from(head)[3], _HEADER.unpack_from(head)[6]
         parent = os.path.join(
             os.path.dirname(path), head[_HEADER.size : _HEADER.size + plen].decode()
         )
         image = bytearray(read_snapshot(parent))
         if len(image) != length:
             raise ValueError(f"{path}: its parent {parent} holds {len(image)} bytes, not {length}")
-        f.seek(_HEADER_AREA)
-        index = memoryview(f.read(4 * count)).cast("I")
-        npages = -(-(offset + length) // page)
-        f.seek(-(-(_HEADER_AREA + 4 * npages) // page) * page)
-        for k in range(count):
-            block = f.read(page)
-            a = index[k] * page - offset  # where the page starts in the object
-            lo, hi = max(a, 0), min(a + page, length)
-            image[lo:hi] = block[lo - a : hi - a]
+        for at, data in _layer_pages(f, path, head):
+            image[at : at + len(data)] = data
         return bytes(image)
+
+
+def _layer_pages(f: Any, path: str, head: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset in the object, bytes) of each page a diff layer holds, clipped to the object."""
+    magic, version, page, length, offset, count, plen = _HEADER.unpack_from(head)
+    if version != 1:
+        raise ValueError(f"{path}: diff layer version {version} is not 1")
+    f.seek(_HEADER_AREA)
+    index = memoryview(f.read(4 * count)).cast("I")
+    npages = -(-(offset + length) // page)
+    f.seek(-(-(_HEADER_AREA + 4 * npages) // page) * page)
+    for k in range(count):
+        block = f.read(page)
+        a = index[k] * page - offset  # where the page starts in the object
+        lo, hi = max(a, 0), min(a + page, length)
+        yield lo, block[lo - a : hi - a]
+
+
+def _layer_to_image(path: str) -> list[tuple[int, int]]:
+    """Rewrite a diff layer file in place as a sparse image holding its pages at their offsets;
+    returns the [start, end) ranges they cover (the rest is as in the parent). The ranges are
+    told, not found with SEEK_DATA: an object that starts inside a page has its pages across
+    file blocks, whose unwritten bytes read as data."""
+    sparse, pages = path + ".image", []
+    with open(path, "rb") as f, open(sparse, "wb") as out:
+        head = f.read(_HEADER_AREA)
+        out.truncate(_HEADER.unpack_from(head)[3])
+        for at, data in _layer_pages(f, path, head):
+            out.seek(at)
+            out.write(data)
+            pages.append((at, at + len(data)))
+    os.replace(sparse, path)
+    ranges: list[tuple[int, int]] = []
+    for a, b in sorted(pages):  # in copy order (a write's page first): sort, merge
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    return ranges
 
 
 def _yes() -> dict[str, Any]:
