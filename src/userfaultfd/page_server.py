@@ -126,7 +126,11 @@ class Region(_core.Mapping):
         return track_writes(self)
 
     def snapshot(
-        self, dest: str | os.PathLike[str], *, parent: Snapshot | None = None, wait: bool = True
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        parent: Snapshot | str | None = None,
+        wait: bool = True,
     ) -> Snapshot:
         """A live snapshot of this region (see :func:`userfaultfd.snapshot`); pages not served
         yet are served from the source as the copy reaches them."""

@@ -18,7 +18,12 @@ snapshot after a previous one then writes only the changed pages, as a diff laye
 
 Snapshot files: without ``parent`` the raw memory image, byte for byte (``serve`` can serve it);
 with ``parent`` a diff layer: a header naming the parent file, the page indices, the pages.
-:func:`read_snapshot` rebuilds the image from a layer chain."""
+:func:`read_snapshot` rebuilds the image from a layer chain.
+
+A snapshot-store address as ``dest`` (``file:///dir/NAME``, ``s3://bucket/prefix/NAME``): the
+point-in-time image is copied exactly as for a file, into a temporary file, then pushed in the
+store's own format (store/store.py) and the temporary file removed. With ``parent`` (a stored
+snapshot) the push is a diff layer: only chunks whose hash differs from the parent's are stored."""
 
 from __future__ import annotations
 
@@ -27,13 +32,18 @@ import errno
 import os
 import stat
 import struct
+import tempfile
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _core
 from .flags import MAP_HUGETLB, Feature, RegisterMode
 from .uffd import PAGE_SIZE, Userfaultfd, available_features
+
+if TYPE_CHECKING:
+    from .store import PushResult, SnapshotStore
 
 Mechanism = Literal["async", "sync"]
 
@@ -377,6 +387,10 @@ class Snapshot:
         self._fd = fd
         self._error: OSError | None = None
         self._taken_while_tracked = att.trackers > 0
+        self.address: str | None = None  # a store address: pushed there by wait()
+        self.stored: PushResult | None = None  # what the push stored
+        self.stored_parent: str | None = None  # the name of the stored parent it is a layer over
+        self._push: tuple[SnapshotStore, str, str | None] | None = None  # store, name, parent
 
     @property
     def done(self) -> bool:
@@ -405,22 +419,43 @@ class Snapshot:
                 att.leave()
             if err:
                 self._error = OSError(err, f"writing the snapshot {self.path}: {os.strerror(err)}")
-
+        if self._push is not None:
+            self._push_to_store()
         if self._error is not None:
             raise self._error
         return self
+
+    def _push_to_store(self) -> None:
+        """The copy is complete (the memory is free again): push it, then drop the file."""
+        assert self._push is not None
+        (store, name, parent), self._push = self._push, None
+        try:
+            if self._error is None:
+                # A local diff layer (only the written pages): the rest is as in the parent.
+                changed = _layer_to_image(self.path) if self.parent is not None else None
+                self.stored = store.push(self.path, name, parent=parent, changed=changed)
+        except OSError as e:
+            self._error = e
+        finally:
+            os.unlink(self.path)
+            self.path = self.address or self.path
 
     def __del__(self) -> None:  # dropped without wait(): finish, and let the memory go
         with contextlib.suppress(Exception):
             self.wait()
 
     def __repr__(self) -> str:
-        kind = "diff layer" if self.parent else "image"
-        return f"<Snapshot {kind} {self.path} {self.pages} pages{'' if self.done else ' copying'}>"
+        kind = "diff layer" if self.parent or self.stored_parent else "image"
+        where = self.address or self.path
+        return f"<Snapshot {kind} {where} {self.pages} pages{'' if self.done else ' copying'}>"
 
 
 def snapshot(
-    obj: Any, dest: str | os.PathLike[str], *, parent: Snapshot | None = None, wait: bool = True
+    obj: Any,
+    dest: str | os.PathLike[str],
+    *,
+    parent: Snapshot | str | None = None,
+    wait: bool = True,
 ) -> Snapshot:
     """Write a point-in-time copy of ``obj``'s memory to the file ``dest`` while the program keeps
     writing: every page is write-protected at once, a native thread copies them, and a write to a
@@ -429,12 +464,33 @@ def snapshot(
     snapshot of the same memory, taken while a sync tracker ran and has run since): a diff layer
     holding only the pages written since. ``wait=False`` returns at once; call ``wait()``.
 
-    A snapshot-store address as ``dest`` is not supported yet (issue 11 has not landed)."""
-    path = os.fspath(dest)
-    if not isinstance(path, str) or "://" in path:
-        raise ValueError(f"snapshot: dest {dest!r} is not a local file path")
-    if parent is not None and not isinstance(parent, Snapshot):
+    ``dest`` may be a snapshot-store address (``file:///dir/NAME``, ``s3://bucket/prefix/NAME``,
+    docs/snapshot-store.md): the snapshot ends as stored snapshot NAME, pushed as the store's
+    chunks (hashed, compressed, deduplicated). ``parent`` is then an earlier stored snapshot: its
+    name or address in the same store, or the Snapshot an earlier call returned; the push is a
+    diff layer over it that stores only the chunks that differ (compared by hash: no tracker is
+    needed). Cost: the instant's image is first copied whole, exactly as for a file, into a
+    temporary file (``tempfile.gettempdir()``, as large as the object), which ``wait()`` then
+    reads, hashes and pushes (with ``wait=False`` the push runs in ``wait()``) and removes. When
+    ``parent`` is the Snapshot returned for this memory while a sync tracker ran and has run
+    since, only the pages written since are copied (then ``.parent`` is set; the push fetches the
+    parent's chunks that were only partly written). ``.stored`` tells what the push stored. A
+    bad address, an existing name or a missing parent raise before anything is write-protected."""
+    if parent is not None and not isinstance(parent, (Snapshot, str)):
         raise TypeError(f"snapshot: parent {parent!r} is not a Snapshot")
+    path = os.fspath(dest)
+    if not isinstance(path, str):
+        raise ValueError(f"snapshot: dest {dest!r} is not a local file path or store address")
+    push = None
+    if "://" in path:
+        push = _store_target(path, parent)
+        parent = None  # the local copy is the whole image; the store compares chunks
+    elif isinstance(parent, str):
+        raise TypeError(f"snapshot: parent {parent!r} is not a Snapshot (dest is a local file)")
+    elif parent is not None and parent.address is not None:
+        raise ValueError(
+            f"snapshot: parent {parent.address} is stored; a local file's parent is a local file"
+        )
     att = _attach(obj, "snapshot", "sync", keep=False)
     try:
         if att.mechanism == "async":
@@ -445,7 +501,7 @@ def snapshot(
             )
         if att.copying:
             raise OSError(errno.EBUSY, f"snapshot: a snapshot of {att.span.name} is in progress")
-        if parent is not None:
+        if isinstance(parent, Snapshot):
             parent.wait()
             if parent is not att.last or not att.tracked_since_last or not att.trackers:
                 raise ValueError(
@@ -453,10 +509,57 @@ def snapshot(
                     f"{att.span.name} taken while a sync tracker has run since: nothing recorded "
                     "the writes since; take a full snapshot"
                 )
-        return _start(att, path, parent, wait)
+        if push is None:
+            return _start(att, path, parent, wait)
+        # The tracker knows what was written since a stored parent taken of this memory: copy
+        # only those pages (the push takes the rest from the parent).
+        over = push[3]
+        if over is not att.last or not att.tracked_since_last or not att.trackers:
+            over = None
+        fd, tmp = tempfile.mkstemp(prefix="uffd-snapshot-")
+        os.close(fd)
+        try:
+            snap = _start(att, tmp, over, False)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except BaseException:
         att.leave()
         raise
+    snap.address, snap._push, snap.stored_parent = path, push[:3], push[2]
+    if wait:
+        snap.wait()
+    return snap
+
+
+def _store_target(
+    address: str, parent: Snapshot | str | None
+) -> tuple[SnapshotStore, str, str | None, Snapshot | None]:
+    """(store, name, parent's name, parent Snapshot) of a store ``dest``, checked: the address
+    parses, the name is free, the parent is a stored snapshot of the same store."""
+    from .store import SnapshotExistsError, SnapshotStore
+    from .store.manifest import manifest_key
+
+    store, name = SnapshotStore.at(address)
+    if store.backend.size(manifest_key(name)) is not None:
+        raise SnapshotExistsError(name, store.url)
+    if parent is None:
+        return store, name, None, None
+    if isinstance(parent, Snapshot):
+        parent.wait()  # a stored parent is pushed by its wait()
+        if parent.address is None:
+            raise ValueError(
+                f"snapshot: parent {parent.path} is a local file snapshot; a stored snapshot's "
+                "parent must be stored too"
+            )
+        where = parent.address
+    else:
+        where = parent if "://" in parent else f"{store.url.rstrip('/')}/{parent}"
+    there, pname = SnapshotStore.at(where)
+    if there.url != store.url:
+        raise ValueError(f"snapshot: parent {where} is not in the store of {address}")
+    store.layers(pname)  # missing, or a broken chain: one error naming it, before protecting
+    return store, name, pname, parent if isinstance(parent, Snapshot) else None
 
 
 def _start(att: _Attachment, path: str, parent: Snapshot | None, wait: bool) -> Snapshot:
@@ -503,25 +606,55 @@ def read_snapshot(path: str | os.PathLike[str]) -> bytes:
         head = f.read(_HEADER_AREA)
         if not head.startswith(LAYER_MAGIC):
             return head + f.read()
-        magic, version, page, length, offset, count, plen = _HEADER.unpack_from(head)
-        if version != 1:
-            raise ValueError(f"{path}: diff layer version {version} is not 1")
+        length, plen = _HEADER.unpack_from(head)[3], _HEADER.unpack_from(head)[6]
         parent = os.path.join(
             os.path.dirname(path), head[_HEADER.size : _HEADER.size + plen].decode()
         )
         image = bytearray(read_snapshot(parent))
         if len(image) != length:
             raise ValueError(f"{path}: its parent {parent} holds {len(image)} bytes, not {length}")
-        f.seek(_HEADER_AREA)
-        index = memoryview(f.read(4 * count)).cast("I")
-        npages = -(-(offset + length) // page)
-        f.seek(-(-(_HEADER_AREA + 4 * npages) // page) * page)
-        for k in range(count):
-            block = f.read(page)
-            a = index[k] * page - offset  # where the page starts in the object
-            lo, hi = max(a, 0), min(a + page, length)
-            image[lo:hi] = block[lo - a : hi - a]
+        for at, data in _layer_pages(f, path, head):
+            image[at : at + len(data)] = data
         return bytes(image)
+
+
+def _layer_pages(f: Any, path: str, head: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset in the object, bytes) of each page a diff layer holds, clipped to the object."""
+    magic, version, page, length, offset, count, plen = _HEADER.unpack_from(head)
+    if version != 1:
+        raise ValueError(f"{path}: diff layer version {version} is not 1")
+    f.seek(_HEADER_AREA)
+    index = memoryview(f.read(4 * count)).cast("I")
+    npages = -(-(offset + length) // page)
+    f.seek(-(-(_HEADER_AREA + 4 * npages) // page) * page)
+    for k in range(count):
+        block = f.read(page)
+        a = index[k] * page - offset  # where the page starts in the object
+        lo, hi = max(a, 0), min(a + page, length)
+        yield lo, block[lo - a : hi - a]
+
+
+def _layer_to_image(path: str) -> list[tuple[int, int]]:
+    """Rewrite a diff layer file in place as a sparse image holding its pages at their offsets;
+    returns the [start, end) ranges they cover (the rest is as in the parent). The ranges are
+    told, not found with SEEK_DATA: an object that starts inside a page has its pages across
+    file blocks, whose unwritten bytes read as data."""
+    sparse, pages = path + ".image", []
+    with open(path, "rb") as f, open(sparse, "wb") as out:
+        head = f.read(_HEADER_AREA)
+        out.truncate(_HEADER.unpack_from(head)[3])
+        for at, data in _layer_pages(f, path, head):
+            out.seek(at)
+            out.write(data)
+            pages.append((at, at + len(data)))
+    os.replace(sparse, path)
+    ranges: list[tuple[int, int]] = []
+    for a, b in sorted(pages):  # in copy order (a write's page first): sort, merge
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((a, b))
+    return ranges
 
 
 def _yes() -> dict[str, Any]:

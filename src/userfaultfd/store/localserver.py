@@ -83,6 +83,8 @@ class S3Server:
             f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
             f"-filer.port={ports[2]}", f"-s3.port={self.port}",
             "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            # Off: their fixed default ports (8181, 9101) collide with another running server.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
         self.endpoint = f"http://127.0.0.1:{self.port}"
         with open(self.log, "wb") as out:

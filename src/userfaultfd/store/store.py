@@ -279,14 +279,17 @@ class SnapshotStore:
         level: int = DEFAULT_LEVEL,
         sparse_diff: bool = False,
         progress: Progress | None = None,
+        changed: list[tuple[int, int]] | None = None,
     ) -> PushResult:
         """Store memfile as snapshot ``name``, as a diff layer over ``parent`` if given: only
         chunks that differ from the parent are listed in it. ``sparse_diff``: memfile is a
         Firecracker diff snapshot, whose holes are pages unchanged since the parent; only its
-        data extents are read (SEEK_DATA/SEEK_HOLE)."""
+        data extents are read (SEEK_DATA/SEEK_HOLE). ``changed``: the same, told as sorted
+        [start, end) ranges instead of found as extents (a live snapshot's written pages)."""
         t0 = time.monotonic()
         check_name(name)
         check_level(level)
+        sparse_diff = sparse_diff or changed is not None
         if sparse_diff and parent is None:
             raise ValueError("a sparse diff snapshot needs --parent: its holes mean 'unchanged'")
         base = self.open(parent) if parent is not None else None
@@ -303,7 +306,9 @@ class SnapshotStore:
         marker = f"pushes/{name}.{secrets.token_hex(8)}"
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
-            extents = _data_extents(fd, size) if sparse_diff else None
+            extents = (
+                changed if changed is not None else _data_extents(fd, size) if sparse_diff else None
+            )
             self.backend.put(marker, b"push")
             self._wait_for("gc", "a gc")
             m = Manifest(name, size, chunk_size, parent, [], level=level, created=time.time())
