@@ -547,6 +547,7 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
     with big.open("wb") as f:
         f.truncate(1 << 30)  # sparse: the stream of it lasts while we look
     s = Server(tmp_path, big, "--prefetch", "all")
+    client = None
     try:
         client = fc_client(s, big, f"{1 << 30}@0", "--hold", "60")
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
@@ -561,6 +562,9 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
         client.wait(10)
         s.expect("disconnect client 1")
     finally:
+        if client is not None and client.poll() is None:  # a failure above: never leave it held
+            client.kill()
+            client.wait(10)
         assert s.stop() == 0
 
 
