@@ -169,8 +169,10 @@ class FaultLoop:
         source: PageSource,
         board: notices.Writer,
         timeout: float | None = None,
+        app_pidfd: int = -1,
     ) -> None:
         self.sock, self.source, self.board, self.timeout = sock, source, board, timeout
+        self.app_pidfd = app_pidfd  # readable once the application has ended
         self.calling_since = 0.0  # when the source call in progress began
         self.stderr = StderrWriter()
         self.uffd: Userfaultfd | None = None
@@ -184,14 +186,14 @@ class FaultLoop:
         self.dropped_total = 0
 
     def run(self) -> None:
-        signal.signal(signal.SIGALRM, self.deadline)
+        signal.signal(signal.SIGALRM, self.tick)
         signal.signal(signal.SIGINT, self.interrupt)
-        if self.timeout:
-            # One interval timer for the handler's life, not one armed and disarmed around
-            # each call: two system calls per fault cost a fifth of the fault rate. A call is
-            # then ended between timeout and timeout * 1.25 after it started.
-            tick = min(self.timeout / 4, 1.0)
-            signal.setitimer(signal.ITIMER_REAL, tick, tick)
+        # One interval timer for the handler's life bounds source calls and notices the
+        # application's end. Not a timer armed around each call (two system calls per fault
+        # cost a fifth of the fault rate), nor a watcher thread (a second thread makes every
+        # GIL hand-over dearer: 5%). A call ends between timeout and timeout * 1.25.
+        tick = min(self.timeout / 4, 1.0) if self.timeout else 1.0
+        signal.setitimer(signal.ITIMER_REAL, tick, tick)
         try:
             self.source.open()
         except BaseException as e:  # noqa: BLE001 - the application raises it
@@ -390,8 +392,12 @@ class FaultLoop:
         finally:  # a deadline just past the return only poisons a page it could have served
             self.calling_since = 0.0
 
-    def deadline(self, *_: object) -> None:
-        """SIGALRM, every tick: ends a source call that has run past the timeout."""
+    def tick(self, *_: object) -> None:
+        """SIGALRM, every tick: the handler ends with the application, even while a source
+        call is stuck (the closed socket would tell the loop only once the call returns); a
+        source call that has run past the timeout is ended."""
+        if self.app_pidfd >= 0 and select.select([self.app_pidfd], [], [], 0)[0]:
+            os._exit(0)
         since = self.calling_since
         if self.timeout and since and time.monotonic() - since > self.timeout:
             raise SourceTimeout(f"the source did not return within {self.timeout} s (timeout=)")
@@ -471,26 +477,18 @@ def handler_main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the application decides when we stop
         for other in inherited:
             other.close()
-        threading.Thread(target=_end_with, args=(app_pid,), daemon=True).start()
+        try:
+            app_pidfd = os.pidfd_open(app_pid)
+        except ProcessLookupError:  # the application has ended already
+            os._exit(0)
         writer = notices.Writer(board)
         os.close(board)
-        FaultLoop(sock, source, writer, timeout).run()
+        FaultLoop(sock, source, writer, timeout, app_pidfd).run()
         code = 0
     except BaseException:  # noqa: BLE001 - the process ends here either way
         traceback.print_exc()
     finally:
         os._exit(code)
-
-
-def _end_with(app_pid: int) -> None:
-    """Ends the handler when the application ends, even while a source call is stuck (the
-    closed socket would tell the loop only once the call returns)."""
-    try:
-        pidfd = os.pidfd_open(app_pid)
-    except ProcessLookupError:
-        os._exit(0)
-    select.select([pidfd], [], [])
-    os._exit(0)
 
 
 def _load_main(kind: str, ref: str, argv: list[str]) -> None:
