@@ -2,10 +2,10 @@
 
 Two processes. The supervisor (supervisor.py) listens on the UNIX socket, takes each client's
 hand-off (handoff.py) and keeps the client's uffd and region list; it never serves a fault. The
-serving process, this module's :class:`Handler`, gets each client from it and runs native worker
-threads (the page server's engine) that serve the client's MISSING faults from the memory file at
-``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the range, so the
-client later reads fresh zero pages, as Firecracker's example handler does. When the serving
+serving process, this module's :class:`ServingProcess`, gets each client from it and runs native
+worker threads (the page server's engine) that serve the client's MISSING faults from the memory
+file at ``offset + (address - base)``. A REMOVE event (balloon inflation) unregisters the range,
+so the client later reads fresh zero pages, as Firecracker's example handler does. When the serving
 process dies or is upgraded, the supervisor hands every client to a replacement.
 
 Working sets: ``--record`` records the first client's first touches into a working-set file
@@ -82,7 +82,7 @@ class Client:
         return sum(r.size for r in self.regions) // PAGE_SIZE
 
 
-class Handler:
+class ServingProcess:
     """The serving process: one engine per client, clients given and taken by the supervisor
     over the control socket ``ctl`` (SOCK_SEQPACKET, one JSON message per packet)."""
 
@@ -475,7 +475,7 @@ def worker_main() -> None:
     _die_with_parent()
     ctl = socket.socket(fileno=config["ctl"])
     try:
-        handler = _handler(ctl, config)
+        serving = _serving_process(ctl, config)
     except (OSError, ValueError) as e:  # a stored snapshot that cannot be opened, say
         log.error("cannot serve: %s", e)
         with contextlib.suppress(OSError):
@@ -483,12 +483,12 @@ def worker_main() -> None:
         sys.exit(1)
     if config["memory_fd"] >= 0:
         os.close(config["memory_fd"])
-    handler.run()
+    serving.run()
     sys.exit(0)
 
 
-def _handler(ctl: socket.socket, config: dict[str, Any]) -> Handler:
-    return Handler(
+def _serving_process(ctl: socket.socket, config: dict[str, Any]) -> ServingProcess:
+    return ServingProcess(
         ctl,
         config["memory_fd"],
         address=config["address"],
@@ -549,12 +549,14 @@ def main(args: argparse.Namespace) -> int:
     return supervisor.run()
 
 
-def _open_snapshot(address: str, budget: int, fetch_timeout: float, handler: Handler) -> StoreCache:
+def _open_snapshot(
+    address: str, budget: int, fetch_timeout: float, serving: ServingProcess
+) -> StoreCache:
     from userfaultfd.store import SnapshotStore
     from userfaultfd.store.serving import StoreCache
 
     store, name = SnapshotStore.at(address, timeout=min(30.0, fetch_timeout))
     return StoreCache(
         store.open(name), budget=budget, fetch_timeout=fetch_timeout,
-        on_poison=handler.report_poison,
+        on_poison=serving.report_poison,
     )  # fmt: skip

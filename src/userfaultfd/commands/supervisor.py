@@ -1,13 +1,13 @@
 """The supervising process of ``userfaultfd serve``: it outlives the serving process.
 
-It listens on the socket, takes each client's hand-off, and keeps the client's connection, uffd
-and region list; a serving process (serve.Handler, a fresh interpreter) gets a copy of each uffd
+It listens on the socket, takes each client's hand-off, and keeps the client's connection, uffd and
+region list; a serving process (serve.ServingProcess, a fresh interpreter) gets a copy of each uffd
 and serves its faults. The supervisor itself never touches a client's memory, so nothing a client
 does can crash it. When the serving process dies (even by SIGKILL) a standby serving process,
-started ahead and waiting, takes every client over: it wakes each client's ranges so that faults
-the dead process had read but not answered are raised again. SIGHUP replaces the serving process
-with one started from the code on disk now (an upgrade in place). Two serving processes never
-serve one uffd at once: a replacement gets the clients only after its predecessor has exited.
+started ahead and waiting, takes every client over: it wakes each client's ranges so that faults the
+dead process had read but not answered are raised again. SIGHUP replaces the serving process with
+one started from the code on disk now (an upgrade in place). Two serving processes never serve one
+uffd at once: a replacement gets the clients only after its predecessor has exited.
 
 Under systemd (NOTIFY_SOCKET set) the supervisor also keeps the clients' fds in systemd's fd
 store (FDSTORE=1), so that a restarted service (the supervisor's own death included) takes the
