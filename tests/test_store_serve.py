@@ -89,6 +89,17 @@ def test_cached_chunks_serve_every_byte_and_each_chunk_is_fetched_once(pushed) -
         again.close()
 
 
+def test_a_sigbus_mode_server_refuses_a_chunk_cache_naming_the_mode(pushed) -> None:
+    address, _, _ = pushed
+    store, name = SnapshotStore.at(address)
+    with (
+        StoreCache(store.open(name)) as cache,
+        u.PageServer("sigbus") as server,
+        pytest.raises(ValueError, match="thread mode only.*mode='thread'"),
+    ):
+        server.map(SIZE, cache.source())
+
+
 def test_a_bounded_cache_evicts_and_still_serves_every_byte(pushed) -> None:
     address, data, _ = pushed
     store, name = SnapshotStore.at(address)

@@ -367,6 +367,10 @@ class PageServer:
         ahead = parse_readahead(readahead)
 
         prepared = source.prepare(length, page_size)
+        if prepared.kind == _core.SRC_CACHE and self.mode == "sigbus":
+            # A miss waits for a fetcher thread: a SIGBUS handler cannot wait in the toucher.
+            raise ValueError(f"{source!r} is served in thread mode only, not by this sigbus-mode "
+                             "PageServer: use PageServer(mode='thread')")  # fmt: skip
         mode = RegisterMode.MISSING
         if prepared.kind == _core.SRC_CONTINUE:
             if memory == "hugetlb":
