@@ -158,6 +158,30 @@ def anon(pages: int, shared: bool = False) -> _core.Mapping:
     return _core.Mapping(pages * PAGE, flags)
 
 
+_children: list[subprocess.Popen[str]] = []
+
+
+def spawn(args: list[str]) -> subprocess.Popen[str]:
+    """A helper process of a test (a Firecracker-like client, say), pipes on all three
+    streams; one the test leaves running, a failed assertion before its kill for instance, is
+    killed when the test ends."""
+    proc = subprocess.Popen(
+        args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _children.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test() -> Iterator[None]:
+    yield
+    while _children:
+        proc = _children.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -36,7 +36,7 @@ from userfaultfd.handoff import (
     send_uffd,
 )
 
-from .conftest import Toucher, loop_device
+from .conftest import Toucher, loop_device, spawn
 
 pytestmark = pytest.mark.needs_uffd
 CLIENT = str(Path(__file__).with_name("fc_client.py"))
@@ -104,10 +104,7 @@ def server(tmp_path: Path, memory: Path) -> Iterator[Server]:
 
 
 def client(server: Server, memory: Path, layout: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, CLIENT, str(server.socket), str(memory), layout, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return spawn([sys.executable, CLIENT, str(server.socket), str(memory), layout, *extra])
 
 
 def finish(proc: subprocess.Popen[str]) -> str:

@@ -25,7 +25,8 @@ from userfaultfd.commands import cli
 from userfaultfd.working_set import HEADER, RUN, plan_replay
 
 from .conftest import wait_for
-from .test_serve import CLIENT, MIB, Server, finish
+from .test_serve import MIB, Server, finish
+from .test_serve import client as fc_client
 
 pytestmark = pytest.mark.needs_uffd
 PAGE = u.PAGE_SIZE
@@ -260,13 +261,6 @@ def test_closing_the_server_during_a_replay_stops_it() -> None:
 
 
 # ---- `userfaultfd serve --record / --replay` ----
-
-
-def fc_client(server: Server, memory: Path, layout: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, CLIENT, str(server.socket), str(memory), layout, *extra],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -547,7 +541,6 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
     with big.open("wb") as f:
         f.truncate(1 << 30)  # sparse: the stream of it lasts while we look
     s = Server(tmp_path, big, "--prefetch", "all")
-    client = None
     try:
         client = fc_client(s, big, f"{1 << 30}@0", "--hold", "60")
         assert client.stdout is not None and client.stdout.readline().strip() == "sent"
@@ -562,9 +555,6 @@ def test_serve_streams_the_rest_only_with_idle_cpu_time(tmp_path: Path) -> None:
         client.wait(10)
         s.expect("disconnect client 1")
     finally:
-        if client is not None and client.poll() is None:  # a failure above: never leave it held
-            client.kill()
-            client.wait(10)
         assert s.stop() == 0
 
 
